@@ -1,0 +1,293 @@
+"""The only module that knows Redis key names and scripts; redis-py errors become StoreError here.
+
+Keys (prefix `sms` by default):
+    {p}:outbox:{lane}        stream, one entry per job (`job` JSON, optional `mid`), group `dispatch`
+    {p}:msg:{message_id}     hash, the message's state, job, attempts, bulk id... (TTL: state TTL)
+    {p}:idem:{producer_id}   string, the message id a producer id was queued as (TTL: retention)
+    {p}:events               stream, status events (`event` JSON)
+    {p}:dlq                  stream, dead letters (`message_id`, `entry` JSON)
+    {p}:awaiting             sorted set, accepted message ids by report deadline (ms)
+    {p}:rl:{bucket}          GCRA bucket (TAT, microseconds)
+    {p}:dispatchers:{lane}   sorted set, dispatcher slots by lease expiry (ms)
+    {p}:kick:{lane}          de-duplicates dispatch kicks
+    {p}:pause:{lane}         set while a lane is paused (value: the reason); expires by itself
+    {p}:reports:*            raw report pages, parked reports, drain lease (see reports.py)
+Redis Cluster is not supported: scripts touch keys of several slots in one call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import orjson
+import redis
+from redis.commands.core import Script
+
+from worker.errors import StoreError
+
+DISPATCH_GROUP = "dispatch"
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Map redis-py's exceptions into the worker's tree at this boundary."""
+    try:
+        yield
+    except redis.RedisError as error:
+        raise StoreError(f"Redis: {type(error).__name__}: {error}") from error
+
+
+def connect(url: str, **kwargs: Any) -> redis.Redis:
+    """One client (and its connection pool) per process, created at boot."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=5,
+        socket_timeout=30,
+        health_check_interval=30,
+        retry_on_timeout=False,
+        **kwargs,
+    )
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _load(name: str) -> str:
+    return (resources.files("worker") / "lua" / f"{name}.lua").read_text()
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One outbox entry as claimed: its stream id, message id and job JSON."""
+
+    entry_id: str
+    message_id: str
+    job: bytes
+    from_api: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    kind: str  # "new", "recovered", "wait" or "empty"
+    wait_ms: int
+    entries: list[Entry]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What settle.lua records for one message."""
+
+    message_id: str
+    entry_id: str
+    state: str
+    ack: bool
+    event: bytes = b""
+    deadline_ms: int | None = None
+    fields: dict[str, Any] | None = None
+    dead_letter: bytes = b""
+
+
+class Store:
+    """Typed operations over one Redis database, each one round trip."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "sms", message_id_prefix: str = "sw") -> None:
+        self.r = client
+        self.p = prefix
+        self.mid_prefix = message_id_prefix
+        self._scripts: dict[str, Script] = {}
+
+    # --- keys ------------------------------------------------------------------------------------
+    def outbox(self, lane: str) -> str:
+        return f"{self.p}:outbox:{lane}"
+
+    def msg(self, message_id: str) -> str:
+        return f"{self.p}:msg:{message_id}"
+
+    def idem(self, producer_id: str) -> str:
+        return f"{self.p}:idem:{producer_id}"
+
+    @property
+    def events(self) -> str:
+        return f"{self.p}:events"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.p}:dlq"
+
+    @property
+    def awaiting(self) -> str:
+        return f"{self.p}:awaiting"
+
+    def bucket(self, name: str) -> str:
+        return f"{self.p}:rl:{name}"
+
+    def dispatchers(self, lane: str) -> str:
+        return f"{self.p}:dispatchers:{lane}"
+
+    def kick_key(self, lane: str) -> str:
+        return f"{self.p}:kick:{lane}"
+
+    def pause_key(self, lane: str) -> str:
+        return f"{self.p}:pause:{lane}"
+
+    def key(self, *parts: str) -> str:
+        """Any other key of the namespace (reports, leases, heartbeats)."""
+        return ":".join((self.p, *parts))
+
+    def lane_prefix(self, lane: str) -> str:
+        return f"{self.mid_prefix}-{lane}-"
+
+    # --- scripts ---------------------------------------------------------------------------------
+    def script(self, name: str) -> Script:
+        script = self._scripts.get(name)
+        if script is None:
+            script = self._scripts[name] = self.r.register_script(_load(name))
+        return script
+
+    def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        with redis_errors():
+            return self.script(name)(keys=list(keys), args=list(args))
+
+    # --- producers -------------------------------------------------------------------------------
+    def enqueue(
+        self, lane: str, jobs: Sequence[tuple[bytes, str | None]], idempotency_ttl_s: int = 172_800
+    ) -> list[tuple[str, bool]]:
+        """Append (job JSON, producer id) pairs; returns (message id, newly queued) per job."""
+        keys = [self.outbox(lane)]
+        args: list[Any] = [idempotency_ttl_s, self.lane_prefix(lane)]
+        for job, producer_id in jobs:
+            index = 0
+            if producer_id is not None:
+                keys.append(self.idem(producer_id))
+                index = len(keys)
+            args += [job, index]
+        return [(mid.decode(), bool(new)) for mid, new in self.run("enqueue", keys, args)]
+
+    # --- dispatch --------------------------------------------------------------------------------
+    def claim(
+        self, lane: str, consumer: str, n: int, *, lease_ms: int, max_wait_ms: int, recover: bool
+    ) -> Claim:
+        reply = self.run(
+            "claim",
+            [self.outbox(lane)],
+            [DISPATCH_GROUP, consumer, n, lease_ms, max_wait_ms, "1" if recover else "0"],
+        )
+        kind = reply[0].decode()
+        return Claim(kind, int(reply[1]), self._entries(lane, reply[2:]))
+
+    def claim_entries(self, lane: str, consumer: str, entry_ids: Sequence[str]) -> list[Entry]:
+        """Take over specific pending entries (for reconciliation); deleted ones are skipped."""
+        if not entry_ids:
+            return []
+        with redis_errors():
+            reply = self.r.xclaim(self.outbox(lane), DISPATCH_GROUP, consumer, 0, list(entry_ids))
+        flat: list[Any] = []
+        for entry_id, fields in reply:
+            if fields:
+                flat += [entry_id, [x for kv in fields.items() for x in kv]]
+        return self._entries(lane, flat)
+
+    def _entries(self, lane: str, flat: Sequence[Any]) -> list[Entry]:
+        prefix = self.lane_prefix(lane)
+        entries = []
+        for i in range(0, len(flat), 2):
+            entry_id = flat[i].decode()
+            raw = flat[i + 1]
+            fields = {raw[j]: raw[j + 1] for j in range(0, len(raw), 2)}
+            mid = fields.get(b"mid")
+            entries.append(
+                Entry(
+                    entry_id=entry_id,
+                    message_id=mid.decode() if mid else prefix + entry_id,
+                    job=fields.get(b"job", b""),
+                    from_api=fields.get(b"src") == b"api",
+                )
+            )
+        return entries
+
+    def claim_producer_ids(self, pairs: Sequence[tuple[str, str]], ttl_s: int) -> list[bool]:
+        """For jobs written with plain XADD: (producer id, message id) -> True if this message owns it."""
+        if not pairs:
+            return []
+        with redis_errors():
+            pipe = self.r.pipeline(transaction=False)
+            for producer_id, mid in pairs:
+                pipe.set(self.idem(producer_id), mid, nx=True, ex=ttl_s, get=True)
+            earlier = pipe.execute()
+        return [prev is None or prev.decode() == mid for prev, (_, mid) in zip(earlier, pairs, strict=True)]
+
+    def submit(self, lane: str, items: Sequence[Entry], state_ttl_s: int, now_ms: int) -> list[tuple[str, int]]:
+        """Mark messages SUBMITTING before their POST; returns (previous state, attempts) each."""
+        keys = [self.msg(e.message_id) for e in items]
+        args: list[Any] = [now_ms, state_ttl_s]
+        for e in items:
+            args += [lane, e.entry_id, e.job]
+        return [(state.decode(), int(n)) for state, n in self.run("submit", keys, args)]
+
+    def settle(self, lane: str, outcomes: Sequence[Outcome], *, now_ms: int, events_maxlen: int,
+               state_ttl_s: int) -> list[bool]:
+        keys = [self.outbox(lane), self.events, self.awaiting, self.dlq]
+        args: list[Any] = [DISPATCH_GROUP, now_ms, events_maxlen, state_ttl_s]
+        for o in outcomes:
+            keys.append(self.msg(o.message_id))
+            args += [
+                o.message_id, o.entry_id, o.state, "1" if o.ack else "0", o.event,
+                "" if o.deadline_ms is None else o.deadline_ms,
+                orjson.dumps(o.fields or {}), o.dead_letter,
+            ]
+        return [bool(x) for x in self.run("settle", keys, args)]
+
+    def message(self, message_id: str) -> dict[str, str]:
+        with redis_errors():
+            raw = self.r.hgetall(self.msg(message_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    # --- dispatcher slots, kicks and pauses --------------------------------------------------------
+    def acquire_slot(self, lane: str, member: str, limit: int, lease_ms: int) -> bool:
+        return bool(self.run("slot", [self.dispatchers(lane)], [member, limit, lease_ms]))
+
+    def release_slot(self, lane: str, member: str) -> None:
+        with redis_errors():
+            self.r.zrem(self.dispatchers(lane), member)
+
+    def try_kick(self, lane: str, dedupe_ms: int) -> bool:
+        """True for the one caller per `dedupe_ms` that should send a dispatch message."""
+        with redis_errors():
+            return bool(self.r.set(self.kick_key(lane), b"1", nx=True, px=max(1, dedupe_ms)))
+
+    def pause(self, lane: str, reason: str, seconds: float) -> None:
+        with redis_errors():
+            self.r.set(self.pause_key(lane), reason, px=max(1, int(seconds * 1000)))
+
+    def resume(self, lane: str) -> None:
+        with redis_errors():
+            self.r.delete(self.pause_key(lane))
+
+    def paused(self, lane: str) -> str | None:
+        with redis_errors():
+            value = self.r.get(self.pause_key(lane))
+        return value.decode() if value else None
+
+    # --- rate limiter ----------------------------------------------------------------------------
+    def acquire_tokens(self, want: int, buckets: Sequence[tuple[str, float, float, str]]) -> tuple[int, int]:
+        """buckets: (name, rate/s, burst, "messages"|"request"); returns (granted, wait_ms)."""
+        keys = [self.bucket(name) for name, *_ in buckets]
+        args: list[Any] = [want]
+        for _, rate, burst, kind in buckets:
+            args += [rate, burst, kind]
+        granted, wait_ms = self.run("ratelimit", keys, args)
+        return int(granted), int(wait_ms)
+
+    def penalize(self, pause_ms: int, buckets: Sequence[tuple[str, float, float]]) -> None:
+        keys = [self.bucket(name) for name, *_ in buckets]
+        args: list[Any] = [pause_ms]
+        for _, rate, burst in buckets:
+            args += [rate, burst]
+        self.run("ratelimit_penalize", keys, args)
