@@ -17,8 +17,9 @@ import structlog
 
 # E.164 country codes that are two digits long; 1 and 7 are one digit; everything else is three.
 _TWO_DIGIT_CC = frozenset(
-    "20 27 30 31 32 33 34 36 39 40 41 43 44 45 46 47 48 49 51 52 53 54 55 56 57 58 60 61 62 63 64 65 66 "
-    "81 82 84 86 90 91 92 93 94 95 98".split()
+    {"20", "27", "30", "31", "32", "33", "34", "36", "39", "40", "41", "43", "44", "45", "46", "47", "48", "49",
+     "51", "52", "53", "54", "55", "56", "57", "58", "60", "61", "62", "63", "64", "65", "66", "81", "82", "84",
+     "86", "90", "91", "92", "93", "94", "95", "98"}
 )
 # A phone number standing alone: not glued to letters, digits, '-' or '.' (so ids and timestamps such
 # as stream entry ids `1700000000000-0` are left alone).

@@ -203,17 +203,16 @@ def _problems(error: ValidationError) -> list[Problem]:
 def validate_job(data: object, *, max_text_parts: int, metadata_max_bytes: int, index: int | None = None) -> Job:
     """Parse one job from a dict (or JSON bytes/str); raise JobValidationError listing every problem."""
     try:
-        if isinstance(data, bytes | str):
-            job = Job.model_validate_json(data)
-        else:
-            job = Job.model_validate(data)
+        job = Job.model_validate_json(data) if isinstance(data, bytes | str) else Job.model_validate(data)
     except ValidationError as error:
         raise JobValidationError(_problems(error), index) from None
     problems = []
     if job.text is not None:
         parts = sms_parts(job.text)
         if parts > max_text_parts or len(job.text.encode()) > 4000:
-            problems.append(Problem("text", f"too long: {parts} SMS parts, the platform accepts at most {max_text_parts}"))
+            problems.append(
+                Problem("text", f"too long: {parts} SMS parts, the platform accepts at most {max_text_parts}")
+            )
     if job.metadata is not None:
         size = len(orjson.dumps(job.metadata))
         if size > metadata_max_bytes:

@@ -65,10 +65,12 @@ EXAMPLES: dict[str, str] = {
     "SMS_RATE_LIMIT_MPS": "500",
     "SMS_RATE_LIMIT_RPS": "20",
     "SMS_RATE_LIMIT_BURST_S": "1",
-    "SMS_LEASE_S": "60",
+    "SMS_LEASE_S": "180",
     "SMS_MAX_ATTEMPTS": "10",
     "SMS_RETRY_HORIZON_S": "21600",
     "SMS_RECONCILE_DELAY_S": "5",
+    "SMS_AUTH_PAUSE_S": "30",
+    "SMS_OUTAGE_PAUSE_S": "10",
     "SMS_LOGS_RATE_PER_MIN": "120",
     "SMS_IDEMPOTENCY_TTL_S": "172800",
     "SMS_STATE_TTL_S": "259200",
@@ -127,10 +129,14 @@ class Settings(BaseSettings):
     sms_rate_limit_mps: Annotated[float, Field(ge=0)] = 0.0  # 0 = no limit
     sms_rate_limit_rps: Annotated[float, Field(ge=0)] = 0.0  # 0 = no limit
     sms_rate_limit_burst_s: Annotated[float, Field(gt=0, le=60)] = 1.0
-    sms_lease_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    sms_lease_s: Annotated[float, Field(gt=0, le=3600)] = 180.0
     sms_max_attempts: Annotated[int, Field(ge=1, le=1000)] = 10
     sms_retry_horizon_s: Annotated[float, Field(gt=0)] = 6 * 3600.0
     sms_reconcile_delay_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
+    # A 401/403 pauses the lane this long, then one batch tries again (a fixed key resumes it).
+    sms_auth_pause_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # The provider did not act on a request even after tenacity's retries: pause the lane.
+    sms_outage_pause_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
     sms_logs_rate_per_min: Annotated[int, Field(ge=1, le=100_000)] = 120
     sms_idempotency_ttl_s: Annotated[int, Field(ge=60)] = 2 * 86400
     sms_state_ttl_s: Annotated[int, Field(ge=3600)] = 3 * 86400

@@ -98,7 +98,9 @@ class Store:
     """Typed operations over one Redis database, each one round trip."""
 
     def __init__(self, client: redis.Redis, prefix: str = "sms", message_id_prefix: str = "sw") -> None:
-        self.r = client
+        # redis-py types replies as unions of str/bytes/None/awaitables; this client always
+        # answers bytes (decode_responses off), so its replies are treated as untyped here.
+        self.r: Any = client
         self.p = prefix
         self.mid_prefix = message_id_prefix
         self._scripts: dict[str, Script] = {}
@@ -223,10 +225,12 @@ class Store:
             earlier = pipe.execute()
         return [prev is None or prev.decode() == mid for prev, (_, mid) in zip(earlier, pairs, strict=True)]
 
-    def submit(self, lane: str, items: Sequence[Entry], state_ttl_s: int, now_ms: int) -> list[tuple[str, int]]:
+    def submit(
+        self, lane: str, items: Sequence[Entry], *, consumer: str, lease_ms: int, state_ttl_s: int, now_ms: int
+    ) -> list[tuple[str, int]]:
         """Mark messages SUBMITTING before their POST; returns (previous state, attempts) each."""
         keys = [self.msg(e.message_id) for e in items]
-        args: list[Any] = [now_ms, state_ttl_s]
+        args: list[Any] = [now_ms, state_ttl_s, consumer, lease_ms]
         for e in items:
             args += [lane, e.entry_id, e.job]
         return [(state.decode(), int(n)) for state, n in self.run("submit", keys, args)]
@@ -275,6 +279,15 @@ class Store:
             value = self.r.get(self.pause_key(lane))
         return value.decode() if value else None
 
+    def lease(self, name: str, holder: str, ttl_ms: int) -> int:
+        """Take or renew lease `name`; the fencing token while `holder` has it, else 0."""
+        return int(self.run("lease", [self.key("lease", name), self.key("fence", name)], [holder, ttl_ms]))
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with redis_errors():
+            if self.r.get(self.key("lease", name)) == holder.encode():
+                self.r.delete(self.key("lease", name))
+
     # --- rate limiter ----------------------------------------------------------------------------
     def acquire_tokens(self, want: int, buckets: Sequence[tuple[str, float, float, str]]) -> tuple[int, int]:
         """buckets: (name, rate/s, burst, "messages"|"request"); returns (granted, wait_ms)."""
@@ -284,6 +297,15 @@ class Store:
             args += [rate, burst, kind]
         granted, wait_ms = self.run("ratelimit", keys, args)
         return int(granted), int(wait_ms)
+
+    def refund_tokens(
+        self, unused: int, request_unused: bool, buckets: Sequence[tuple[str, float, float, str]]
+    ) -> None:
+        keys = [self.bucket(name) for name, *_ in buckets]
+        args: list[Any] = [unused, "1" if request_unused else "0"]
+        for _, rate, _burst, kind in buckets:
+            args += [rate, kind]
+        self.run("ratelimit_refund", keys, args)
 
     def penalize(self, pause_ms: int, buckets: Sequence[tuple[str, float, float]]) -> None:
         keys = [self.bucket(name) for name, *_ in buckets]

@@ -59,8 +59,10 @@ def test_submit_then_settle_moves_state_and_publishes_once(store: Store) -> None
     """Settle applies an allowed transition once, writes one event, and acks the entry."""
     store.enqueue("bulk", _jobs(1))
     entry = store.claim("bulk", "c1", 1, lease_ms=60_000, max_wait_ms=0, recover=False).entries[0]
-    assert store.submit("bulk", [entry], 3600, 1) == [("NEW", 1)]
-    assert store.submit("bulk", [entry], 3600, 2) == [("SUBMITTING", 1)]
+    kw = {"consumer": "c1", "lease_ms": 1000, "state_ttl_s": 3600}
+    assert store.submit("bulk", [entry], now_ms=1, **kw) == [("NEW", 1)]
+    assert store.submit("bulk", [entry], now_ms=2, **kw) == [("SUBMITTING", 1)]
+    assert store.submit("bulk", [entry], now_ms=3, **{**kw, "consumer": "c2"}) == [("BUSY", 1)]
     outcome = Outcome(entry.message_id, entry.entry_id, "ACCEPTED", True, b'{"type":"accepted"}', 10**13,
                       {"bulk_id": "b1"})
     kwargs = {"now_ms": 3, "events_maxlen": 1000, "state_ttl_s": 3600}

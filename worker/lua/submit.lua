@@ -2,15 +2,19 @@
 -- KEYS[i]  the message hash of the i-th message
 -- ARGV[1]  now in ms
 -- ARGV[2]  state TTL in seconds
--- ARGV[2+3i-2..2+3i]  for message i: lane, outbox entry id, job JSON
--- Returns, per message, {previous state, attempts after this call}. A message found QUEUED or new
--- moves to SUBMITTING and counts an attempt; one found SUBMITTING or AMBIGUOUS is left for
--- reconciliation (a previous attempt may have reached the provider); any other state is returned
--- as it is so the caller only acknowledges the entry.
-local now, ttl = ARGV[1], tonumber(ARGV[2])
+-- ARGV[3]  this consumer's name
+-- ARGV[4]  lease in ms for a reconciliation (see below)
+-- ARGV[4+3i-2..4+3i]  for message i: lane, outbox entry id, job JSON
+-- Returns, per message, {previous state, attempts}:
+--   new or QUEUED      -> moved to SUBMITTING, one more attempt counted; the caller sends it.
+--   SUBMITTING or AMBIGUOUS -> a previous attempt may have reached the provider; the caller
+--                         reconciles it. Only one consumer at a time: the first takes a
+--                         reconciliation lease, others get BUSY and leave the entry alone.
+--   any other state    -> returned as it is; the caller only acknowledges the entry.
+local now, ttl, me, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local out = {}
 for i, key in ipairs(KEYS) do
-  local base = 2 + (i - 1) * 3
+  local base = 4 + (i - 1) * 3
   local state = redis.call('HGET', key, 'state')
   local attempts = tonumber(redis.call('HGET', key, 'attempts') or '0')
   if not state then
@@ -24,6 +28,14 @@ for i, key in ipairs(KEYS) do
       'updated_ms', now)
     redis.call('EXPIRE', key, ttl)
     out[i] = {'QUEUED', attempts}
+  elseif state == 'SUBMITTING' or state == 'AMBIGUOUS' then
+    local holder = redis.call('HMGET', key, 'checker', 'check_until')
+    if holder[1] and holder[1] ~= me and tonumber(holder[2]) > now then
+      out[i] = {'BUSY', attempts}
+    else
+      redis.call('HSET', key, 'checker', me, 'check_until', now + lease)
+      out[i] = {state, attempts}
+    end
   else
     out[i] = {state, attempts}
   end

@@ -1,0 +1,220 @@
+"""The dispatcher in-process against real Redis and the real sandbox over HTTP (no Dramatiq)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from worker.dispatch import Dispatcher
+from worker.errors import JobValidationError
+from worker.outbox import Outbox
+from worker.provider import Provider
+from worker.ratelimit import RateLimiter
+from worker.sandbox.config import SandboxConfig
+from worker.sandbox.process import SandboxProcess
+from worker.settings import Settings
+from worker.store import Store
+
+API_KEY = "dispatch-test-key-0123"
+NO_FAULTS = {
+    "latency_ms": 0, "error_5xx_rate": 0, "rate_429": 0, "accept_then_timeout_rate": 0, "drop_rate": 0,
+    "down": False, "forbidden_keys": [], "request_rate_limit": 0,
+}
+
+
+class RecordingWake:
+    """Stands in for Dramatiq: records what the dispatcher asked to be woken."""
+
+    def __init__(self) -> None:
+        self.dispatches: list[tuple[str, int]] = []
+        self.reconciles: list[tuple[str, list[str], int]] = []
+
+    def dispatch(self, lane: str, delay_ms: int = 0) -> bool:
+        self.dispatches.append((lane, delay_ms))
+        return True
+
+    def reconcile(self, lane: str, entry_ids: Any, delay_ms: int) -> None:
+        self.reconciles.append((lane, list(entry_ids), delay_ms))
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[SandboxProcess]:
+    with SandboxProcess(api_key=API_KEY, config=SandboxConfig(report_delay_ms=600_000, seed=1)) as proc:
+        yield proc
+
+
+@pytest.fixture
+def sbx(sandbox: SandboxProcess) -> SandboxProcess:
+    sandbox.reset()
+    sandbox.configure(**NO_FAULTS)
+    return sandbox
+
+
+def _settings(redis_url: str, sandbox: SandboxProcess, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "redis_url": redis_url, "icomm_base_url": sandbox.url, "icomm_api_key": API_KEY,
+        "icomm_read_timeout_s": 0.5, "icomm_connect_timeout_s": 0.5, "icomm_write_timeout_s": 0.5,
+        "icomm_retry_backoff_base_s": 0.01, "icomm_retry_backoff_max_s": 0.05, "sms_lease_s": 10,
+        "sms_reconcile_delay_s": 0, "sms_logs_rate_per_min": 6000, "log_format": "console",
+        "sms_lanes": {"otp": {"batch_size": 10, "max_wait_ms": 0}, "bulk": {"batch_size": 1000, "max_wait_ms": 0}},
+    }
+    return Settings.model_validate({**base, **overrides})
+
+
+class Rig:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.provider = Provider(settings)
+        self.wake = RecordingWake()
+        self.outbox = Outbox(settings, store)
+        self.dispatcher = Dispatcher(settings, store, self.provider, RateLimiter(settings, store), self.wake, "t1",
+                                     recover_every_s=0)
+
+    def events(self) -> list[dict[str, Any]]:
+        return [orjson.loads(f[b"event"]) for _, f in self.store.r.xrange(self.store.events)]
+
+    def types(self) -> dict[str, str]:
+        return {e["message_id"]: e["type"] for e in self.events()}
+
+
+@pytest.fixture
+def rig(redis_url: str, sbx: SandboxProcess, store: Store) -> Iterator[Rig]:
+    rig = Rig(_settings(redis_url, sbx), store)
+    yield rig
+    rig.provider.close()
+
+
+def _jobs(n: int, **extra: Any) -> list[dict[str, Any]]:
+    return [{"to": f"4179{i:07d}", "text": f"hello {i}", "id": f"job-{i}", "metadata": {"i": i}, **extra}
+            for i in range(n)]
+
+
+def test_a_batch_is_sent_as_one_bulk_and_every_message_accepted(rig: Rig, sbx: SandboxProcess) -> None:
+    """1000 jobs become one POST; each gets an accepted event echoing its id and metadata."""
+    queued = rig.outbox.enqueue_many(_jobs(1000), "bulk")
+    assert rig.dispatcher.run("bulk") == 1000
+    stats = sbx.stats()
+    assert stats["messages_accepted"] == 1000
+    assert stats["duplicates"] == 0
+    events = rig.events()
+    assert {e["type"] for e in events} == {"accepted"}
+    assert {e["message_id"] for e in events} == {q.message_id for q in queued}
+    first = next(e for e in events if e["id"] == "job-7")
+    assert first["metadata"] == {"i": 7} and first["to"] == "41790000007" and first["bulk_id"]
+    assert rig.store.r.xlen(rig.store.outbox("bulk")) == 0
+    assert rig.store.message(queued[0].message_id)["state"] == "ACCEPTED"
+
+
+def test_the_same_producer_id_is_sent_once(rig: Rig, sbx: SandboxProcess) -> None:
+    """Enqueueing the same id twice reports a duplicate, and the sandbox sees one send."""
+    first = rig.outbox.enqueue({"to": "41790000001", "text": "a", "id": "once"})
+    again = rig.outbox.enqueue({"to": "41790000001", "text": "a", "id": "once"})
+    assert first.queued and again.duplicate and again.message_id == first.message_id
+    rig.dispatcher.run("bulk")
+    assert sbx.stats()["messages_accepted"] == 1
+
+
+def test_bad_jobs_are_refused_at_enqueue_with_every_problem(rig: Rig) -> None:
+    """A bad job lists each field's problem and nothing reaches the outbox."""
+    with pytest.raises(JobValidationError) as caught:
+        rig.outbox.enqueue_many([{"to": "41790000001", "text": "ok"}, {"to": "12", "text": "", "colour": "red"}])
+    message = str(caught.value)
+    assert "jobs[1].to" in message and "jobs[1].text" in message and "jobs[1].colour: unknown option" in message
+    assert rig.store.r.exists(rig.store.outbox("bulk")) == 0
+
+
+def test_raw_redis_jobs_are_validated_and_deduplicated_at_dispatch(rig: Rig, sbx: SandboxProcess) -> None:
+    """Plain XADD entries: a good one is sent once, a repeat id is dropped, a broken one is dead-lettered."""
+    outbox = rig.store.outbox("bulk")
+    rig.store.r.xadd(outbox, {"job": b'{"to":"+41790000001","text":"hi","id":"raw-1"}'})
+    rig.store.r.xadd(outbox, {"job": b'{"to":"41790000001","text":"hi","id":"raw-1"}'})
+    rig.store.r.xadd(outbox, {"job": b"{not json"})
+    rig.store.r.xadd(outbox, {"job": b'{"to":"41790000002","text":"hi","colour":"red"}'})
+    rig.dispatcher.run("bulk")
+    assert sbx.stats()["messages_accepted"] == 1
+    assert sorted(rig.types().values()) == ["accepted", "failed", "failed"]
+    reasons = [orjson.loads(f[b"entry"])["reason"] for _, f in rig.store.r.xrange(rig.store.dlq)]
+    assert reasons == ["invalid_job", "invalid_job"]
+    assert rig.store.r.xlen(outbox) == 0
+
+
+def test_platform_rejections_are_terminal_and_do_not_affect_the_rest(rig: Rig, sbx: SandboxProcess) -> None:
+    """A destination the platform rejects gets `rejected`; the others in the bulk are accepted."""
+    rig.store.r.xadd(rig.store.outbox("bulk"), {"job": b'{"to":"41790000009","text":"hi"}'})
+    rig.outbox.enqueue_many(_jobs(5), "bulk")
+    # The sandbox says REJECTED_DUPLICATE_MESSAGE_ID for a messageId it has seen: a first send
+    # with a used id is a platform rejection, not ours to count as accepted.
+    sbx_mid = "sw-bulk-" + rig.store.r.xrange(rig.store.outbox("bulk"))[0][0].decode()
+    import httpx
+
+    httpx.post(f"{sbx.url}/sms/3/messages", headers=sbx.auth_header, timeout=5,
+               json={"messages": [{"destinations": [{"to": "41790000009", "messageId": sbx_mid}],
+                                   "content": {"text": "x"}}]}).raise_for_status()
+    rig.dispatcher.run("bulk")
+    types = rig.types()
+    assert types[sbx_mid] == "rejected"
+    assert sorted(types.values()).count("accepted") == 5
+
+
+def test_401_pauses_the_lane_and_keeps_every_job(rig: Rig, sbx: SandboxProcess) -> None:
+    """With the key refused, nothing is lost: jobs stay pending, the lane pauses, then all go out."""
+    rig.outbox.enqueue_many(_jobs(20), "bulk")
+    sbx.configure(forbidden_keys=[API_KEY])
+    rig.dispatcher.run("bulk")
+    assert rig.store.paused("bulk") == "auth"
+    assert rig.events() == []
+    assert rig.store.r.xlen(rig.store.outbox("bulk")) == 20
+    sbx.configure(forbidden_keys=[])
+    rig.store.resume("bulk")
+    # Pending entries come back through recovery once their lease is over; force it now.
+    rig.dispatcher.lease_ms = 0
+    rig.dispatcher.run("bulk")
+    assert sorted(set(rig.types().values())) == ["accepted"] and len(rig.types()) == 20
+    assert sbx.stats()["duplicates"] == 0
+
+
+def test_accept_then_timeout_is_reconciled_not_resent(rig: Rig, sbx: SandboxProcess) -> None:
+    """A POST that timed out after the provider accepted it is confirmed from the logs, never resent."""
+    rig.outbox.enqueue_many(_jobs(50), "bulk")
+    sbx.configure(accept_then_timeout_rate=1.0, timeout_delay_ms=1500)
+    rig.dispatcher.run("bulk")
+    assert rig.events() == []
+    assert len(rig.wake.reconciles) == 1
+    sbx.configure(accept_then_timeout_rate=0.0)
+    lane, entry_ids, _ = rig.wake.reconciles[0]
+    rig.dispatcher.reconcile(lane, entry_ids)
+    assert sorted(set(rig.types().values())) == ["accepted"] and len(rig.types()) == 50
+    stats = sbx.stats()
+    assert stats["messages_accepted"] == 50 and stats["duplicates"] == 0
+
+
+def test_a_crash_before_the_post_is_resent_after_reconciliation(rig: Rig, sbx: SandboxProcess) -> None:
+    """Messages left SUBMITTING by a dead worker are checked in the logs, then sent once."""
+    rig.outbox.enqueue_many(_jobs(30), "bulk")
+    claim = rig.store.claim("bulk", "dead-worker", 30, lease_ms=0, max_wait_ms=0, recover=False)
+    rig.store.submit("bulk", claim.entries, consumer="dead-worker", lease_ms=0, state_ttl_s=3600, now_ms=1)
+    rig.dispatcher.lease_ms = 0
+    rig.dispatcher.run("bulk")
+    assert len(rig.types()) == 30 and set(rig.types().values()) == {"accepted"}
+    stats = sbx.stats()
+    assert stats["messages_accepted"] == 30 and stats["duplicates"] == 0
+
+
+def test_provider_outage_keeps_jobs_and_pauses_the_lane(rig: Rig, sbx: SandboxProcess) -> None:
+    """503s after every retry leave the jobs QUEUED and pending, with no dead letter."""
+    rig.outbox.enqueue_many(_jobs(10), "bulk")
+    sbx.configure(down=True)
+    rig.dispatcher.run("bulk")
+    assert rig.store.paused("bulk") == "provider_unavailable"
+    assert rig.store.r.xlen(rig.store.dlq) == 0
+    mid = rig.store.r.xrange(rig.store.outbox("bulk"))[0][0].decode()
+    assert rig.store.message("sw-bulk-" + mid)["state"] == "QUEUED"
+    sbx.configure(down=False)
+    rig.store.resume("bulk")
+    rig.dispatcher.lease_ms = 0
+    rig.dispatcher.run("bulk")
+    assert len(rig.types()) == 10 and sbx.stats()["duplicates"] == 0

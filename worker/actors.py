@@ -1,0 +1,20 @@
+"""Thin Dramatiq actors: each unwraps its arguments and calls the code that does the work."""
+
+from __future__ import annotations
+
+import dramatiq
+
+from worker import triggers
+from worker.broker import runtime
+
+# Bulks are sent from here; several dispatch messages run at once, bounded per lane by slots.
+
+
+@dramatiq.actor(queue_name=triggers.QUEUE, actor_name=triggers.DISPATCH, max_retries=0)
+def dispatch(lane: str) -> None:
+    runtime().dispatcher.run(lane)
+
+
+@dramatiq.actor(queue_name=triggers.QUEUE, actor_name=triggers.RECONCILE, max_retries=0)
+def reconcile(lane: str, entry_ids: list[str]) -> None:
+    runtime().dispatcher.reconcile(lane, entry_ids)

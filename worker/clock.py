@@ -1,0 +1,76 @@
+"""The clock process: only enqueues periodic actor messages; a Redis lease makes a second one idle.
+
+Every tick it wakes a dispatcher for each lane (jobs written with plain Redis commands, and
+retries after a pause, are picked up this way); the report drain and the sweeps run on their own
+intervals. It never does the work itself, so it stays tiny and one instance is enough.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import structlog
+
+from worker import triggers as names
+from worker.errors import StoreError
+from worker.settings import Settings
+from worker.store import Store
+from worker.triggers import Triggers
+
+log = structlog.get_logger(__name__)
+
+LEASE = "clock"
+
+
+class Clock:
+    def __init__(self, settings: Settings, store: Store, triggers: Triggers, now: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self.store = store
+        self.triggers = triggers
+        self.now = now
+        self.id = f"clock-{uuid.uuid4().hex[:12]}"
+        self.tick_s = settings.sms_dispatch_tick_ms / 1000
+        # name -> (interval in s, what to send); the lanes are woken every tick.
+        self.periodic: dict[str, tuple[float, Callable[[], None]]] = {
+            names.DRAIN_REPORTS: (
+                settings.sms_reports_drain_interval_s, lambda: self.triggers.send(names.DRAIN_REPORTS)
+            ),
+            names.PROCESS_REPORTS: (1.0, self.triggers.process_reports),
+            names.SWEEP: (max(1.0, settings.sms_reports_drain_interval_s), lambda: self.triggers.send(names.SWEEP)),
+        }
+        if settings.sms_events_dramatiq_queue:
+            self.periodic[names.RELAY_EVENTS] = (1.0, lambda: self.triggers.send(names.RELAY_EVENTS))
+        self._last: dict[str, float] = {}
+
+    def tick(self) -> bool:
+        """One round; returns whether this clock is the leader."""
+        ttl_ms = int(max(3 * self.tick_s, 2.0) * 1000)
+        if not self.store.lease(LEASE, self.id, ttl_ms):
+            return False
+        for lane in self.settings.sms_lanes:
+            self.triggers.dispatch(lane)
+        now = self.now()
+        for name, (interval_s, send) in self.periodic.items():
+            if now - self._last.get(name, -1e9) >= interval_s:
+                self._last[name] = now
+                send()
+        return True
+
+    def run(self, stop: threading.Event) -> None:
+        log.info("clock_started", clock_id=self.id, tick_ms=self.settings.sms_dispatch_tick_ms)
+        leader = False
+        while not stop.is_set():
+            try:
+                now_leader = self.tick()
+            except StoreError as error:
+                log.warning("clock_redis_unavailable", error=str(error))
+                now_leader = False
+            if now_leader != leader:
+                log.info("clock_leadership", clock_id=self.id, leader=now_leader)
+                leader = now_leader
+            stop.wait(self.tick_s)
+        self.store.release_lease(LEASE, self.id)
+        log.info("clock_stopped", clock_id=self.id)

@@ -1,0 +1,438 @@
+"""The send path: claim -> validate -> record SUBMITTING -> POST -> classify -> settle with events.
+
+One Dramatiq message runs `Dispatcher.run(lane)`, which loops over batches for a short budget while
+holding one of the lane's dispatcher slots (so at most `concurrency` bulks are in flight per lane).
+Outcomes follow the table in docs/architecture.md; nothing is ever resent before a reconciliation
+says the provider does not have it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+import structlog
+
+from worker import events
+from worker.errors import (
+    JobValidationError,
+    ProviderAmbiguous,
+    ProviderAuthError,
+    ProviderBadRequest,
+    ProviderError,
+    ProviderNotActedOn,
+)
+from worker.models import validate_job
+from worker.provider import Provider, SendResult, wire_message_from_dict, wire_request
+from worker.ratelimit import RateLimiter
+from worker.settings import Settings
+from worker.store import Entry, Outcome, Store
+
+log = structlog.get_logger(__name__)
+
+# How long one Dramatiq message keeps dispatching before it hands over to a fresh message, so a
+# long backlog never holds a worker thread past the actor's time limit or a shutdown.
+RUN_BUDGET_S = 2.0
+# Stale pending entries are looked for at most this often per process and lane.
+RECOVER_EVERY_S = 1.0
+# Provider status groups that mean "the platform took it".
+_ACCEPTED_GROUPS = frozenset({"PENDING", "ACCEPTED", "DELIVERED"})
+_DUPLICATE = "REJECTED_DUPLICATE_MESSAGE_ID"
+
+
+@dataclass
+class BatchStats:
+    """Counts for the canonical log line of one bulk."""
+
+    accepted: int = 0
+    rejected: int = 0
+    failed: int = 0
+    retry: int = 0
+    ambiguous: int = 0
+    reconciled: int = 0
+    requests: int = 0
+    bulk_ids: list[str] = field(default_factory=list)
+
+
+class Wake(Protocol):
+    """What the dispatcher asks of the rest of the system (worker.triggers.Triggers in production)."""
+
+    def dispatch(self, lane: str, delay_ms: int = 0) -> object: ...
+
+    def reconcile(self, lane: str, entry_ids: Sequence[str], delay_ms: int) -> None: ...
+
+
+def _status_dict(result: SendResult) -> dict[str, Any]:
+    return result.status.to_wire()
+
+
+class Dispatcher:
+    """Everything a dispatch or reconcile actor needs, built once per worker process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        provider: Provider,
+        limiter: RateLimiter,
+        wake: Wake,
+        consumer: str,
+        stopping: Callable[[], bool] = lambda: False,
+        recover_every_s: float = RECOVER_EVERY_S,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.provider = provider
+        self.limiter = limiter
+        self.wake = wake
+        self.consumer = consumer
+        self.stopping = stopping
+        self.lease_ms = int(settings.sms_lease_s * 1000)
+        self.recover_every_s = recover_every_s
+        self._last_recover: dict[str, float] = {}
+        self._webhook_url = settings.webhook_delivery_url()
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self, lane: str, budget_s: float = RUN_BUDGET_S) -> int:
+        """Send batches of `lane` until it is empty, paused or the budget is spent; returns messages."""
+        cfg = self.settings.sms_lanes.get(lane)
+        if cfg is None:
+            log.error("dispatch_unknown_lane", lane=lane)
+            return 0
+        if self.store.paused(lane):
+            return 0
+        slot = f"{self.consumer}:{threading.get_ident()}"
+        if not self.store.acquire_slot(lane, slot, cfg.concurrency, self.lease_ms):
+            return 0
+        handled = 0
+        deadline = time.monotonic() + budget_s
+        try:
+            while not self.stopping():
+                if time.monotonic() > deadline:
+                    self.wake.dispatch(lane)  # more may be waiting: a fresh message carries on
+                    break
+                granted, wait_ms = self.limiter.acquire(lane, cfg.batch_size)
+                if not granted:
+                    if time.monotonic() + wait_ms / 1000 < deadline:
+                        time.sleep(wait_ms / 1000)
+                        continue
+                    self.wake.dispatch(lane, delay_ms=wait_ms)
+                    break
+                claim = self.store.claim(
+                    lane, self.consumer, granted, lease_ms=self.lease_ms, max_wait_ms=cfg.max_wait_ms,
+                    recover=self._recover_due(lane),
+                )
+                self.limiter.refund(lane, granted - len(claim.entries), request_unused=not claim.entries)
+                if not claim.entries:
+                    if claim.kind == "wait":
+                        self.wake.dispatch(lane, delay_ms=claim.wait_ms)
+                    break
+                if len(claim.entries) == cfg.batch_size:
+                    self.wake.dispatch(lane)  # a full batch: likely more behind it, let a sibling help
+                handled += self.process(lane, claim.entries)
+                self.store.acquire_slot(lane, slot, cfg.concurrency, self.lease_ms)  # renew
+                if self.store.paused(lane):
+                    break
+        finally:
+            self.store.release_slot(lane, slot)
+        return handled
+
+    def _recover_due(self, lane: str) -> bool:
+        now = time.monotonic()
+        if now - self._last_recover.get(lane, -1e9) >= self.recover_every_s:
+            self._last_recover[lane] = now
+            return True
+        return False
+
+    def reconcile(self, lane: str, entry_ids: Sequence[str]) -> int:
+        """Take over entries left AMBIGUOUS and settle them after checking the provider's logs."""
+        entries = self.store.claim_entries(lane, self.consumer, entry_ids)
+        return self.process(lane, entries) if entries else 0
+
+    # --- one batch -----------------------------------------------------------------------------
+    def process(self, lane: str, entries: Sequence[Entry]) -> int:
+        started = time.perf_counter()
+        now_ms = events.now_ms()
+        stats = BatchStats()
+        outcomes: list[Outcome] = []
+        jobs: dict[str, dict[str, Any]] = {}
+        live: list[Entry] = []
+        for entry in entries:
+            job, problem = self._parse(entry)
+            if problem is not None:
+                outcomes.append(self._failed(lane, entry, job, "invalid_job", problem, attempts=0))
+                stats.failed += 1
+                continue
+            jobs[entry.message_id] = job
+            live.append(entry)
+        live = self._drop_raw_duplicates(lane, live, jobs, outcomes)
+
+        states = self.store.submit(
+            lane, live, consumer=self.consumer, lease_ms=self.lease_ms,
+            state_ttl_s=self.settings.sms_state_ttl_s, now_ms=now_ms,
+        ) if live else []
+        to_send: list[Entry] = []
+        to_check: list[Entry] = []
+        attempts: dict[str, int] = {}
+        for entry, (state, count) in zip(live, states, strict=True):
+            attempts[entry.message_id] = count
+            if state in ("NEW", "QUEUED"):
+                to_send.append(entry)
+            elif state in ("SUBMITTING", "AMBIGUOUS"):
+                to_check.append(entry)
+            elif state != "BUSY":
+                # Already settled (a report may have raced ahead): the entry only needs its ack.
+                outcomes.append(Outcome(entry.message_id, entry.entry_id, "ACK", ack=True))
+        resends: set[str] = set()
+        if to_check:
+            found, missing = self._check_logs(lane, to_check, jobs, outcomes, stats)
+            stats.reconciled += found
+            for e in missing:
+                # Not at the provider: resend with the same messageId, counted as an attempt.
+                attempts[e.message_id] += 1
+                if attempts[e.message_id] > self.settings.sms_max_attempts:
+                    outcomes.append(self._failed(lane, e, jobs[e.message_id], "retries_exhausted",
+                                                 "not found at the provider after repeated attempts",
+                                                 attempts[e.message_id]))
+                    stats.failed += 1
+                else:
+                    resends.add(e.message_id)
+                    to_send.append(e)
+        if to_send:
+            sent = self._send(lane, to_send, jobs, attempts, resends, stats)
+            for o in sent:
+                if o.message_id in resends:
+                    o.fields = {**(o.fields or {}), "attempts": attempts[o.message_id]}
+            outcomes += sent
+        if outcomes:
+            self.store.settle(
+                lane, outcomes, now_ms=events.now_ms(), events_maxlen=self.settings.sms_events_stream_maxlen,
+                state_ttl_s=self.settings.sms_state_ttl_s,
+            )
+        log.info(
+            "bulk_dispatched", lane=lane, messages=len(entries), requests=stats.requests,
+            accepted=stats.accepted, rejected=stats.rejected, failed=stats.failed, retry=stats.retry,
+            ambiguous=stats.ambiguous, reconciled=stats.reconciled, bulk_ids=stats.bulk_ids[:4],
+            duration_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        return len(entries)
+
+    def _parse(self, entry: Entry) -> tuple[dict[str, Any], str | None]:
+        try:
+            job = orjson.loads(entry.job)
+        except orjson.JSONDecodeError as error:
+            return {}, f"job is not JSON: {error}"
+        if not isinstance(job, dict):
+            return {}, "job is not a JSON object"
+        if not entry.from_api:
+            # Written with plain Redis commands: it has not been through validation yet.
+            try:
+                valid = validate_job(
+                    job, max_text_parts=self.settings.sms_max_text_parts,
+                    metadata_max_bytes=self.settings.sms_metadata_max_bytes,
+                )
+            except JobValidationError as error:
+                return job, str(error)
+            job = orjson.loads(orjson.dumps(valid.model_dump(mode="json", exclude_none=True, by_alias=True)))
+        return job, None
+
+    def _drop_raw_duplicates(
+        self, lane: str, live: list[Entry], jobs: dict[str, dict[str, Any]], outcomes: list[Outcome]
+    ) -> list[Entry]:
+        """Jobs written with plain XADD claim their producer id here (the API does it at enqueue)."""
+        raw = [(e, str(jobs[e.message_id]["id"])) for e in live if not e.from_api and jobs[e.message_id].get("id")]
+        if not raw:
+            return live
+        owns = self.store.claim_producer_ids(
+            [(pid, e.message_id) for e, pid in raw], self.settings.sms_idempotency_ttl_s
+        )
+        duplicates = {e.message_id for (e, _), own in zip(raw, owns, strict=True) if not own}
+        for e in live:
+            if e.message_id in duplicates:
+                log.info("duplicate_producer_id", lane=lane, message_id=e.message_id)
+                outcomes.append(Outcome(e.message_id, e.entry_id, "ACK", ack=True))
+        return [e for e in live if e.message_id not in duplicates]
+
+    # --- reconciliation ------------------------------------------------------------------------
+    def _check_logs(
+        self, lane: str, entries: list[Entry], jobs: dict[str, dict[str, Any]], outcomes: list[Outcome],
+        stats: BatchStats,
+    ) -> tuple[int, list[Entry]]:
+        """Ask GET /sms/3/logs which of these the provider has; returns (found count, missing)."""
+        by_id = {e.message_id: e for e in entries}
+        try:
+            found = self.provider.logs_for_message_ids(
+                list(by_id), before_request=self._wait_for_logs_call, on_rate_limited=self.limiter.penalize
+            )
+        except ProviderError as error:
+            # No verdict: leave them pending; a later reconcile (or recovery) asks again.
+            log.warning("reconcile_failed", lane=lane, messages=len(entries), error_class=type(error).__name__)
+            self.wake.reconcile(lane, [e.entry_id for e in entries], self._reconcile_delay_ms())
+            return 0, []
+        found = {mid: item for mid, item in found.items() if mid in by_id}
+        for mid, item in found.items():
+            entry = by_id[mid]
+            status = item.status.to_wire() if item.status is not None else None
+            outcomes.append(self._accepted(lane, entry, jobs[mid], item.bulk_id, status))
+            stats.accepted += 1
+        log.info("reconciled", lane=lane, messages=len(entries), found=len(found), missing=len(entries) - len(found))
+        return len(found), [e for e in entries if e.message_id not in found]
+
+    def _wait_for_logs_call(self) -> None:
+        while wait_ms := self.limiter.acquire_logs_call():
+            time.sleep(wait_ms / 1000)
+
+    def _reconcile_delay_ms(self) -> int:
+        return int(self.settings.sms_reconcile_delay_s * 1000)
+
+    # --- sending -------------------------------------------------------------------------------
+    def _send(
+        self, lane: str, entries: list[Entry], jobs: dict[str, dict[str, Any]], attempts: dict[str, int],
+        resends: set[str], stats: BatchStats,
+    ) -> list[Outcome]:
+        messages = [
+            wire_message_from_dict(
+                jobs[e.message_id], e.message_id, default_sender=self.settings.sms_default_sender,
+                webhook_url=self._webhook_url,
+            )
+            for e in entries
+        ]
+        stats.requests += 1
+        try:
+            response = self.provider.send(wire_request(messages), on_rate_limited=self.limiter.penalize)
+        except ProviderBadRequest as error:
+            if len(entries) > 1:
+                # Isolate the bad message(s): each half is sent on its own.
+                half = len(entries) // 2
+                return self._send(lane, entries[:half], jobs, attempts, resends, stats) + self._send(
+                    lane, entries[half:], jobs, attempts, resends, stats
+                )
+            stats.failed += 1
+            detail = "; ".join(f"{v.property}: {v.violation}" for v in error.violations) or str(error)
+            e = entries[0]
+            return [self._failed(lane, e, jobs[e.message_id], "bad_request", detail, attempts[e.message_id],
+                                 answer=error.body)]
+        except ProviderAuthError as error:
+            self.store.pause(lane, "auth", self.settings.sms_auth_pause_s)
+            log.error("provider_auth_failed", lane=lane, status=error.status_code,
+                      pause_s=self.settings.sms_auth_pause_s, messages_kept=len(entries))
+            return self._retry_later(lane, entries, jobs, attempts, error, stats, count_attempt=False)
+        except ProviderNotActedOn as error:
+            self.store.pause(lane, "provider_unavailable", self.settings.sms_outage_pause_s)
+            log.warning("provider_unavailable", lane=lane, status=error.status_code,
+                        error_class=type(error).__name__, pause_s=self.settings.sms_outage_pause_s)
+            return self._retry_later(lane, entries, jobs, attempts, error, stats, count_attempt=True)
+        except ProviderAmbiguous as error:
+            stats.ambiguous += len(entries)
+            log.warning("send_ambiguous", lane=lane, messages=len(entries), status=error.status_code,
+                        error_class=type(error).__name__)
+            self.wake.reconcile(lane, [e.entry_id for e in entries], self._reconcile_delay_ms())
+            return [
+                Outcome(e.message_id, e.entry_id, "AMBIGUOUS", ack=False,
+                        fields={"last_error": _describe(error)})
+                for e in entries
+            ]
+
+        if response.bulk_id:
+            stats.bulk_ids.append(response.bulk_id)
+        results = {r.message_id: r for r in response.messages}
+        outcomes: list[Outcome] = []
+        unanswered: list[Entry] = []
+        for e in entries:
+            result = results.get(e.message_id)
+            job = jobs[e.message_id]
+            if result is None:
+                unanswered.append(e)
+                continue
+            group, name = result.status.group_name, result.status.name
+            if group in _ACCEPTED_GROUPS or (name == _DUPLICATE and e.message_id in resends):
+                # A resend answered "duplicate" means our earlier attempt got through.
+                outcomes.append(self._accepted(lane, e, job, response.bulk_id, _status_dict(result)))
+                stats.accepted += 1
+            else:
+                outcomes.append(Outcome(
+                    e.message_id, e.entry_id, "REJECTED", ack=True,
+                    event=events.build("rejected", e.message_id, job, lane=lane, bulk_id=response.bulk_id,
+                                       status=_status_dict(result)),
+                    fields={"bulk_id": response.bulk_id or "", "status": name},
+                ))
+                stats.rejected += 1
+        if unanswered:
+            # A 200 that does not mention a message we sent: we cannot know; reconcile it.
+            stats.ambiguous += len(unanswered)
+            self.wake.reconcile(lane, [e.entry_id for e in unanswered], self._reconcile_delay_ms())
+            outcomes += [Outcome(e.message_id, e.entry_id, "AMBIGUOUS", ack=False,
+                                 fields={"last_error": "missing from the provider's answer"}) for e in unanswered]
+        return outcomes
+
+    def _retry_later(
+        self, lane: str, entries: list[Entry], jobs: dict[str, dict[str, Any]], attempts: dict[str, int],
+        error: ProviderError, stats: BatchStats, *, count_attempt: bool,
+    ) -> list[Outcome]:
+        """Not sent, certainly: back to QUEUED, pending in the outbox until recovery takes it again."""
+        outcomes = []
+        now = time.time()
+        for e in entries:
+            n = attempts[e.message_id]
+            first_s = _entry_time_s(e.entry_id)
+            if count_attempt and (n >= self.settings.sms_max_attempts
+                                  or now - first_s > self.settings.sms_retry_horizon_s):
+                outcomes.append(self._failed(lane, e, jobs[e.message_id], "retries_exhausted", _describe(error), n,
+                                             answer=error.body))
+                stats.failed += 1
+            else:
+                fields: dict[str, Any] = {"last_error": _describe(error)}
+                if not count_attempt:
+                    fields["attempts"] = max(0, n - 1)
+                outcomes.append(Outcome(e.message_id, e.entry_id, "QUEUED", ack=False, fields=fields))
+                stats.retry += 1
+        return outcomes
+
+    # --- outcomes ------------------------------------------------------------------------------
+    def _accepted(
+        self, lane: str, e: Entry, job: dict[str, Any], bulk_id: str | None, status: dict[str, Any] | None
+    ) -> Outcome:
+        validity = job.get("validity_period")
+        validity_s = 48 * 3600
+        if isinstance(validity, dict):
+            unit = {"SECONDS": 1, "MINUTES": 60, "HOURS": 3600}.get(validity.get("time_unit", "MINUTES"), 60)
+            validity_s = min(int(validity.get("amount", 2880)) * unit, validity_s)
+        deadline = events.now_ms() + int((validity_s + self.settings.sms_no_report_grace_s) * 1000)
+        return Outcome(
+            e.message_id, e.entry_id, "ACCEPTED", ack=True,
+            event=events.build("accepted", e.message_id, job, lane=lane, bulk_id=bulk_id, status=status),
+            deadline_ms=deadline, fields={"bulk_id": bulk_id or ""},
+        )
+
+    def _failed(
+        self, lane: str, e: Entry, job: dict[str, Any], reason: str, detail: str, attempts: int,
+        answer: object = None,
+    ) -> Outcome:
+        log.warning("dead_lettered", lane=lane, message_id=e.message_id, reason=reason, detail=detail[:300])
+        dead = orjson.dumps({
+            "message_id": e.message_id, "lane": lane, "entry_id": e.entry_id, "reason": reason,
+            "detail": detail, "attempts": attempts, "last_answer": answer, "at": events.now_iso(),
+            "job": e.job.decode("utf-8", "replace"),
+        }, default=str)
+        return Outcome(
+            e.message_id, e.entry_id, "FAILED", ack=True,
+            event=events.build("failed", e.message_id, job, lane=lane, reason=reason),
+            fields={"reason": reason, "lane": lane, "job": e.job.decode("utf-8", "replace")},
+            dead_letter=dead,
+        )
+
+
+def _describe(error: ProviderError) -> str:
+    return f"{type(error).__name__}" + (f" {error.status_code}" if error.status_code else "")
+
+
+def _entry_time_s(entry_id: str) -> float:
+    """Stream entry ids start with the server's time in ms: when the job was queued."""
+    try:
+        return int(entry_id.split("-", 1)[0]) / 1000
+    except ValueError:
+        return time.time()

@@ -1,0 +1,76 @@
+"""Status events (schema version 1): one per state change, published to the events stream.
+
+    {"v": 1, "event_id": "<messageId>:<type>", "type": "accepted", "at": "2026-11-27T10:00:00.000Z",
+     "message_id": "...", "bulk_id": "...", "lane": "bulk", "id": "<producer id>",
+     "metadata": {...}, "to": "41793026727", "status": {...}, "error": {...}, "reason": null,
+     "price": null, "mcc_mnc": null, "sent_at": null, "done_at": null, "message_count": null}
+
+Types: accepted, rejected, failed (send side); delivered, undeliverable, expired, rejected
+(reports); unknown_message (a report for a message this worker never sent). `event_id` is
+stable, so a consumer that sees one twice (at-least-once delivery) can drop the repeat.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+SCHEMA_VERSION = 1
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def build(
+    kind: str,
+    message_id: str,
+    job: dict[str, Any] | None,
+    *,
+    lane: str | None,
+    bulk_id: str | None = None,
+    status: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+    reason: str | None = None,
+    report: dict[str, Any] | None = None,
+    at: str | None = None,
+) -> bytes:
+    """One event as JSON; `job` is the producer's job (its id, metadata and `to` are echoed)."""
+    job = job or {}
+    report = report or {}
+    return orjson.dumps(
+        {
+            "v": SCHEMA_VERSION,
+            "event_id": f"{message_id}:{kind}",
+            "type": kind,
+            "at": at or now_iso(),
+            "message_id": message_id,
+            "bulk_id": bulk_id or report.get("bulkId"),
+            "lane": lane,
+            "id": job.get("id"),
+            "metadata": job.get("metadata"),
+            "to": job.get("to") or report.get("to"),
+            "status": status,
+            "error": error,
+            "reason": reason,
+            "price": report.get("price"),
+            "mcc_mnc": report.get("mccMnc"),
+            "sent_at": report.get("sentAt"),
+            "done_at": report.get("doneAt"),
+            "message_count": report.get("messageCount"),
+        }
+    )
+
+
+def parse(raw: bytes | str) -> dict[str, Any]:
+    value = orjson.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError("an event is a JSON object")
+    return value

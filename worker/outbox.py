@@ -1,0 +1,96 @@
+"""Producer API: validate jobs at the door, append them to a lane's outbox, wake a dispatcher.
+
+The wire format other languages use is one stream entry per job on `{prefix}:outbox:{lane}` with a
+field `job` holding the job's JSON (see README, "Enqueue from any language"):
+
+    XADD sms:outbox:bulk * job '{"to":"41793026727","text":"Hello","id":"order-42"}'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from worker.errors import JobValidationError, Problem
+from worker.models import Job, encode_job, validate_job
+from worker.settings import Settings
+from worker.store import Store
+
+# Jobs go to Redis in chunks: one round trip per chunk, and no script call holds Redis for long.
+CHUNK = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """What `enqueue` did with one job: its message id, and False if it was a duplicate."""
+
+    message_id: str
+    lane: str
+    queued: bool
+
+    @property
+    def duplicate(self) -> bool:
+        return not self.queued
+
+
+class Outbox:
+    """Validated, pipelined writes to the outbox streams; one instance per producer process."""
+
+    def __init__(self, settings: Settings, store: Store, wake: Callable[[str], object] | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.wake = wake
+
+    def _lane(self, lane: str | None) -> str:
+        lane = lane or self.settings.sms_default_lane
+        if lane not in self.settings.sms_lanes:
+            known = ", ".join(self.settings.sms_lanes)
+            raise JobValidationError([Problem("lane", f"unknown lane {lane!r}; lanes: {known}")])
+        return lane
+
+    def validate(self, job: Job | Mapping[str, Any], index: int | None = None) -> Job:
+        if isinstance(job, Job):
+            job = job.model_dump(exclude_none=True, by_alias=True)
+        return validate_job(
+            job,
+            max_text_parts=self.settings.sms_max_text_parts,
+            metadata_max_bytes=self.settings.sms_metadata_max_bytes,
+            index=index,
+        )
+
+    def enqueue(self, job: Job | Mapping[str, Any], lane: str | None = None) -> Enqueued:
+        """Queue one job; JobValidationError lists every problem and nothing is written."""
+        lane = self._lane(lane)
+        valid = self.validate(job)
+        [(mid, queued)] = self.store.enqueue(
+            lane, [(encode_job(valid), valid.id)], self.settings.sms_idempotency_ttl_s
+        )
+        if queued and self.wake is not None:
+            self.wake(lane)
+        return Enqueued(mid, lane, queued)
+
+    def enqueue_many(self, jobs: Iterable[Job | Mapping[str, Any]], lane: str | None = None) -> list[Enqueued]:
+        """Queue many jobs to one lane, all or nothing: one bad job refuses the whole call.
+
+        Every job is validated before anything is written, so a refused call leaves the outbox as
+        it was, and the error lists every problem of every job (`jobs[3].to: ...`).
+        """
+        lane = self._lane(lane)
+        valid: list[Job] = []
+        problems: list[Problem] = []
+        for index, job in enumerate(jobs):
+            try:
+                valid.append(self.validate(job, index))
+            except JobValidationError as error:
+                problems += [Problem(f"jobs[{index}].{p.field}", p.message) for p in error.problems]
+        if problems:
+            raise JobValidationError(problems)
+        results: list[Enqueued] = []
+        for start in range(0, len(valid), CHUNK):
+            chunk = [(encode_job(job), job.id) for job in valid[start : start + CHUNK]]
+            for mid, queued in self.store.enqueue(lane, chunk, self.settings.sms_idempotency_ttl_s):
+                results.append(Enqueued(mid, lane, queued))
+        if self.wake is not None and any(r.queued for r in results):
+            self.wake(lane)
+        return results

@@ -1,0 +1,62 @@
+"""Policy over the GCRA script: which buckets a send charges, and the push-back after a 429.
+
+Buckets are shared by every process on every host (they live in Redis and use its clock):
+    mps          messages per second, all lanes          (SMS_RATE_LIMIT_MPS)
+    mps:{lane}   that lane's share of it, when below 1   (SMS_LANES[..].rate_share)
+    rps          bulk requests per second                (SMS_RATE_LIMIT_RPS)
+    logs         GET /sms/3/logs calls                   (SMS_LOGS_RATE_PER_MIN)
+"""
+
+from __future__ import annotations
+
+from worker.settings import Settings
+from worker.store import Store
+
+# After a 429 without Retry-After, everybody pauses this long before the next grant.
+DEFAULT_429_PAUSE_S = 1.0
+UNLIMITED = 1e9
+
+
+class RateLimiter:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+
+    def _buckets(self, lane: str) -> list[tuple[str, float, float, str]]:
+        s = self.settings
+        # With no limit set, an effectively unlimited bucket still carries the 429 push-back.
+        buckets: list[tuple[str, float, float, str]] = [("mps", UNLIMITED, UNLIMITED, "messages")]
+        if s.sms_rate_limit_mps > 0:
+            burst = max(1.0, s.sms_rate_limit_mps * s.sms_rate_limit_burst_s)
+            buckets[0] = ("mps", s.sms_rate_limit_mps, burst, "messages")
+            share = s.sms_lanes[lane].rate_share
+            if share < 1:
+                rate = s.sms_rate_limit_mps * share
+                buckets.append((f"mps:{lane}", rate, max(1.0, rate * s.sms_rate_limit_burst_s), "messages"))
+        if s.sms_rate_limit_rps > 0:
+            burst = max(1.0, s.sms_rate_limit_rps * s.sms_rate_limit_burst_s)
+            buckets.append(("rps", s.sms_rate_limit_rps, burst, "request"))
+        return buckets
+
+    def acquire(self, lane: str, want: int) -> tuple[int, int]:
+        """Up to `want` message tokens for one bulk request: (granted, ms to wait if none)."""
+        return self.store.acquire_tokens(want, self._buckets(lane))
+
+    def refund(self, lane: str, unused: int, request_unused: bool) -> None:
+        """Give back tokens a claim did not use (fewer jobs waiting than were granted)."""
+        if unused > 0 or request_unused:
+            self.store.refund_tokens(unused, request_unused, self._buckets(lane))
+
+    def acquire_logs_call(self) -> int:
+        """One GET /sms/3/logs call: 0 if allowed now, else ms to wait."""
+        rate = self.settings.sms_logs_rate_per_min / 60.0
+        # A small burst lets a crashed batch reconcile quickly; the provider allows 120/min.
+        granted, wait_ms = self.store.acquire_tokens(1, [("logs", rate, min(10.0, rate * 5), "request")])
+        return 0 if granted else wait_ms
+
+    def penalize(self, retry_after_s: float | None) -> None:
+        """The provider said 429: push every send bucket back so all processes pause together."""
+        pause_ms = int(1000 * (retry_after_s if retry_after_s is not None else DEFAULT_429_PAUSE_S))
+        buckets = {name: (name, rate, burst) for lane in self.settings.sms_lanes
+                   for name, rate, burst, _ in self._buckets(lane)}
+        self.store.penalize(pause_ms, list(buckets.values()))

@@ -1,0 +1,98 @@
+"""Wiring without side effects: the broker with its middleware, and per-process resources.
+
+`make_broker` builds a Dramatiq RedisBroker with an explicit middleware list; `Resources` builds
+the Runtime (Redis client, provider client, dispatcher) when a worker process boots and closes it
+at shutdown. worker.broker calls these at import time for the worker processes; the CLI and
+producers call them directly.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import dramatiq
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
+
+from worker.dispatch import Dispatcher
+from worker.provider import Provider
+from worker.ratelimit import RateLimiter
+from worker.settings import Settings
+from worker.store import Store, connect, consumer_name
+from worker.triggers import Triggers
+
+
+@dataclass
+class Runtime:
+    """What the actors of one worker process share."""
+
+    settings: Settings
+    redis: redis.Redis
+    store: Store
+    provider: Provider
+    triggers: Triggers
+    dispatcher: Dispatcher
+    stopping: threading.Event
+
+    def close(self) -> None:
+        self.provider.close()
+        self.redis.close()
+
+
+def build_runtime(settings: Settings, broker: dramatiq.Broker) -> Runtime:
+    client = connect(settings.redis_url)
+    store = Store(client, settings.sms_key_prefix, settings.sms_message_id_prefix)
+    provider = Provider(settings)
+    triggers = Triggers(store, broker)
+    stopping = threading.Event()
+    dispatcher = Dispatcher(
+        settings, store, provider, RateLimiter(settings, store), triggers, consumer_name(),
+        stopping=stopping.is_set,
+    )
+    return Runtime(settings, client, store, provider, triggers, dispatcher, stopping)
+
+
+class Resources(dramatiq.Middleware):
+    """Builds the Runtime at worker boot, signals dispatchers to stop at shutdown, then closes it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runtime: Runtime | None = None
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        self.settings.require_api_key()
+        self.runtime = build_runtime(self.settings, broker)
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        if self.runtime is not None:
+            # Dispatchers finish the batch in hand and take no new one.
+            self.runtime.stopping.set()
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        if self.runtime is not None:
+            self.runtime.close()
+            self.runtime = None
+
+
+def make_broker(settings: Settings) -> tuple[RedisBroker, Resources]:
+    resources = Resources(settings)
+    broker = RedisBroker(  # type: ignore[no-untyped-call]
+        url=settings.redis_url,
+        namespace=f"{settings.sms_key_prefix}:dramatiq",
+        middleware=[
+            # Dispatch loops are short (seconds); a message running for minutes is stuck.
+            TimeLimit(time_limit=int(max(60.0, settings.sms_lease_s * 2) * 1000)),
+            AgeLimit(),
+            ShutdownNotifications(),
+            Callbacks(),
+            Pipelines(),
+            # Our actors own their retries (outbox recovery, reconciliation); Dramatiq must not
+            # re-run a dispatch whose batch is already pending.
+            Retries(max_retries=0),
+            resources,
+        ],
+    )
+    return broker, resources

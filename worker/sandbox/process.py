@@ -1,0 +1,181 @@
+"""SandboxProcess: the sandbox as a child process on a free loopback port, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import IO, Any, Self
+
+import httpx
+
+from worker.sandbox.config import SandboxConfig, config_to_args
+
+_HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port that was free on loopback a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((_HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class SandboxError(RuntimeError):
+    """The sandbox process did not start, or an admin call failed."""
+
+
+class SandboxProcess:
+    """Runs `python -m worker.sandbox` on a free loopback port; a context manager.
+
+    >>> with SandboxProcess(api_key="k", config=SandboxConfig(report_delay_ms=50)) as sandbox:
+    ...     sandbox.configure(rate_429=0.5)
+    ...     sandbox.stats()["messages_accepted"]
+    """
+
+    def __init__(
+        self,
+        api_key: str = "sandbox-key",
+        config: SandboxConfig | None = None,
+        extra_args: Sequence[str] = (),
+        port: int | None = None,
+        startup_timeout_s: float = 20.0,
+        stop_timeout_s: float = 5.0,
+    ) -> None:
+        self.api_key = api_key
+        self._config = config or SandboxConfig()
+        self._extra_args = list(extra_args)
+        self._requested_port = port
+        self._startup_timeout_s = startup_timeout_s
+        self._stop_timeout_s = stop_timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._output: IO[bytes] | None = None
+        self._client: httpx.Client | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. http://127.0.0.1:43121."""
+        return f"http://{_HOST}:{self.port}"
+
+    @property
+    def auth_header(self) -> dict[str, str]:
+        """The Authorization header the sandbox accepts."""
+        return {"Authorization": f"App {self.api_key}"}
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start the process and wait until its admin endpoint answers (a few tries on a port race)."""
+        attempts = 1 if self._requested_port else 3
+        for attempt in range(attempts):
+            self.port = self._requested_port or free_port()
+            if self._spawn_and_wait():
+                return
+            output = self._read_output()
+            self.stop()
+            # Someone took the free port between our probe and the child's bind: try another one.
+            if "address already in use" not in output.lower() or attempt == attempts - 1:
+                raise SandboxError(f"sandbox did not start on port {self.port}:\n{output[-4000:]}")
+
+    def _spawn_and_wait(self) -> bool:
+        argv = [
+            sys.executable,
+            "-m",
+            "worker.sandbox",
+            "--host",
+            _HOST,
+            "--port",
+            str(self.port),
+            "--api-key",
+            self.api_key,
+            *config_to_args(self._config),
+            *self._extra_args,
+        ]
+        self._output = tempfile.TemporaryFile()  # noqa: SIM115 -- lives as long as the child; closed in stop()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self._proc = subprocess.Popen(argv, stdout=self._output, stderr=subprocess.STDOUT, env=env)
+        self._client = httpx.Client(base_url=self.url, trust_env=False, timeout=5.0)
+        deadline = time.monotonic() + self._startup_timeout_s
+        pause = 0.01
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                return False
+            try:
+                if self._client.get("/_sandbox/stats", timeout=1.0).status_code == 200:
+                    return True
+            except httpx.TransportError:
+                pass
+            time.sleep(pause)  # polling interval while the child boots, not a fixed wait
+            pause = min(pause * 2, 0.2)
+        return False
+
+    def _read_output(self) -> str:
+        if self._output is None:
+            return ""
+        self._output.seek(0)
+        return self._output.read().decode(errors="replace")
+
+    def output(self) -> str:
+        """Everything the process printed so far."""
+        return self._read_output()
+
+    def stop(self) -> None:
+        """SIGTERM, wait, then SIGKILL if it lingers."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=self._stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=self._stop_timeout_s)
+        if self._output is not None:
+            self._output.close()
+            self._output = None
+
+    # --- admin calls ---------------------------------------------------------------------
+
+    def _admin(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        if self._client is None:
+            raise SandboxError("sandbox is not running")
+        response = self._client.request(method, path, **kwargs)
+        if response.status_code != 200:
+            raise SandboxError(f"{method} {path} -> {response.status_code}: {response.text}")
+        result: dict[str, Any] = response.json()
+        return result
+
+    def stats(self, per_message: bool = False) -> dict[str, Any]:
+        """GET /_sandbox/stats (with accepted_per_message_id when per_message)."""
+        return self._admin("GET", "/_sandbox/stats", params={"per_message": "1"} if per_message else None)
+
+    def configure(self, **settings: Any) -> dict[str, Any]:
+        """POST /_sandbox/config; returns the resulting config."""
+        return self._admin("POST", "/_sandbox/config", json=settings)
+
+    def config(self) -> dict[str, Any]:
+        """GET /_sandbox/config."""
+        return self._admin("GET", "/_sandbox/config")
+
+    def reset(self) -> None:
+        """POST /_sandbox/reset: forget every message, report and counter."""
+        self._admin("POST", "/_sandbox/reset")

@@ -1,0 +1,62 @@
+"""Entry points: build the sandbox ASGI app and serve it with uvicorn (uvloop + httptools) on loopback."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+import uvicorn
+
+from worker.sandbox.app import ASGIApp, SandboxApp
+from worker.sandbox.config import SandboxConfig
+from worker.sandbox.process import SandboxProcess
+
+__all__ = ["ASGIApp", "SandboxApp", "SandboxProcess", "build_app", "run"]
+
+# The drop fault ends a response early on purpose; uvicorn reports that as an error each time.
+_DELIBERATE_DROP = "ASGI callable returned without completing response."
+
+
+class _HideDeliberateDrops(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != _DELIBERATE_DROP
+
+
+def _require_loopback(host: str) -> None:
+    # The admin endpoints have no auth, so the sandbox must never listen beyond this machine.
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"the sandbox only binds loopback addresses, not {host!r}")
+
+
+def build_app(api_key: str, config: SandboxConfig | None = None) -> ASGIApp:
+    """The sandbox as an ASGI app accepting `Authorization: App <api_key>`."""
+    if not api_key:
+        raise ValueError("api_key must not be empty")
+    return SandboxApp(api_key, config or SandboxConfig())
+
+
+def run(port: int, api_key: str, host: str = "127.0.0.1", config: SandboxConfig | None = None) -> None:
+    """Serve the sandbox until SIGINT/SIGTERM."""
+    _require_loopback(host)
+    if not api_key:
+        raise ValueError("api_key must not be empty")
+    server_config = uvicorn.Config(
+        SandboxApp(api_key, config or SandboxConfig(), freeze_gc=True),
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        # The timeout fault holds responses for up to timeout_delay_ms; do not wait for them on exit.
+        timeout_graceful_shutdown=1,
+    )
+    logging.getLogger("uvicorn.error").addFilter(_HideDeliberateDrops())
+    uvicorn.Server(server_config).run()

@@ -1,0 +1,381 @@
+"""The sandbox account: accepted messages, their indexes, report queues and counters."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import random
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from typing import Any, Final
+
+from worker.sandbox import codes
+from worker.sandbox import records as rec
+from worker.sandbox.codes import JsonObj, mcc_mnc_for
+from worker.sandbox.config import SandboxConfig
+from worker.sandbox.faults import FaultInjector, LogsLimiter
+from worker.sandbox.records import (
+    DONE_AT,
+    ERROR,
+    FETCHED,
+    MESSAGE_ID,
+    PREV,
+    SCHEDULED,
+    SILENT,
+    STATE,
+    STATUS,
+    TO,
+    UNFETCHED,
+    WEBHOOK,
+    Record,
+)
+from worker.sandbox.reports import OutcomePicker
+from worker.sandbox.segments import binary_parts, text_parts, text_too_long
+from worker.sandbox.validation import LogsQuery, ReportsQuery, parse_datetime
+
+RETENTION_S: Final = 48 * 3600
+# Shared `details` objects for the usual part counts (the response never mutates them).
+_DETAILS: Final = {count: {"messageCount": count} for count in range(1, 26)}
+
+
+def _chain(record: Record | None) -> Iterator[Record]:
+    """A record and the earlier sends with the same messageId, newest first."""
+    while record is not None:
+        yield record
+        record = record[PREV]
+
+
+class SandboxState:
+    """All mutable state of one sandbox lifetime (POST /_sandbox/reset replaces the whole object)."""
+
+    def __init__(self, config: SandboxConfig, now: float) -> None:
+        self.config = config
+        seed = config.seed
+        # Separate streams so enabling a fault does not change which outcomes messages get.
+        self.outcome_rng = random.Random(f"{seed}:outcomes") if seed is not None else random.Random()
+        self.fault_rng = random.Random(f"{seed}:faults") if seed is not None else random.Random()
+        self._picker_mix = config.outcome_mix
+        self._picker = OutcomePicker(config.outcome_mix, self.outcome_rng)
+        self.faults = FaultInjector(config, self.fault_rng, now)
+        self.logs_limiter = LogsLimiter(config, now)
+        # Generated ids only need to be unique, and a fresh prefix keeps them unique across resets.
+        prefix = os.urandom(4).hex()
+        self._message_ids = (f"{prefix}-{n}" for n in itertools.count(1))
+        self._bulk_ids = (f"bulk-{prefix}-{n}" for n in itertools.count(1))
+        self._seq = itertools.count()
+
+        self.by_message_id: dict[str, Record] = {}
+        self.retired_ids: set[str] = set()  # ids past retention: still count as duplicates
+        self.by_bulk: dict[str, list[Record]] = {}
+        self.log: deque[Record] = deque()  # every accepted send, oldest first
+        self.schedule: list[tuple[float, int, list[Record]]] = []  # heap of (due, seq, batch)
+        self.unfetched: deque[Record] = deque()  # may hold already-fetched records (lazy removal)
+        self.webhook_queue: deque[Record] = deque()
+
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.faults_injected: Counter[str] = Counter()
+        self.rejected_by_status: Counter[str] = Counter()
+        self.extra_sends: Counter[str] = Counter()  # messageId -> accepted sends beyond the first
+        self.accepted_by_second: Counter[int] = Counter()
+        self.messages_accepted = 0
+        self.duplicate_rejections = 0
+        self.scheduled = 0
+        self.unfetched_live = 0
+        self.reports_generated = 0
+        self.reports_fetched = 0
+        self.reports_pushed = 0
+        self.reports_silent = 0
+        self.webhook_attempts = 0
+        self.webhook_failures = 0
+        self.webhook_refused = 0
+        self.webhook_dropped = 0
+        self.logs_served = 0
+
+    # --- sending ---------------------------------------------------------------------
+
+    def accept(self, body: dict[str, Any], now: float) -> JsonObj:
+        """Record a validated send request; returns the SmsResponse body."""
+        config = self.config
+        options = body.get("options")
+        schedule = options.get("schedule") if options else None
+        bulk_id = schedule.get("bulkId") if schedule else None
+        if bulk_id is None:
+            bulk_id = next(self._bulk_ids)
+        sent_at = now
+        send_at = schedule.get("sendAt") if schedule else None
+        if send_at is not None:
+            sent_at = max(now, parse_datetime(send_at))
+        bulk = (bulk_id, sent_at)
+        reject_duplicates = config.reject_duplicate_ids
+        index = self.by_message_id
+        retired = self.retired_ids
+        new_id = self._message_ids
+        pending = codes.PENDING_ACCEPTED
+        accepted: list[Record] = []
+        out: list[JsonObj] = []
+        for message in body["messages"]:
+            content = message["content"]
+            text = content.get("text")
+            if text is not None:
+                count = text_parts(text)
+                too_long = text_too_long(text, count)
+            else:
+                count, too_long = binary_parts(content["hex"]), False
+            details = _DETAILS.get(count) or {"messageCount": count}
+            for destination in message["destinations"]:
+                to = destination["to"]
+                message_id = destination.get("messageId")
+                if message_id is None:
+                    message_id = next(new_id)
+                # Inlined valid_destination(): this loop runs 150k times a second.
+                digits = to[1:] if to[:1] == "+" else to
+                if not (7 <= len(digits) <= 15 and digits.isdigit() and digits.isascii()):
+                    status = codes.REJECTED_DESTINATION if to else codes.MISSING_TO
+                elif too_long:
+                    status = codes.REJECTED_MESSAGE_TOO_LONG
+                elif reject_duplicates and (message_id in index or message_id in retired):
+                    status = codes.REJECTED_DUPLICATE_MESSAGE_ID
+                    self.duplicate_rejections += 1
+                else:
+                    previous = None
+                    if not reject_duplicates:
+                        previous = index.get(message_id)
+                        if previous is not None or message_id in retired:
+                            self.extra_sends[message_id] += 1
+                    # Inlined new_record(); see records.py for the layout.
+                    record = [message_id, to, message, bulk, count, SCHEDULED, None, None, 0.0, previous]
+                    index[message_id] = record
+                    accepted.append(record)
+                    out.append(
+                        {"messageId": message_id, "status": pending, "destination": to, "details": details}
+                    )
+                    continue
+                self.rejected_by_status[status["name"]] += 1
+                out.append({"messageId": message_id, "status": status, "destination": to, "details": details})
+        if accepted:
+            self.log.extend(accepted)
+            in_bulk = self.by_bulk.get(bulk_id)
+            if in_bulk is None:
+                self.by_bulk[bulk_id] = list(accepted)
+            else:
+                in_bulk.extend(accepted)
+            due = sent_at + config.report_delay_ms / 1000.0
+            heapq.heappush(self.schedule, (due, next(self._seq), accepted))
+            self.messages_accepted += len(accepted)
+            self.scheduled += len(accepted)
+            self.accepted_by_second[int(now)] += len(accepted)
+        return {"bulkId": bulk_id, "messages": out}
+
+    # --- report generation -------------------------------------------------------------
+
+    def _picker_now(self) -> OutcomePicker:
+        if self.config.outcome_mix is not self._picker_mix:
+            self._picker_mix = self.config.outcome_mix
+            self._picker = OutcomePicker(self._picker_mix, self.outcome_rng)
+        return self._picker
+
+    def reseed(self) -> None:
+        """Restart both RNG streams from config.seed."""
+        seed = self.config.seed
+        self.outcome_rng.seed(f"{seed}:outcomes" if seed is not None else None)
+        self.fault_rng.seed(f"{seed}:faults" if seed is not None else None)
+
+    def next_due(self) -> float | None:
+        """When the earliest scheduled report is due."""
+        return self.schedule[0][0] if self.schedule else None
+
+    def generate_due(self, now: float, max_records: int) -> int:
+        """Give due messages their outcome and queue their report; returns how many (about max_records)."""
+        pick = self._picker_now().pick
+        heap = self.schedule
+        unfetched = self.unfetched.append
+        webhook = self.webhook_queue.append
+        done = silent = to_pull = 0
+        while heap and heap[0][0] <= now and done < max_records:
+            due, _, batch = heapq.heappop(heap)
+            for record in batch:
+                record[STATUS], record[ERROR] = pick()
+                record[DONE_AT] = due
+                if "webhooks" not in record[rec.MESSAGE]:
+                    record[STATE] = UNFETCHED
+                    unfetched(record)
+                    to_pull += 1
+                    continue
+                url, notify = rec.delivery(record)
+                if not notify:
+                    record[STATE] = SILENT
+                    silent += 1
+                elif url is not None:
+                    record[STATE] = WEBHOOK
+                    webhook(record)
+                else:
+                    record[STATE] = UNFETCHED
+                    unfetched(record)
+                    to_pull += 1
+            done += len(batch)
+        self.scheduled -= done
+        self.reports_generated += done - silent
+        self.reports_silent += silent
+        self.unfetched_live += to_pull
+        return done
+
+    def prune(self, now: float) -> None:
+        """Forget sends older than the 48 h retention (their ids still count as duplicates)."""
+        cutoff = now - RETENTION_S
+        log = self.log
+        while log and rec.sent_at(log[0]) < cutoff and log[0][STATE] != SCHEDULED:
+            record = log.popleft()
+            message_id = record[MESSAGE_ID]
+            if self.by_message_id.get(message_id) is record:
+                del self.by_message_id[message_id]
+                self.retired_ids.add(message_id)
+            in_bulk = self.by_bulk.get(rec.bulk_id(record))
+            if in_bulk is not None and in_bulk[-1] is record:
+                del self.by_bulk[rec.bulk_id(record)]
+
+    # --- GET /sms/3/reports ------------------------------------------------------------
+
+    def fetch_reports(self, query: ReportsQuery, now: float) -> list[Record]:
+        """Take up to query.limit unfetched reports matching the filters; each is returned once."""
+        cutoff = now - RETENTION_S
+        taken: list[Record] = []
+        limit = query.limit
+        filtered = (
+            query.bulk_id is not None
+            or query.message_id is not None
+            or query.entity_id is not None
+            or query.application_id is not None
+            or query.campaign_reference_id is not None
+        )
+        if not filtered:
+            queue = self.unfetched
+            while queue and len(taken) < limit:
+                record = queue.popleft()
+                if record[STATE] == UNFETCHED and record[DONE_AT] >= cutoff:
+                    taken.append(record)
+        else:
+            candidates: Iterable[Record]
+            if query.message_id is not None:
+                candidates = list(_chain(self.by_message_id.get(query.message_id)))[::-1]
+            elif query.bulk_id is not None:
+                candidates = self.by_bulk.get(query.bulk_id, ())
+            else:
+                candidates = self.unfetched
+            for record in candidates:
+                if record[STATE] != UNFETCHED or record[DONE_AT] < cutoff:
+                    continue
+                platform = rec.platform(record)
+                if (
+                    (query.bulk_id is None or rec.bulk_id(record) == query.bulk_id)
+                    and (query.message_id is None or record[MESSAGE_ID] == query.message_id)
+                    and (query.entity_id is None or platform.get("entityId") == query.entity_id)
+                    and (
+                        query.application_id is None or platform.get("applicationId") == query.application_id
+                    )
+                    and (
+                        query.campaign_reference_id is None
+                        or rec.campaign_reference_id(record) == query.campaign_reference_id
+                    )
+                ):
+                    taken.append(record)
+                    if len(taken) >= limit:
+                        break
+        for record in taken:
+            record[STATE] = FETCHED
+        self.unfetched_live -= len(taken)
+        self.reports_fetched += len(taken)
+        # Filtered fetches leave dead entries behind; rebuild once they dominate the queue.
+        if len(self.unfetched) > 1024 and len(self.unfetched) > 2 * self.unfetched_live:
+            self.unfetched = deque(record for record in self.unfetched if record[STATE] == UNFETCHED)
+        return taken
+
+    # --- GET /sms/3/logs ---------------------------------------------------------------
+
+    def query_logs(self, query: LogsQuery, now: float) -> list[Record]:
+        """Up to query.limit sends of the last 48 h matching every filter, newest first."""
+        since = now - RETENTION_S
+        if query.sent_since is not None:
+            since = max(since, query.sent_since)
+        until = query.sent_until
+        candidates: Iterable[Record]
+        if query.message_ids:
+            candidates = (r for mid in query.message_ids for r in _chain(self.by_message_id.get(mid)))
+        elif query.bulk_ids:
+            candidates = (r for bid in query.bulk_ids for r in reversed(self.by_bulk.get(bid, ())))
+        else:
+            candidates = reversed(self.log)
+        bulk_ids = set(query.bulk_ids)
+        campaigns = set(query.campaign_reference_ids)
+        found: list[Record] = []
+        for record in candidates:
+            sent_at = rec.sent_at(record)
+            if sent_at < since or (until is not None and sent_at > until):
+                continue
+            if bulk_ids and rec.bulk_id(record) not in bulk_ids:
+                continue
+            if campaigns and rec.campaign_reference_id(record) not in campaigns:
+                continue
+            if query.sender is not None and rec.sender(record) != query.sender:
+                continue
+            if query.destination is not None and record[TO] != query.destination:
+                continue
+            if query.entity_id is not None and rec.platform(record).get("entityId") != query.entity_id:
+                continue
+            if (
+                query.application_id is not None
+                and rec.platform(record).get("applicationId") != query.application_id
+            ):
+                continue
+            if query.general_status is not None:
+                status = record[STATUS] or codes.PENDING_ACCEPTED
+                if status["groupName"] != query.general_status:
+                    continue
+            if query.mcc is not None:
+                mcc_mnc = mcc_mnc_for(record[TO])
+                if mcc_mnc[:3] != query.mcc or (query.mnc is not None and mcc_mnc[3:] != query.mnc):
+                    continue
+            found.append(record)
+            if len(found) >= query.limit:
+                break
+        self.logs_served += len(found)
+        return found
+
+    # --- counters ----------------------------------------------------------------------
+
+    def stats(self, per_message: bool) -> JsonObj:
+        """The counters served by GET /_sandbox/stats."""
+        requests: dict[str, dict[str, int]] = {}
+        for (endpoint, status), count in sorted(self.requests.items()):
+            requests.setdefault(endpoint, {})[str(status)] = count
+        stats: JsonObj = {
+            "requests": requests,
+            "messages_accepted": self.messages_accepted,
+            "messages_rejected": dict(self.rejected_by_status),
+            "duplicate_rejections": self.duplicate_rejections,
+            "duplicates": len(self.extra_sends),
+            "reports": {
+                "generated": self.reports_generated,
+                "fetched": self.reports_fetched,
+                "pushed": self.reports_pushed,
+                "pending": self.scheduled,
+                "unfetched": self.unfetched_live,
+                "webhook_queued": len(self.webhook_queue),
+                "suppressed": self.reports_silent,
+            },
+            "webhooks": {
+                "attempts": self.webhook_attempts,
+                "failures": self.webhook_failures,
+                "refused": self.webhook_refused,
+                "dropped": self.webhook_dropped,
+            },
+            "faults": dict(self.faults_injected),
+            "logs_served": self.logs_served,
+            "accepted_by_second": {str(second): n for second, n in sorted(self.accepted_by_second.items())},
+        }
+        if per_message:
+            stats["accepted_per_message_id"] = {
+                mid: 1 + self.extra_sends.get(mid, 0)
+                for mid in itertools.chain(self.retired_ids, self.by_message_id)
+            }
+        return stats

@@ -1,0 +1,422 @@
+"""Pure request validation: send bodies -> violations, query strings -> typed filters, datetimes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, Final
+from urllib.parse import parse_qsl
+
+from worker.sandbox.errors import Violation
+from worker.sandbox.segments import is_hex
+
+MAX_SCHEDULE_AHEAD_S: Final = 180 * 86400
+MAX_PAGE: Final = 1000
+DEFAULT_PAGE: Final = 50
+MAX_ARRAY_PARAM_CHARS: Final = 2048
+
+TRANSLITERATIONS: Final = frozenset(
+    [
+        "NONE",
+        "TURKISH",
+        "GREEK",
+        "CYRILLIC",
+        "SERBIAN_CYRILLIC",
+        "CENTRAL_EUROPEAN",
+        "BALTIC",
+        "NON_UNICODE",
+        "PORTUGUESE",
+        "COLOMBIAN",
+        "BULGARIAN_CYRILLIC",
+        "ALL",
+    ]
+)
+LANGUAGE_CODES: Final = frozenset(["NONE", "TR", "ES", "PT", "AUTODETECT"])
+VALIDITY_UNITS: Final = frozenset(["SECONDS", "MINUTES", "HOURS"])
+SPEED_UNITS: Final = frozenset(["MINUTE", "HOUR", "DAY"])
+DAYS: Final = frozenset(["MONDAY", "TUESDAY", "WEDNESDAY", "THURSDAY", "FRIDAY", "SATURDAY", "SUNDAY"])
+RECIPIENT_TYPES: Final = frozenset(("BIREYSEL", "TACIR"))
+GENERAL_STATUSES: Final = frozenset(
+    ["ACCEPTED", "PENDING", "UNDELIVERABLE", "DELIVERED", "EXPIRED", "REJECTED"]
+)
+
+NOT_NULL: Final = "must not be null"
+NOT_EMPTY: Final = "must not be empty"
+
+# yyyy-MM-dd'T'HH:mm:ss[.S...](Z|+HHMM|+HH:MM): the documented format plus the ISO offset style.
+_DATETIME: Final = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:?\d{2})"
+)
+
+
+def parse_datetime(value: str) -> float:
+    """Infobip timestamp -> unix seconds; raises ValueError when malformed."""
+    # An unencoded '+' in a query string arrives as a space.
+    match = _DATETIME.fullmatch(value.strip().replace(" ", "+"))
+    if match is None:
+        raise ValueError(value)
+    year, month, day, hour, minute, second, fraction, offset = match.groups()
+    if offset == "Z":
+        tz = UTC
+    else:
+        sign = -1 if offset[0] == "-" else 1
+        digits = offset[1:].replace(":", "")
+        tz = timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
+    micros = int((fraction or "0").ljust(6, "0")[:6])
+    moment = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tzinfo=tz)
+    return moment.timestamp()
+
+
+def format_datetime(unix_s: float) -> str:
+    """Unix seconds -> `yyyy-MM-dd'T'HH:mm:ss.SSS+0000`, the format the API emits."""
+    moment = datetime.fromtimestamp(unix_s, UTC)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}+0000"
+
+
+# --- POST /sms/3/messages ---------------------------------------------------------------
+
+
+def _type_name(expected: type) -> str:
+    return {str: "a string", int: "an integer", bool: "a boolean", dict: "an object", list: "an array"}[
+        expected
+    ]
+
+
+def _check(value: Any, expected: type, path: str, out: list[Violation], required: bool = False) -> bool:
+    """True when `value` is present and of `expected` type; records a violation otherwise."""
+    if value is None:
+        if required:
+            out.append((path, NOT_NULL))
+        return False
+    if type(value) is not expected:
+        out.append((path, f"must be {_type_name(expected)}"))
+        return False
+    return True
+
+
+def _check_len(value: Any, limit: int, path: str, out: list[Violation], required: bool = False) -> None:
+    if _check(value, str, path, out, required) and len(value) > limit:
+        out.append((path, f"size must be between 0 and {limit}"))
+
+
+def _check_enum(
+    value: Any, allowed: frozenset[str], path: str, out: list[Violation], required: bool = False
+) -> None:
+    if _check(value, str, path, out, required) and value not in allowed:
+        out.append((path, f"must be one of [{', '.join(sorted(allowed))}]"))
+
+
+def _check_range(value: Any, low: int, high: int, path: str, out: list[Violation]) -> None:
+    if _check(value, int, path, out, required=True) and not low <= value <= high:
+        out.append((path, f"must be between {low} and {high}"))
+
+
+def _validate_content(content: Any, path: str, out: list[Violation]) -> None:
+    if not _check(content, dict, path, out, required=True):
+        return
+    text = content.get("text")
+    hex_data = content.get("hex")
+    if text is not None and hex_data is not None:
+        out.append((path, "must contain either text or hex, not both"))
+        return
+    if text is not None:
+        _check(text, str, path + ".text", out)
+        _check_enum(content.get("transliteration"), TRANSLITERATIONS, path + ".transliteration", out)
+        language = content.get("language")
+        if _check(language, dict, path + ".language", out):
+            _check_enum(language.get("languageCode"), LANGUAGE_CODES, path + ".language.languageCode", out)
+            _check(language.get("singleShift"), bool, path + ".language.singleShift", out)
+            _check(language.get("lockingShift"), bool, path + ".language.lockingShift", out)
+    elif hex_data is not None:
+        if _check(hex_data, str, path + ".hex", out) and not is_hex(hex_data):
+            out.append((path + ".hex", "must be hex digit pairs separated by spaces"))
+        _check(content.get("dataCoding"), int, path + ".dataCoding", out)
+        _check(content.get("esmClass"), int, path + ".esmClass", out)
+    else:
+        out.append((path, "must contain either text or hex"))
+
+
+def _validate_time_window(window: Any, path: str, out: list[Violation]) -> None:
+    if not _check(window, dict, path, out):
+        return
+    days = window.get("days")
+    if _check(days, list, path + ".days", out, required=True):
+        if not days:
+            out.append((path + ".days", NOT_EMPTY))
+        for k, day in enumerate(days):
+            _check_enum(day, DAYS, f"{path}.days[{k}]", out, required=True)
+    start, end = window.get("from"), window.get("to")
+    if (start is None) != (end is None):
+        out.append((path, "from and to must be given together or both omitted"))
+        return
+    minutes: list[int] = []
+    for name, moment in (("from", start), ("to", end)):
+        if not _check(moment, dict, f"{path}.{name}", out):
+            continue
+        before = len(out)
+        _check_range(moment.get("hour"), 0, 23, f"{path}.{name}.hour", out)
+        _check_range(moment.get("minute"), 0, 59, f"{path}.{name}.minute", out)
+        if len(out) == before:
+            minutes.append(moment["hour"] * 60 + moment["minute"])
+    # The window may wrap past midnight; either way it must span at least one hour.
+    if len(minutes) == 2 and (minutes[1] - minutes[0]) % 1440 < 60:
+        out.append((path, "from and to must be at least 1 hour apart"))
+
+
+def _validate_message_options(options: Any, path: str, out: list[Violation]) -> None:
+    if not _check(options, dict, path, out):
+        return
+    platform = options.get("platform")
+    if _check(platform, dict, path + ".platform", out):
+        _check_len(platform.get("entityId"), 255, path + ".platform.entityId", out)
+        _check_len(platform.get("applicationId"), 255, path + ".platform.applicationId", out)
+    validity = options.get("validityPeriod")
+    if _check(validity, dict, path + ".validityPeriod", out):
+        _check(validity.get("amount"), int, path + ".validityPeriod.amount", out, required=True)
+        _check_enum(validity.get("timeUnit"), VALIDITY_UNITS, path + ".validityPeriod.timeUnit", out)
+    _validate_time_window(options.get("deliveryTimeWindow"), path + ".deliveryTimeWindow", out)
+    _check_len(options.get("campaignReferenceId"), 255, path + ".campaignReferenceId", out)
+    _check(options.get("flash"), bool, path + ".flash", out)
+    regional = options.get("regional")
+    if _check(regional, dict, path + ".regional", out):
+        india = regional.get("indiaDlt")
+        if _check(india, dict, path + ".regional.indiaDlt", out):
+            _check(
+                india.get("principalEntityId"), str, path + ".regional.indiaDlt.principalEntityId", out, True
+            )
+            _check(india.get("contentTemplateId"), str, path + ".regional.indiaDlt.contentTemplateId", out)
+            _check(india.get("telemarketerId"), str, path + ".regional.indiaDlt.telemarketerId", out)
+        turkey = regional.get("turkeyIys")
+        if _check(turkey, dict, path + ".regional.turkeyIys", out):
+            _check(turkey.get("brandCode"), int, path + ".regional.turkeyIys.brandCode", out)
+            _check_enum(
+                turkey.get("recipientType"),
+                RECIPIENT_TYPES,
+                path + ".regional.turkeyIys.recipientType",
+                out,
+                True,
+            )
+        korea = regional.get("southKorea")
+        if _check(korea, dict, path + ".regional.southKorea", out):
+            _check_len(korea.get("title"), 66, path + ".regional.southKorea.title", out)
+            _check(korea.get("resellerCode"), int, path + ".regional.southKorea.resellerCode", out)
+
+
+def _validate_webhooks(webhooks: Any, path: str, out: list[Violation]) -> None:
+    if not _check(webhooks, dict, path, out):
+        return
+    delivery = webhooks.get("delivery")
+    if _check(delivery, dict, path + ".delivery", out):
+        _check(delivery.get("url"), str, path + ".delivery.url", out)
+        _check(delivery.get("intermediateReport"), bool, path + ".delivery.intermediateReport", out)
+        _check(delivery.get("notify"), bool, path + ".delivery.notify", out)
+    _check(webhooks.get("contentType"), str, path + ".contentType", out)
+    _check_len(webhooks.get("callbackData"), 4000, path + ".callbackData", out)
+
+
+def _validate_request_options(options: Any, now: float, out: list[Violation]) -> None:
+    if not _check(options, dict, "options", out):
+        return
+    schedule = options.get("schedule")
+    if _check(schedule, dict, "options.schedule", out):
+        _check_len(schedule.get("bulkId"), 100, "options.schedule.bulkId", out)
+        send_at = schedule.get("sendAt")
+        if _check(send_at, str, "options.schedule.sendAt", out):
+            try:
+                when = parse_datetime(send_at)
+            except ValueError:
+                out.append(("options.schedule.sendAt", "must match yyyy-MM-dd'T'HH:mm:ss.SSSZ"))
+            else:
+                if when > now + MAX_SCHEDULE_AHEAD_S:
+                    out.append(("options.schedule.sendAt", "must be no later than 180 days in advance"))
+        speed = schedule.get("sendingSpeedLimit")
+        if _check(speed, dict, "options.schedule.sendingSpeedLimit", out):
+            _check(speed.get("amount"), int, "options.schedule.sendingSpeedLimit.amount", out, required=True)
+            _check_enum(
+                speed.get("timeUnit"), SPEED_UNITS, "options.schedule.sendingSpeedLimit.timeUnit", out
+            )
+    _check(options.get("includeSmsCountInResponse"), bool, "options.includeSmsCountInResponse", out)
+    _check(options.get("tracking"), dict, "options.tracking", out)
+    _check(options.get("conversionTracking"), dict, "options.conversionTracking", out)
+
+
+def validate_send_request(body: Any, now: float) -> list[Violation]:
+    """Every violation in a POST /sms/3/messages body (empty: valid); unknown fields are ignored."""
+    out: list[Violation] = []
+    if type(body) is not dict:
+        return [("", "request body must be a JSON object")]
+    messages = body.get("messages")
+    if _check(messages, list, "messages", out, required=True) and not messages:
+        out.append(("messages", NOT_EMPTY))
+    for i, message in enumerate(messages if type(messages) is list else ()):
+        if type(message) is not dict:
+            out.append((f"messages[{i}]", "must be an object"))
+            continue
+        destinations = message.get("destinations")
+        if type(destinations) is list and destinations:
+            for j, destination in enumerate(destinations):
+                # Fast path first: the common destination is a dict with short string fields.
+                if type(destination) is dict:
+                    to = destination.get("to")
+                    message_id = destination.get("messageId")
+                    if (
+                        type(to) is str
+                        and len(to) <= 64
+                        and (message_id is None or (type(message_id) is str and len(message_id) <= 200))
+                        and destination.get("networkId") is None
+                    ):
+                        continue
+                    prefix = f"messages[{i}].destinations[{j}]"
+                    _check_len(to, 64, prefix + ".to", out, required=True)
+                    _check_len(message_id, 200, prefix + ".messageId", out)
+                    _check(destination.get("networkId"), int, prefix + ".networkId", out)
+                else:
+                    out.append((f"messages[{i}].destinations[{j}]", "must be an object"))
+        elif _check(destinations, list, f"messages[{i}].destinations", out, required=True):
+            out.append((f"messages[{i}].destinations", NOT_EMPTY))
+        content = message.get("content")
+        if not (type(content) is dict and type(content.get("text")) is str and len(content) == 1):
+            _validate_content(content, f"messages[{i}].content", out)
+        sender = message.get("sender")
+        if sender is not None and type(sender) is not str:
+            out.append((f"messages[{i}].sender", "must be a string"))
+        if "options" in message:
+            _validate_message_options(message["options"], f"messages[{i}].options", out)
+        if "webhooks" in message:
+            _validate_webhooks(message["webhooks"], f"messages[{i}].webhooks", out)
+    if "options" in body:
+        _validate_request_options(body["options"], now, out)
+    return out
+
+
+def valid_destination(to: str) -> bool:
+    """7 to 15 ASCII digits after an optional leading '+' (E.164 shape)."""
+    digits = to[1:] if to[:1] == "+" else to
+    return 7 <= len(digits) <= 15 and digits.isascii() and digits.isdigit()
+
+
+# --- GET /sms/3/reports and /sms/3/logs query strings -------------------------------------
+
+
+@dataclass
+class ReportsQuery:
+    """Filters of GET /sms/3/reports."""
+
+    limit: int = DEFAULT_PAGE
+    bulk_id: str | None = None
+    message_id: str | None = None
+    entity_id: str | None = None
+    application_id: str | None = None
+    campaign_reference_id: str | None = None
+
+
+@dataclass
+class LogsQuery:
+    """Filters of GET /sms/3/logs; list filters match any of their values."""
+
+    limit: int = DEFAULT_PAGE
+    mcc: str | None = None
+    mnc: str | None = None
+    sender: str | None = None
+    destination: str | None = None
+    bulk_ids: list[str] = field(default_factory=list)
+    message_ids: list[str] = field(default_factory=list)
+    campaign_reference_ids: list[str] = field(default_factory=list)
+    general_status: str | None = None
+    sent_since: float | None = None
+    sent_until: float | None = None
+    entity_id: str | None = None
+    application_id: str | None = None
+
+
+def _query_pairs(query_string: bytes) -> list[tuple[str, str]]:
+    return parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+
+
+def _parse_limit(raw: str | None, out: list[Violation]) -> int:
+    if raw is None or raw == "":
+        return DEFAULT_PAGE
+    try:
+        limit = int(raw)
+    except ValueError:
+        out.append(("limit", "must be an integer"))
+        return DEFAULT_PAGE
+    if limit > MAX_PAGE:
+        out.append(("limit", f"must be less than or equal to {MAX_PAGE}"))
+    elif limit < 1:
+        out.append(("limit", "must be greater than or equal to 1"))
+    return limit
+
+
+def _last(pairs: list[tuple[str, str]], name: str) -> str | None:
+    found = None
+    for key, value in pairs:
+        if key == name:
+            found = value
+    return found or None
+
+
+def parse_reports_query(query_string: bytes) -> tuple[ReportsQuery, list[Violation]]:
+    """Query string of GET /sms/3/reports -> filters and violations."""
+    pairs = _query_pairs(query_string)
+    out: list[Violation] = []
+    query = ReportsQuery(
+        limit=_parse_limit(_last(pairs, "limit"), out),
+        bulk_id=_last(pairs, "bulkId"),
+        message_id=_last(pairs, "messageId"),
+        entity_id=_last(pairs, "entityId"),
+        application_id=_last(pairs, "applicationId"),
+        campaign_reference_id=_last(pairs, "campaignReferenceId"),
+    )
+    return query, out
+
+
+def _array(pairs: list[tuple[str, str]], name: str, out: list[Violation]) -> list[str]:
+    """Repeated keys and comma-separated values both build the list."""
+    values: list[str] = []
+    for key, raw in pairs:
+        if key != name:
+            continue
+        if len(raw) > MAX_ARRAY_PARAM_CHARS:
+            out.append((name, f"size must be between 0 and {MAX_ARRAY_PARAM_CHARS}"))
+            continue
+        values.extend(item.strip() for item in raw.split(",") if item.strip())
+    return values
+
+
+def _parse_time(pairs: list[tuple[str, str]], name: str, out: list[Violation]) -> float | None:
+    raw = _last(pairs, name)
+    if raw is None:
+        return None
+    try:
+        return parse_datetime(raw)
+    except ValueError:
+        out.append((name, "must match yyyy-MM-dd'T'HH:mm:ss.SSSZ"))
+        return None
+
+
+def parse_logs_query(query_string: bytes) -> tuple[LogsQuery, list[Violation]]:
+    """Query string of GET /sms/3/logs -> filters and violations."""
+    pairs = _query_pairs(query_string)
+    out: list[Violation] = []
+    query = LogsQuery(
+        limit=_parse_limit(_last(pairs, "limit"), out),
+        mcc=_last(pairs, "mcc"),
+        mnc=_last(pairs, "mnc"),
+        sender=_last(pairs, "sender"),
+        destination=_last(pairs, "destination"),
+        bulk_ids=_array(pairs, "bulkId", out),
+        message_ids=_array(pairs, "messageId", out),
+        campaign_reference_ids=_array(pairs, "campaignReferenceId", out),
+        general_status=_last(pairs, "generalStatus"),
+        sent_since=_parse_time(pairs, "sentSince", out),
+        sent_until=_parse_time(pairs, "sentUntil", out),
+        entity_id=_last(pairs, "entityId"),
+        application_id=_last(pairs, "applicationId"),
+    )
+    if query.mnc is not None and query.mcc is None:
+        out.append(("mnc", "mnc requires mcc"))
+    if query.general_status is not None and query.general_status not in GENERAL_STATUSES:
+        out.append(("generalStatus", f"must be one of [{', '.join(sorted(GENERAL_STATUSES))}]"))
+    return query, out

@@ -1,0 +1,53 @@
+"""Wake-ups: de-duplicated Dramatiq messages that start dispatchers, reconciliations and report work.
+
+Producers, the clock, the web process and the actors all wake the workers through here, so the
+actor and queue names live in one place and importing this module needs no broker of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import dramatiq
+
+from worker.store import Store
+
+QUEUE = "sms"
+DISPATCH = "dispatch"
+RECONCILE = "reconcile"
+DRAIN_REPORTS = "drain_reports"
+PROCESS_REPORTS = "process_reports"
+SWEEP = "sweep"
+RELAY_EVENTS = "relay_events"
+
+# A kick is de-duplicated for this long: a burst of producers sends one message, not thousands.
+KICK_DEDUPE_MS = 20
+
+
+class Triggers:
+    """Sends actor messages by name through a broker; `store` de-duplicates the frequent ones."""
+
+    def __init__(self, store: Store, broker: dramatiq.Broker) -> None:
+        self.store = store
+        self.broker = broker
+
+    def send(self, actor: str, *args: Any, delay_ms: int = 0) -> None:
+        message: dramatiq.Message[Any] = dramatiq.Message(
+            queue_name=QUEUE, actor_name=actor, args=args, kwargs={}, options={}
+        )
+        self.broker.enqueue(message, delay=delay_ms or None)
+
+    def dispatch(self, lane: str, delay_ms: int = 0) -> bool:
+        """Wake a dispatcher for `lane` unless one was woken within the de-duplication window."""
+        if self.store.try_kick(lane, max(KICK_DEDUPE_MS, delay_ms)):
+            self.send(DISPATCH, lane, delay_ms=delay_ms)
+            return True
+        return False
+
+    def reconcile(self, lane: str, entry_ids: Sequence[str], delay_ms: int) -> None:
+        self.send(RECONCILE, lane, list(entry_ids), delay_ms=delay_ms)
+
+    def process_reports(self) -> None:
+        if self.store.try_kick("reports", KICK_DEDUPE_MS):
+            self.send(PROCESS_REPORTS)
