@@ -169,7 +169,7 @@ class Dispatcher:
                 continue
             jobs[entry.message_id] = job
             live.append(entry)
-        live = self._drop_raw_duplicates(lane, live, jobs, outcomes)
+        live = self._drop_duplicate_ids(lane, live, jobs, outcomes)
 
         states = self.store.submit(
             lane, live, consumer=self.consumer, lease_ms=self.lease_ms,
@@ -240,22 +240,26 @@ class Dispatcher:
             job = orjson.loads(orjson.dumps(valid.model_dump(mode="json", exclude_none=True, by_alias=True)))
         return job, None
 
-    def _drop_raw_duplicates(
+    def _drop_duplicate_ids(
         self, lane: str, live: list[Entry], jobs: dict[str, dict[str, Any]], outcomes: list[Outcome]
     ) -> list[Entry]:
-        """Jobs written with plain XADD claim their producer id here (the API does it at enqueue)."""
-        raw = [(e, str(jobs[e.message_id]["id"])) for e in live if not e.from_api and jobs[e.message_id].get("id")]
-        if not raw:
+        """Only the message that owns a producer id is sent; a repeat is acknowledged and dropped.
+
+        The API claims producer ids at enqueue; jobs written with plain XADD, or whose producer
+        died between its two round trips, are claimed here, before anything is sent.
+        """
+        with_id = [(e, str(jobs[e.message_id]["id"])) for e in live if jobs[e.message_id].get("id") is not None]
+        if not with_id:
             return live
-        owns = self.store.claim_producer_ids(
-            [(pid, e.message_id) for e, pid in raw], self.settings.sms_idempotency_ttl_s
+        owners = self.store.claim_producer_ids(
+            [(pid, e.message_id) for e, pid in with_id], self.settings.sms_idempotency_ttl_s
         )
-        duplicates = {e.message_id for (e, _), own in zip(raw, owns, strict=True) if not own}
+        repeats = {e.message_id for (e, _), owner in zip(with_id, owners, strict=True) if owner != e.message_id}
         for e in live:
-            if e.message_id in duplicates:
+            if e.message_id in repeats:
                 log.info("duplicate_producer_id", lane=lane, message_id=e.message_id)
                 outcomes.append(Outcome(e.message_id, e.entry_id, "ACK", ack=True))
-        return [e for e in live if e.message_id not in duplicates]
+        return [e for e in live if e.message_id not in repeats]
 
     # --- reconciliation ------------------------------------------------------------------------
     def _check_logs(

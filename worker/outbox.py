@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker.errors import JobValidationError, Problem
-from worker.models import Job, encode_job, validate_job
+from worker.models import Job, encode_job, encode_plain_job, validate_job
 from worker.settings import Settings
 from worker.store import Store
 
@@ -59,13 +59,22 @@ class Outbox:
             index=index,
         )
 
+    def _encode(self, job: Job | Mapping[str, Any], index: int | None = None) -> tuple[bytes, str | None]:
+        """(wire JSON, producer id) of a valid job; JobValidationError otherwise."""
+        fast = encode_plain_job(
+            job, max_text_parts=self.settings.sms_max_text_parts,
+            metadata_max_bytes=self.settings.sms_metadata_max_bytes,
+        )
+        if fast is not None:
+            assert isinstance(job, dict)
+            return fast, job.get("id")
+        valid = self.validate(job, index)
+        return encode_job(valid), valid.id
+
     def enqueue(self, job: Job | Mapping[str, Any], lane: str | None = None) -> Enqueued:
         """Queue one job; JobValidationError lists every problem and nothing is written."""
         lane = self._lane(lane)
-        valid = self.validate(job)
-        [(mid, queued)] = self.store.enqueue(
-            lane, [(encode_job(valid), valid.id)], self.settings.sms_idempotency_ttl_s
-        )
+        [(mid, queued)] = self.store.enqueue(lane, [self._encode(job)], self.settings.sms_idempotency_ttl_s)
         if queued and self.wake is not None:
             self.wake(lane)
         return Enqueued(mid, lane, queued)
@@ -77,18 +86,18 @@ class Outbox:
         it was, and the error lists every problem of every job (`jobs[3].to: ...`).
         """
         lane = self._lane(lane)
-        valid: list[Job] = []
+        encoded = []
         problems: list[Problem] = []
         for index, job in enumerate(jobs):
             try:
-                valid.append(self.validate(job, index))
+                encoded.append(self._encode(job, index))
             except JobValidationError as error:
                 problems += [Problem(f"jobs[{index}].{p.field}", p.message) for p in error.problems]
         if problems:
             raise JobValidationError(problems)
         results: list[Enqueued] = []
-        for start in range(0, len(valid), CHUNK):
-            chunk = [(encode_job(job), job.id) for job in valid[start : start + CHUNK]]
+        for start in range(0, len(encoded), CHUNK):
+            chunk = encoded[start : start + CHUNK]
             for mid, queued in self.store.enqueue(lane, chunk, self.settings.sms_idempotency_ttl_s):
                 results.append(Enqueued(mid, lane, queued))
         if self.wake is not None and any(r.queued for r in results):

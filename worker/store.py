@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import hiredis
 import orjson
 import redis
 from redis.commands.core import Script
@@ -53,6 +54,21 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
         retry_on_timeout=False,
         **kwargs,
     )
+
+
+def _read_replies(conn: Any, count: int) -> list[Any]:
+    """Read `count` replies from a redis-py connection's socket with a hiredis parser of our own."""
+    reader = hiredis.Reader()
+    replies: list[Any] = []
+    sock = conn._sock  # redis-py keeps the socket here; its own parser is bypassed on purpose
+    while len(replies) < count:
+        data = sock.recv(1 << 16)
+        if not data:
+            raise redis.ConnectionError("connection closed by Redis")
+        reader.feed(data)
+        while len(replies) < count and (reply := reader.gets()) is not False:
+            replies.append(reply)
+    return replies
 
 
 def consumer_name() -> str:
@@ -154,23 +170,71 @@ class Store:
         return script
 
     def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """EVALSHA a script from worker/lua (loaded on first use, and again after a Redis restart)."""
+        script = self.script(name)
+        command = (b"EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            return self.pipeline([command])[0]
+        except StoreError as error:
+            if not isinstance(error.__cause__, redis.exceptions.NoScriptError):
+                raise
         with redis_errors():
-            return self.script(name)(keys=list(keys), args=list(args))
+            self.r.script_load(script.script)
+        return self.pipeline([command])[0]
 
     # --- producers -------------------------------------------------------------------------------
     def enqueue(
         self, lane: str, jobs: Sequence[tuple[bytes, str | None]], idempotency_ttl_s: int = 172_800
     ) -> list[tuple[str, bool]]:
-        """Append (job JSON, producer id) pairs; returns (message id, newly queued) per job."""
-        keys = [self.outbox(lane)]
-        args: list[Any] = [idempotency_ttl_s, self.lane_prefix(lane)]
-        for job, producer_id in jobs:
-            index = 0
-            if producer_id is not None:
-                keys.append(self.idem(producer_id))
-                index = len(keys)
-            args += [job, index]
-        return [(mid.decode(), bool(new)) for mid, new in self.run("enqueue", keys, args)]
+        """Append (job JSON, producer id) pairs; returns (message id, newly queued) per job.
+
+        Two pipelined round trips of plain commands, no script (a script costs ~8 us a job in
+        Redis): the jobs are appended, then each producer id is claimed with SET NX GET for the
+        new message id, and an entry whose id was claimed earlier is deleted again. If the
+        producer dies in between, the dispatcher makes the same claim before sending (see
+        Dispatcher._drop_duplicate_ids), so a repeat is still never sent.
+        """
+        outbox, prefix = self.outbox(lane), self.lane_prefix(lane)
+        entry_ids = self.pipeline([(b"XADD", outbox, b"*", b"job", job, b"src", b"api") for job, _ in jobs])
+        results = [(prefix + entry_id.decode(), True) for entry_id in entry_ids]
+        with_id = [(i, producer_id) for i, (_, producer_id) in enumerate(jobs) if producer_id is not None]
+        if with_id:
+            owners = self.claim_producer_ids([(pid, results[i][0]) for i, pid in with_id], idempotency_ttl_s)
+            repeats = []
+            for (i, _), owner in zip(with_id, owners, strict=True):
+                if owner != results[i][0]:
+                    results[i] = (owner, False)
+                    repeats.append(entry_ids[i])
+            if repeats:
+                self.pipeline([(b"XDEL", outbox, *repeats)])
+        return results
+
+    def pipeline(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Many commands in one round trip, packed and parsed by hiredis.
+
+        redis-py's pipeline spends ~10 us of Python per command; packing with hiredis and parsing
+        the replies with one hiredis.Reader straight off a pooled connection's socket is several
+        times cheaper, which is what lets one producer enqueue 100k+ jobs/s. An error reply is
+        raised as StoreError (the other replies of the call are then lost: callers send
+        commands that fail only when Redis itself is broken).
+        """
+        pool = self.r.connection_pool
+        with redis_errors():
+            conn = pool.get_connection()
+            try:
+                conn.send_packed_command([b"".join([hiredis.pack_command(c) for c in commands])])
+                replies = _read_replies(conn, len(commands))
+            except BaseException:
+                # A half-read connection must not go back to the pool.
+                conn.disconnect()
+                raise
+            finally:
+                pool.release(conn)
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                error = redis.exceptions.NoScriptError if str(reply).startswith("NOSCRIPT") else redis.ResponseError
+                raise StoreError(f"Redis: {reply}") from error(str(reply))
+        return replies
 
     # --- dispatch --------------------------------------------------------------------------------
     def claim(
@@ -214,16 +278,18 @@ class Store:
             )
         return entries
 
-    def claim_producer_ids(self, pairs: Sequence[tuple[str, str]], ttl_s: int) -> list[bool]:
-        """For jobs written with plain XADD: (producer id, message id) -> True if this message owns it."""
+    def claim_producer_ids(self, pairs: Sequence[tuple[str, str]], ttl_s: int) -> list[str]:
+        """(producer id, message id) pairs -> the message id that owns each producer id.
+
+        The first message to claim a producer id owns it for `ttl_s`; a later one gets the
+        owner's message id back and is a repeat.
+        """
         if not pairs:
             return []
-        with redis_errors():
-            pipe = self.r.pipeline(transaction=False)
-            for producer_id, mid in pairs:
-                pipe.set(self.idem(producer_id), mid, nx=True, ex=ttl_s, get=True)
-            earlier = pipe.execute()
-        return [prev is None or prev.decode() == mid for prev, (_, mid) in zip(earlier, pairs, strict=True)]
+        earlier = self.pipeline(
+            [(b"SET", self.idem(pid), mid, b"NX", b"GET", b"EX", ttl_s) for pid, mid in pairs]
+        )
+        return [mid if prev is None else prev.decode() for prev, (_, mid) in zip(earlier, pairs, strict=True)]
 
     def submit(
         self, lane: str, items: Sequence[Entry], *, consumer: str, lease_ms: int, state_ttl_s: int, now_ms: int

@@ -77,10 +77,10 @@ def test_submit_then_settle_moves_state_and_publishes_once(store: Store) -> None
 
 def test_rate_limiter_grants_at_most_the_burst_then_refills(store: Store) -> None:
     """The GCRA grants up to the burst, then nothing until tokens refill at the rate."""
-    buckets = [("mps", 1000.0, 100.0, "messages")]
+    buckets = [("mps", 100.0, 100.0, "messages")]
     assert store.acquire_tokens(500, buckets) == (100, 0)
     granted, wait_ms = store.acquire_tokens(500, buckets)
-    assert granted == 0 and 0 < wait_ms <= 2
+    assert granted == 0 and 0 < wait_ms <= 10
     deadline = time.monotonic() + 2
     while store.acquire_tokens(10, buckets)[0] == 0:
         assert time.monotonic() < deadline
