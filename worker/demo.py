@@ -23,7 +23,7 @@ from rich.table import Table
 from worker.devstack import DevStack, free_port
 from worker.outbox import Outbox
 from worker.runtime import make_broker
-from worker.settings import Settings
+from worker.settings import settings_from_env
 from worker.store import Store, connect
 from worker.triggers import Triggers
 
@@ -71,10 +71,7 @@ def run_demo(messages: int = 3000, keep_logs: bool = False) -> int:
             stack.start_worker("worker-2")
             stack.start_clock()
             stack.start_web(web_port)
-        settings = Settings.model_validate({
-            "redis_url": redis_url, "icomm_base_url": sandbox, "icomm_api_key": api_key,
-            **{k.lower(): v for k, v in env.items() if k.startswith("SMS_")},
-        })
+        settings = settings_from_env(stack.env)
         client: Any = connect(redis_url)
         store = Store(client, settings.sms_key_prefix, settings.sms_message_id_prefix)
         broker, _ = make_broker(settings)

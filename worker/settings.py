@@ -6,7 +6,9 @@ units are in the names. Tests build `Settings(...)` directly instead of patching
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -257,6 +259,20 @@ def _format(error: ValidationError) -> str:
         else:
             lines.append(f"  - {variable}{shown}{where}: {message}{hint}")
     return "\n".join(lines)
+
+
+def settings_from_env(env: Mapping[str, str]) -> Settings:
+    """Settings from an explicit mapping of environment variables (demo, tests, tools).
+
+    The processes started with the same mapping read the same values from their environment.
+    """
+    values: dict[str, Any] = {}
+    for name, value in env.items():
+        field = name.lower()
+        if field in Settings.model_fields:
+            # Structured values arrive as JSON in the environment, as pydantic-settings reads them.
+            values[field] = json.loads(value) if field == "sms_lanes" else value
+    return load_settings(**values)
 
 
 def load_settings(**overrides: Any) -> Settings:
