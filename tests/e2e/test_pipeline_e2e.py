@@ -72,10 +72,12 @@ class System:
 
 
 @contextmanager
-def running(env: dict[str, str] | None = None, sandbox_flags: tuple[str, ...] = (), workers: int = 2) -> Iterator[System]:
+def running(
+    env: dict[str, str] | None = None, sandbox_flags: tuple[str, ...] = (), workers: int = 2
+) -> Iterator[System]:
     full_env = {**BASE_ENV, **(env or {})}
     with DevStack(env=full_env) as stack:
-        redis_url = stack.start_redis()
+        stack.start_redis()
         sandbox_url = stack.start_sandbox(API_KEY, *SANDBOX_FLAGS, *sandbox_flags)
         for i in range(workers):
             stack.start_worker(f"worker-{i + 1}")
@@ -89,7 +91,9 @@ def running(env: dict[str, str] | None = None, sandbox_flags: tuple[str, ...] = 
 
 
 def _jobs(n: int, start: int = 0) -> list[dict[str, Any]]:
-    return [{"to": f"4179{start + i:07d}", "text": f"hello {start + i}", "metadata": {"n": start + i}} for i in range(n)]
+    return [
+        {"to": f"4179{start + i:07d}", "text": f"hello {start + i}", "metadata": {"n": start + i}} for i in range(n)
+    ]
 
 
 def test_ten_thousand_sms_arrive_complete_without_duplicates() -> None:
