@@ -74,3 +74,56 @@ def parse(raw: bytes | str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("an event is a JSON object")
     return value
+
+
+RELAY_GROUP = "dramatiq-relay"
+# Events per Dramatiq message: consumers get a list, so a burst is a few messages, not thousands.
+RELAY_BATCH = 100
+
+
+class EventRelay:
+    """Forwards the events stream to a Dramatiq queue and actor, at least once.
+
+    It reads with its own consumer group and acknowledges entries only after their message is
+    enqueued; a relay that dies in between is taken over after `lease_ms` and the batch is sent
+    again, so consumers drop repeats by `event_id`.
+    """
+
+    def __init__(self, store: Any, broker: Any, queue: str, actor: str, lease_ms: int = 60_000) -> None:
+        self.store = store
+        self.broker = broker
+        self.queue = queue
+        self.actor = actor
+        self.lease_ms = lease_ms
+
+    def _ensure_group(self) -> None:
+        try:
+            self.store.r.xgroup_create(self.store.events, RELAY_GROUP, id="0", mkstream=True)
+        except Exception as error:  # noqa: BLE001 - redis-py raises ResponseError("BUSYGROUP") when it exists
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    def run(self, consumer: str, max_messages: int = 200) -> int:
+        """Relay what is waiting (stale entries of a dead relay first); returns events relayed."""
+        import dramatiq
+
+        self._ensure_group()
+        stream = self.store.events
+        relayed = 0
+        for _ in range(max_messages):
+            _, stale, _ = self.store.r.xautoclaim(
+                stream, RELAY_GROUP, consumer, self.lease_ms, "0-0", count=RELAY_BATCH
+            )
+            entries = [e for e in stale if e[1]]
+            if not entries:
+                reply = self.store.r.xreadgroup(RELAY_GROUP, consumer, {stream: ">"}, count=RELAY_BATCH)
+                entries = reply[0][1] if reply else []
+            if not entries:
+                break
+            batch = [parse(fields[b"event"]) for _, fields in entries]
+            self.broker.enqueue(dramatiq.Message(
+                queue_name=self.queue, actor_name=self.actor, args=(batch,), kwargs={}, options={},
+            ))
+            self.store.r.xack(stream, RELAY_GROUP, *[entry_id for entry_id, _ in entries])
+            relayed += len(batch)
+        return relayed
