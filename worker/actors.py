@@ -18,3 +18,22 @@ def dispatch(lane: str) -> None:
 @dramatiq.actor(queue_name=triggers.QUEUE, actor_name=triggers.RECONCILE, max_retries=0)
 def reconcile(lane: str, entry_ids: list[str]) -> None:
     runtime().dispatcher.reconcile(lane, entry_ids)
+
+
+# Delivery reports (worker.reports): the clock sends the drain and the sweep; drains, webhook calls
+# and backlogs wake the processor.
+
+
+@dramatiq.actor(queue_name=triggers.QUEUE, actor_name=triggers.DRAIN_REPORTS, max_retries=0)
+def drain_reports() -> None:
+    runtime().drainer.drain()
+
+
+@dramatiq.actor(queue_name=triggers.QUEUE, actor_name=triggers.PROCESS_REPORTS, max_retries=0)
+def process_reports() -> None:
+    runtime().processor.process()
+
+
+@dramatiq.actor(queue_name=triggers.QUEUE, actor_name=triggers.SWEEP, max_retries=0)
+def sweep() -> None:
+    runtime().sweeper.sweep()

@@ -88,6 +88,23 @@ def cmd_clock(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from worker import logs
+    from worker.web import create_app
+
+    settings = _settings()
+    logs.configure_from(settings)
+    uvicorn.run(
+        create_app(settings), host=args.host, port=args.port, loop="uvloop", http="httptools",
+        lifespan="on", log_config=None,  # our logging (JSON, redaction) stays in charge
+        access_log=False,  # in `path` auth mode the request line carries the secret
+        timeout_graceful_shutdown=int(settings.sms_shutdown_timeout_s),
+    )
+    return 0
+
+
 # --- producers -------------------------------------------------------------------------------------
 def _csv_jobs(path: Path, template: str | None, base: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(line number, job or the reason the row is refused) for each data row."""
@@ -277,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("clock", help="run the scheduler that enqueues periodic actor messages",
                        epilog="example:\n  sms-worker clock", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=cmd_clock)
+
+    p = sub.add_parser("web", help="run the webhook receiver for delivery reports (and /healthz, /readyz)",
+                       epilog="example:\n  sms-worker web --host 127.0.0.1 --port 8080",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("enqueue", help="queue one SMS or a CSV file of them", epilog=EPILOG_ENQUEUE,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

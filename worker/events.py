@@ -96,34 +96,20 @@ class EventRelay:
         self.actor = actor
         self.lease_ms = lease_ms
 
-    def _ensure_group(self) -> None:
-        try:
-            self.store.r.xgroup_create(self.store.events, RELAY_GROUP, id="0", mkstream=True)
-        except Exception as error:  # noqa: BLE001 - redis-py raises ResponseError("BUSYGROUP") when it exists
-            if "BUSYGROUP" not in str(error):
-                raise
-
     def run(self, consumer: str, max_messages: int = 200) -> int:
         """Relay what is waiting (stale entries of a dead relay first); returns events relayed."""
         import dramatiq
 
-        self._ensure_group()
         stream = self.store.events
         relayed = 0
         for _ in range(max_messages):
-            _, stale, _ = self.store.r.xautoclaim(
-                stream, RELAY_GROUP, consumer, self.lease_ms, "0-0", count=RELAY_BATCH
-            )
-            entries = [e for e in stale if e[1]]
-            if not entries:
-                reply = self.store.r.xreadgroup(RELAY_GROUP, consumer, {stream: ">"}, count=RELAY_BATCH)
-                entries = reply[0][1] if reply else []
+            entries = self.store.read_group(stream, RELAY_GROUP, consumer, RELAY_BATCH, self.lease_ms)
             if not entries:
                 break
             batch = [parse(fields[b"event"]) for _, fields in entries]
             self.broker.enqueue(dramatiq.Message(
                 queue_name=self.queue, actor_name=self.actor, args=(batch,), kwargs={}, options={},
             ))
-            self.store.r.xack(stream, RELAY_GROUP, *[entry_id for entry_id, _ in entries])
+            self.store.ack(stream, RELAY_GROUP, [entry_id for entry_id, _ in entries])
             relayed += len(batch)
         return relayed

@@ -20,6 +20,7 @@ from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, Shutdow
 from worker.dispatch import Dispatcher
 from worker.provider import Provider
 from worker.ratelimit import RateLimiter
+from worker.reports import Drainer, Processor, Sweeper
 from worker.settings import Settings
 from worker.store import Store, connect, consumer_name
 from worker.triggers import Triggers
@@ -36,6 +37,9 @@ class Runtime:
     triggers: Triggers
     dispatcher: Dispatcher
     stopping: threading.Event
+    drainer: Drainer
+    processor: Processor
+    sweeper: Sweeper
 
     def close(self) -> None:
         self.provider.close()
@@ -52,7 +56,12 @@ def build_runtime(settings: Settings, broker: dramatiq.Broker) -> Runtime:
         settings, store, provider, RateLimiter(settings, store), triggers, consumer_name(),
         stopping=stopping.is_set,
     )
-    return Runtime(settings, client, store, provider, triggers, dispatcher, stopping)
+    processor = Processor(settings, store, triggers)
+    return Runtime(
+        settings, client, store, provider, triggers, dispatcher, stopping,
+        drainer=Drainer(settings, store, provider, triggers), processor=processor,
+        sweeper=Sweeper(settings, store, processor),
+    )
 
 
 class Resources(dramatiq.Middleware):

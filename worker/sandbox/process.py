@@ -66,6 +66,11 @@ class SandboxProcess:
         return f"http://{_HOST}:{self.port}"
 
     @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def auth_header(self) -> dict[str, str]:
         """The Authorization header the sandbox accepts."""
         return {"Authorization": f"App {self.api_key}"}
