@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import orjson
 import structlog
 
-from worker import events
+from worker import events, metrics
 from worker.errors import (
     JobValidationError,
     ProviderAmbiguous,
@@ -27,7 +27,7 @@ from worker.errors import (
     ProviderNotActedOn,
 )
 from worker.models import validate_job
-from worker.provider import Provider, SendResult, wire_message_from_dict, wire_request
+from worker.provider import Provider, SendResponse, SendResult, wire_message_from_dict, wire_request
 from worker.ratelimit import RateLimiter
 from worker.settings import Settings
 from worker.store import Entry, Outcome, Store
@@ -118,6 +118,7 @@ class Dispatcher:
                 granted, wait_ms = self.limiter.acquire(lane, cfg.batch_size)
                 if not granted:
                     if time.monotonic() + wait_ms / 1000 < deadline:
+                        metrics.LIMITER_WAIT.observe(wait_ms / 1000)
                         time.sleep(wait_ms / 1000)
                         continue
                     self.wake.dispatch(lane, delay_ms=wait_ms)
@@ -209,10 +210,11 @@ class Dispatcher:
                     o.fields = {**(o.fields or {}), "attempts": attempts[o.message_id]}
             outcomes += sent
         if outcomes:
-            self.store.settle(
+            applied = self.store.settle(
                 lane, outcomes, now_ms=events.now_ms(), events_maxlen=self.settings.sms_events_stream_maxlen,
                 state_ttl_s=self.settings.sms_state_ttl_s,
             )
+            _count(lane, outcomes, applied)
         log.info(
             "bulk_dispatched", lane=lane, messages=len(entries), requests=stats.requests,
             accepted=stats.accepted, rejected=stats.rejected, failed=stats.failed, retry=stats.retry,
@@ -283,6 +285,8 @@ class Dispatcher:
             status = item.status.to_wire() if item.status is not None else None
             outcomes.append(self._accepted(lane, entry, jobs[mid], item.bulk_id, status))
             stats.accepted += 1
+        metrics.RECONCILE.labels("found").inc(len(found))
+        metrics.RECONCILE.labels("missing").inc(len(entries) - len(found))
         log.info("reconciled", lane=lane, messages=len(entries), found=len(found), missing=len(entries) - len(found))
         return len(found), [e for e in entries if e.message_id not in found]
 
@@ -306,9 +310,22 @@ class Dispatcher:
             for e in entries
         ]
         stats.requests += 1
+        metrics.BATCH_SIZE.observe(len(messages))
+        started = time.perf_counter()
         try:
             response = self.provider.send(wire_request(messages), on_rate_limited=self.limiter.penalize)
-        except ProviderBadRequest as error:
+            metrics.PROVIDER_SECONDS.labels("send", "ok").observe(time.perf_counter() - started)
+        except ProviderError as error:
+            metrics.PROVIDER_SECONDS.labels("send", type(error).__name__).observe(time.perf_counter() - started)
+            return self._send_failed(lane, entries, jobs, attempts, resends, stats, error)
+        return self._classify(lane, entries, jobs, response, resends, stats)
+
+    def _send_failed(
+        self, lane: str, entries: list[Entry], jobs: dict[str, dict[str, Any]], attempts: dict[str, int],
+        resends: set[str], stats: BatchStats, error: ProviderError,
+    ) -> list[Outcome]:
+        """The outcome table for a bulk the provider did not answer with 200."""
+        if isinstance(error, ProviderBadRequest):
             if len(entries) > 1:
                 # Isolate the bad message(s): each half is sent on its own.
                 half = len(entries) // 2
@@ -320,27 +337,35 @@ class Dispatcher:
             e = entries[0]
             return [self._failed(lane, e, jobs[e.message_id], "bad_request", detail, attempts[e.message_id],
                                  answer=error.body)]
-        except ProviderAuthError as error:
+        if isinstance(error, ProviderAuthError):
             self.store.pause(lane, "auth", self.settings.sms_auth_pause_s)
             log.error("provider_auth_failed", lane=lane, status=error.status_code,
                       pause_s=self.settings.sms_auth_pause_s, messages_kept=len(entries))
             return self._retry_later(lane, entries, jobs, attempts, error, stats, count_attempt=False)
-        except ProviderNotActedOn as error:
+        if isinstance(error, ProviderNotActedOn):
             self.store.pause(lane, "provider_unavailable", self.settings.sms_outage_pause_s)
             log.warning("provider_unavailable", lane=lane, status=error.status_code,
                         error_class=type(error).__name__, pause_s=self.settings.sms_outage_pause_s)
             return self._retry_later(lane, entries, jobs, attempts, error, stats, count_attempt=True)
-        except ProviderAmbiguous as error:
+        if isinstance(error, ProviderAmbiguous):
             stats.ambiguous += len(entries)
             log.warning("send_ambiguous", lane=lane, messages=len(entries), status=error.status_code,
                         error_class=type(error).__name__)
             self.wake.reconcile(lane, [e.entry_id for e in entries], self._reconcile_delay_ms())
             return [
-                Outcome(e.message_id, e.entry_id, "AMBIGUOUS", ack=False,
-                        fields={"last_error": _describe(error)})
+                Outcome(e.message_id, e.entry_id, "AMBIGUOUS", ack=False, fields={"last_error": _describe(error)})
                 for e in entries
             ]
+        # Any other answer (an unexpected 4xx): not acted on as far as we can tell, but not safe to
+        # repeat forever either; the attempts limit dead-letters it.
+        log.error("provider_unexpected_answer", lane=lane, status=error.status_code)
+        return self._retry_later(lane, entries, jobs, attempts, error, stats, count_attempt=True)
 
+    def _classify(
+        self, lane: str, entries: list[Entry], jobs: dict[str, dict[str, Any]], response: SendResponse,
+        resends: set[str], stats: BatchStats,
+    ) -> list[Outcome]:
+        """Per-destination outcomes of a 200."""
         if response.bulk_id:
             stats.bulk_ids.append(response.bulk_id)
         results = {r.message_id: r for r in response.messages}
@@ -417,6 +442,7 @@ class Dispatcher:
         answer: object = None,
     ) -> Outcome:
         log.warning("dead_lettered", lane=lane, message_id=e.message_id, reason=reason, detail=detail[:300])
+        metrics.DEAD_LETTERS.labels(reason).inc()
         dead = orjson.dumps({
             "message_id": e.message_id, "lane": lane, "entry_id": e.entry_id, "reason": reason,
             "detail": detail, "attempts": attempts, "last_answer": answer, "at": events.now_iso(),
@@ -428,6 +454,26 @@ class Dispatcher:
             fields={"reason": reason, "lane": lane, "job": e.job.decode("utf-8", "replace")},
             dead_letter=dead,
         )
+
+
+_OUTCOME_LABELS = {"ACCEPTED": "accepted", "REJECTED": "rejected", "FAILED": "failed", "QUEUED": "retry",
+                   "AMBIGUOUS": "ambiguous"}
+_EVENT_TYPES = {"ACCEPTED": "accepted", "REJECTED": "rejected", "FAILED": "failed"}
+
+
+def _count(lane: str, outcomes: Sequence[Outcome], applied: Sequence[bool]) -> None:
+    by_outcome: dict[str, int] = {}
+    published: dict[str, int] = {}
+    for outcome, done in zip(outcomes, applied, strict=True):
+        label = _OUTCOME_LABELS.get(outcome.state)
+        if label and done:
+            by_outcome[label] = by_outcome.get(label, 0) + 1
+            if outcome.event and outcome.state in _EVENT_TYPES:
+                published[_EVENT_TYPES[outcome.state]] = published.get(_EVENT_TYPES[outcome.state], 0) + 1
+    for label, n in by_outcome.items():
+        metrics.MESSAGES.labels(lane, label).inc(n)
+    for kind, n in published.items():
+        metrics.EVENTS.labels(kind).inc(n)
 
 
 def _describe(error: ProviderError) -> str:

@@ -1,0 +1,147 @@
+"""Prometheus metrics: counters kept by every process, gauges read from Redis at scrape time.
+
+Worker processes are forked by Dramatiq, so counters use prometheus_client's multiprocess mode
+(PROMETHEUS_MULTIPROC_DIR, set by `sms-worker worker` before anything imports prometheus_client);
+one exposition process per worker container serves their sum on SMS_METRICS_PORT together with
+/healthz. The web process serves its own on /metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from worker.errors import StoreError
+from worker.store import redis_errors
+
+MESSAGES = Counter("sms_messages_total", "Messages by lane and send outcome", ["lane", "outcome"])
+BATCH_SIZE = Histogram("sms_batch_size", "Messages per bulk request", buckets=(1, 10, 50, 100, 250, 500, 1000, 2000))
+PROVIDER_SECONDS = Histogram(
+    "sms_provider_request_seconds", "icomm API request duration by endpoint and outcome class",
+    ["endpoint", "outcome"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RECONCILE = Counter("sms_reconcile_total", "Reconciliation verdicts from GET /sms/3/logs", ["verdict"])
+LIMITER_WAIT = Histogram(
+    "sms_limiter_wait_seconds", "Time dispatchers waited for rate-limit tokens",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+DEAD_LETTERS = Counter("sms_dead_letters_total", "Messages dead-lettered, by reason", ["reason"])
+EVENTS = Counter("sms_events_published_total", "Status events published, by type", ["type"])
+REPORT_LAG = Histogram(
+    "sms_report_lag_seconds", "From the report's doneAt to its status event",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600),
+)
+REPORTS = Counter("sms_reports_total", "Delivery reports processed, by source and result", ["source", "result"])
+
+
+class RedisStateCollector(Collector):
+    """Gauges computed from Redis when scraped (outbox depth and age, pauses, parked, DLQ)."""
+
+    def __init__(self, settings: Any, store: Any) -> None:
+        self.settings = settings
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from worker.status import collect
+
+        try:
+            status = collect(self.settings, self.store)
+        except StoreError:  # a scrape must answer even when Redis does not
+            up = GaugeMetricFamily("sms_redis_up", "Redis answered the scrape")
+            up.add_metric([], 0)
+            yield up
+            return
+        up = GaugeMetricFamily("sms_redis_up", "Redis answered the scrape")
+        up.add_metric([], 1)
+        yield up
+        depth = GaugeMetricFamily("sms_outbox_depth", "Jobs in the outbox (waiting + in flight)", labels=["lane"])
+        waiting = GaugeMetricFamily("sms_outbox_waiting", "Jobs not yet claimed", labels=["lane"])
+        age = GaugeMetricFamily("sms_outbox_oldest_age_seconds", "Age of the oldest job in the outbox", labels=["lane"])
+        paused = GaugeMetricFamily("sms_lane_paused", "1 while a lane is paused", labels=["lane", "reason"])
+        for lane in status.lanes:
+            depth.add_metric([lane.lane], lane.depth)
+            waiting.add_metric([lane.lane], lane.waiting)
+            age.add_metric([lane.lane], lane.oldest_age_s or 0.0)
+            if lane.paused:
+                paused.add_metric([lane.lane, lane.paused], 1)
+        yield from (depth, waiting, age, paused)
+        for name, doc, value in (
+            ("sms_ambiguous_messages", "Messages awaiting a reconciliation verdict", status.ambiguous),
+            ("sms_awaiting_reports", "Accepted messages without a final report yet", status.awaiting_reports),
+            ("sms_dead_letters", "Entries in the dead-letter store", status.dead_letters),
+            ("sms_parked_reports", "Reports whose message is not known yet", status.parked_reports),
+        ):
+            gauge = GaugeMetricFamily(name, doc)
+            gauge.add_metric([], value)
+            yield gauge
+
+
+def registries(settings: Any, store: Any) -> list[CollectorRegistry]:
+    """What an exposition endpoint serves: this process's (or all worker processes') counters, and
+    the Redis gauges."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        counters = CollectorRegistry()
+        multiprocess.MultiProcessCollector(counters)  # type: ignore[no-untyped-call]
+    else:
+        counters = REGISTRY
+    state = CollectorRegistry()
+    state.register(RedisStateCollector(settings, store))
+    return [counters, state]
+
+
+def render(regs: list[CollectorRegistry]) -> tuple[bytes, str]:
+    return b"".join(generate_latest(reg) for reg in regs), CONTENT_TYPE_LATEST
+
+
+def serve_worker_endpoints(settings: Any, store: Any, port: int, host: str = "0.0.0.0") -> None:  # noqa: S104
+    """The worker container's /metrics and /healthz (healthy: Redis answers and a local worker
+    process sent a heartbeat recently). Runs forever; Dramatiq forks it next to the workers."""
+    from worker.status import HEARTBEAT_STALE_S
+
+    regs = registries(settings, store)
+    hostname = os.uname().nodename
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                body, ctype = render(regs)
+                self._send(200, body, ctype)
+            elif self.path == "/healthz":
+                self._send(*_worker_health(store, hostname, HEARTBEAT_STALE_S))
+            else:
+                self._send(404, b"not found\n", "text/plain")
+
+        def _send(self, code: int, body: bytes, ctype: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:  # scrapes every few seconds: not worth a log line
+            return
+
+    ThreadingHTTPServer((host, port), Handler).serve_forever()
+
+
+def _worker_health(store: Any, hostname: str, stale_s: float) -> tuple[int, bytes, str]:
+    try:
+        with redis_errors():
+            beats = store.r.hgetall(store.key("heartbeats"))
+    except StoreError:
+        return 503, b"redis unreachable\n", "text/plain"
+    now_ms = time.time() * 1000
+    mine = {k: v for k, v in beats.items() if k.decode().startswith(hostname + "-")}
+    fresh = [k for k, v in mine.items() if now_ms - float(v) < stale_s * 1000]
+    if not fresh:
+        return 503, b"no recent heartbeat from a worker process on this host\n", "text/plain"
+    return 200, b"ok\n", "text/plain"
