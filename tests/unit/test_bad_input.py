@@ -1,0 +1,112 @@
+"""Bad input at every door gets a clear, typed error, never a crash (property-based, hypothesis)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from worker.dispatch import Dispatcher
+from worker.errors import JobValidationError, ProviderError
+from worker.models import encode_plain_job, validate_job
+from worker.provider import Provider, parse_reports, wire_message_from_dict, wire_request
+from worker.settings import Settings
+from worker.store import Entry
+
+SETTINGS = Settings(icomm_api_key="unit-test-key-0123456789", icomm_base_url="http://127.0.0.1:9")
+LIMITS = {"max_text_parts": 25, "metadata_max_bytes": 2048}
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12,
+)
+job_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "to": st.one_of(st.text(max_size=20), st.from_regex(r"\+?[1-9][0-9]{6,14}", fullmatch=True), st.integers()),
+        "text": st.one_of(st.text(max_size=300), st.none(), st.integers()),
+        "id": st.one_of(st.text(max_size=250), st.integers()),
+        "sender": st.one_of(st.text(max_size=80), st.none()),
+        "metadata": json_values,
+        "validity_period": json_values,
+        "binary": json_values,
+        "flash": json_values,
+        "colour": json_values,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(job_like)
+def test_any_job_is_accepted_or_refused_with_named_fields(data: dict[str, Any]) -> None:
+    """validate_job either returns a Job or raises JobValidationError naming at least one field."""
+    try:
+        job = validate_job(data, **LIMITS)
+    except JobValidationError as error:
+        assert error.problems
+        assert all(p.field and p.message for p in error.problems)
+    else:
+        assert job.to.isdigit()
+
+
+@settings(max_examples=300, deadline=None)
+@given(job_like)
+def test_the_fast_path_never_accepts_what_validation_refuses(data: dict[str, Any]) -> None:
+    """encode_plain_job's answer agrees with the full validation whenever it gives one."""
+    fast = encode_plain_job(data, **LIMITS)
+    if fast is None:
+        return
+    job = validate_job(orjson.loads(fast), **LIMITS)
+    assert orjson.loads(fast)["to"] == job.to
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200) | json_values.map(orjson.dumps))
+def test_raw_outbox_entries_never_crash_the_dispatcher(raw: bytes) -> None:
+    """Whatever bytes a producer put in `job`, parsing yields a job or a reason to dead-letter it."""
+    dispatcher = Dispatcher(SETTINGS, None, None, None, None, "t")  # type: ignore[arg-type]
+    job, problem = dispatcher._parse(Entry("1-0", "sw-bulk-1-0", raw, from_api=False))
+    if problem is None:
+        message = wire_message_from_dict(job, "sw-bulk-1-0", default_sender=None, webhook_url=None)
+        assert message["destinations"][0]["to"] == job["to"]
+    else:
+        assert isinstance(problem, str) and problem
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300) | json_values.map(orjson.dumps))
+def test_any_reports_page_is_parsed_or_refused_as_a_provider_error(raw: bytes) -> None:
+    """A malformed reports body is a ProviderError; bad items are returned as rejects, not dropped."""
+    try:
+        page = parse_reports(raw)
+    except ProviderError:
+        return
+    assert all(r.message_id for r in page.reports)
+    assert all(reject.reason for reject in page.rejects)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    status=st.sampled_from([200, 201, 400, 401, 403, 404, 413, 429, 500, 502, 503, 504]),
+    body=st.binary(max_size=200) | json_values.map(orjson.dumps),
+)
+def test_any_provider_answer_to_a_send_is_a_result_or_a_typed_error(status: int, body: bytes) -> None:
+    """Whatever the API answers, send returns a result or raises a ProviderError subclass."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, content=body))
+    provider = Provider(SETTINGS.model_copy(update={"icomm_send_retry_attempts": 1}), transport=transport,
+                        sleep=lambda _: None)
+    request = wire_request([wire_message_from_dict({"to": "41793026727", "text": "x"}, "m1",
+                                                   default_sender=None, webhook_url=None)])
+    try:
+        response = provider.send(request)
+    except ProviderError as error:
+        assert "unit-test-key-0123456789" not in str(error)
+    else:
+        assert status < 300
+        assert isinstance(response.messages, list)
+    finally:
+        provider.close()
