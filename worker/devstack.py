@@ -64,11 +64,16 @@ class Proc:
         return self.popen is not None and self.popen.poll() is None
 
     def signal(self, sig: int) -> None:
-        """Signal the whole process group (dramatiq forks worker processes)."""
+        """SIGKILL the whole process group (dramatiq forks worker processes); other signals go to
+        the leader only, as an orchestrator sends them to PID 1: dramatiq forwards SIGTERM to its
+        children and treats a second SIGTERM as "kill now"."""
         if self.alive():
             assert self.popen is not None
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, sig)
+                if sig == signal.SIGKILL:
+                    os.killpg(self.popen.pid, sig)
+                else:
+                    os.kill(self.popen.pid, sig)
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
