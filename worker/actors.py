@@ -37,3 +37,10 @@ def process_reports() -> None:
 @dramatiq.actor(queue_name=triggers.QUEUE, actor_name=triggers.SWEEP, max_retries=0)
 def sweep() -> None:
     runtime().sweeper.sweep()
+
+
+@dramatiq.actor(queue_name=triggers.QUEUE, actor_name=triggers.RELAY_EVENTS, max_retries=0)
+def relay_events() -> None:
+    relay = runtime().relay
+    if relay is not None:
+        relay.run(f"relay-{runtime().dispatcher.consumer}")

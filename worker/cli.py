@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shutil
 import signal
 import string
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -66,6 +68,13 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings()  # fail here, with the clear message, before dramatiq forks
     settings.require_api_key()
+    if settings.sms_metrics_port:
+        # Counters of all forked worker processes are summed from files here (prometheus_client's
+        # multiprocess mode); it must be set before any process imports prometheus_client.
+        metrics_dir = Path(tempfile.gettempdir()) / f"sms-worker-metrics-{os.getpid()}"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     # Dramatiq polls idle queues with a backoff up to this many ms: it bounds the otp lane's latency.
     os.environ.setdefault("dramatiq_worker_timeout", "20")
     threads = args.threads or sum(lane.concurrency for lane in settings.sms_lanes.values()) + 4
@@ -239,6 +248,71 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from worker.status import collect, render
+
+    status = collect(_settings(), _store(_settings()))
+    if args.json:
+        _print_json(status.as_dict())
+    else:
+        print(render(status))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from worker.provider import Provider
+
+    def when(value: str | None) -> datetime | None:
+        if value is None:
+            return None
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise SmsWorkerError(f"not an ISO date-time: {value!r} (e.g. 2026-11-27T10:00:00+00:00)") from None
+        if parsed.tzinfo is None:
+            raise SmsWorkerError(f"give a time zone: {value!r} (e.g. 2026-11-27T10:00:00+00:00)")
+        return parsed
+
+    settings = _settings()
+    settings.require_api_key()
+    with Provider(settings) as provider:
+        try:
+            entries = provider.logs(
+                message_id=args.message_id, bulk_id=args.bulk_id, campaign_reference_id=args.campaign_reference_id,
+                mcc=args.mcc, mnc=args.mnc, sender=args.sender, destination=args.destination,
+                general_status=args.general_status, sent_since=when(args.sent_since),
+                sent_until=when(args.sent_until), limit=args.limit, entity_id=args.entity_id,
+                application_id=args.application_id,
+            )
+        except ValueError as error:
+            raise SmsWorkerError(str(error)) from None
+    if args.json:
+        _print_json([e.raw for e in entries])
+        return 0
+    print(f"{'messageId':<40}{'bulkId':<28}{'destination':<16}{'status':<28}sentAt")
+    for e in entries:
+        status = e.status.name if e.status else "?"
+        print(f"{e.message_id or '':<40}{e.bulk_id or '':<28}{e.destination or '':<16}{status:<28}{e.sent_at or ''}")
+    print(f"{len(entries)} log entr{'y' if len(entries) == 1 else 'ies'}")
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from worker.reconcile import force_reconcile
+
+    settings = _settings()
+    store = _store(settings)
+    result = force_reconcile(settings, store, message_ids=args.message_id, bulk_ids=args.bulk_id)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"checked {result['checked']}: reconciled {result['reconciled']} (now {result['now']}), "
+              f"already settled {result['already_settled']}, unknown here {result['unknown']}")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from worker.provider import Provider
 
@@ -326,6 +400,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-message-id", action="store_true", help="replay under a new messageId")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_dlq)
+
+    p = sub.add_parser("status", help="outbox, in flight, ambiguous, dead letters, limiter, drain, workers",
+                       epilog="examples:\n  sms-worker status\n  sms-worker status --json | jq .lanes",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("logs", help="query the provider's GET /sms/3/logs (last 48 h)",
+                       epilog="examples:\n  sms-worker logs --message-id sw-bulk-1764230000000-0\n"
+                       "  sms-worker logs --bulk-id b1 --bulk-id b2 --general-status DELIVERED --limit 100\n"
+                       "  sms-worker logs --sent-since 2026-11-27T08:00:00+00:00 --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag in ("--message-id", "--bulk-id", "--campaign-reference-id"):
+        p.add_argument(flag, action="append", default=[], help="repeat for several")
+    for flag in ("--mcc", "--mnc", "--sender", "--destination", "--entity-id", "--application-id",
+                 "--sent-since", "--sent-until"):
+        p.add_argument(flag)
+    p.add_argument("--general-status", choices=["ACCEPTED", "PENDING", "UNDELIVERABLE", "DELIVERED", "EXPIRED",
+                                                "REJECTED"])
+    p.add_argument("--limit", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("reconcile", help="check messages against the provider's logs now and settle them",
+                       epilog="examples:\n  sms-worker reconcile --message-id sw-bulk-1764230000000-0\n"
+                       "  sms-worker reconcile --bulk-id 2034072219640523072",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--message-id", action="append", default=[])
+    p.add_argument("--bulk-id", action="append", default=[])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser("check", help="validate settings, reach Redis, verify the API key",
                        epilog="example:\n  sms-worker check", formatter_class=argparse.RawDescriptionHelpFormatter)

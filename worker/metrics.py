@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
@@ -19,7 +20,6 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from worker.errors import StoreError
-from worker.store import redis_errors
 
 MESSAGES = Counter("sms_messages_total", "Messages by lane and send outcome", ["lane", "outcome"])
 BATCH_SIZE = Histogram("sms_batch_size", "Messages per bulk request", buckets=(1, 10, 50, 100, 250, 500, 1000, 2000))
@@ -103,12 +103,11 @@ def render(regs: list[CollectorRegistry]) -> tuple[bytes, str]:
 
 
 def serve_worker_endpoints(settings: Any, store: Any, port: int, host: str = "0.0.0.0") -> None:  # noqa: S104
-    """The worker container's /metrics and /healthz (healthy: Redis answers and a local worker
-    process sent a heartbeat recently). Runs forever; Dramatiq forks it next to the workers."""
+    """The worker container's /metrics and /healthz (healthy: a local worker process sent a
+    heartbeat recently). Runs forever; Dramatiq forks it next to the workers."""
     from worker.status import HEARTBEAT_STALE_S
 
     regs = registries(settings, store)
-    hostname = os.uname().nodename
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -116,7 +115,7 @@ def serve_worker_endpoints(settings: Any, store: Any, port: int, host: str = "0.
                 body, ctype = render(regs)
                 self._send(200, body, ctype)
             elif self.path == "/healthz":
-                self._send(*_worker_health(store, hostname, HEARTBEAT_STALE_S))
+                self._send(*_worker_health(HEARTBEAT_STALE_S))
             else:
                 self._send(404, b"not found\n", "text/plain")
 
@@ -133,15 +132,44 @@ def serve_worker_endpoints(settings: Any, store: Any, port: int, host: str = "0.
     ThreadingHTTPServer((host, port), Handler).serve_forever()
 
 
-def _worker_health(store: Any, hostname: str, stale_s: float) -> tuple[int, bytes, str]:
-    try:
-        with redis_errors():
-            beats = store.r.hgetall(store.key("heartbeats"))
-    except StoreError:
-        return 503, b"redis unreachable\n", "text/plain"
-    now_ms = time.time() * 1000
-    mine = {k: v for k, v in beats.items() if k.decode().startswith(hostname + "-")}
-    fresh = [k for k, v in mine.items() if now_ms - float(v) < stale_s * 1000]
-    if not fresh:
-        return 503, b"no recent heartbeat from a worker process on this host\n", "text/plain"
-    return 200, b"ok\n", "text/plain"
+def _local_dir() -> Path | None:
+    raw = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(raw) if raw else None
+
+
+def touch_local_heartbeat() -> None:
+    """A worker process says it is alive, in a file next to its metrics (read by /healthz)."""
+    directory = _local_dir()
+    if directory is not None:
+        (directory / f"heartbeat-{os.getpid()}").touch()
+
+
+def mark_process_dead() -> None:
+    directory = _local_dir()
+    if directory is not None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid(), str(directory))  # type: ignore[no-untyped-call]
+        (directory / f"heartbeat-{os.getpid()}").unlink(missing_ok=True)
+
+
+def _worker_health(stale_s: float) -> tuple[int, bytes, str]:
+    """Alive while some worker process of this container beat recently. Redis is not asked: a
+    Redis outage must not make the orchestrator restart every worker."""
+    directory = _local_dir()
+    now = time.time()
+    beats = list(directory.glob("heartbeat-*")) if directory else []
+    if any(now - beat.stat().st_mtime < stale_s for beat in beats):
+        return 200, b"ok\n", "text/plain"
+    return 503, b"no recent heartbeat from a worker process\n", "text/plain"
+
+
+def serve_worker_endpoints_forever() -> int:
+    """Dramatiq fork entry point: settings from the environment, then serve until stopped."""
+    from worker.settings import load_settings
+    from worker.store import Store, connect
+
+    settings = load_settings()
+    store = Store(connect(settings.redis_url), settings.sms_key_prefix, settings.sms_message_id_prefix)
+    serve_worker_endpoints(settings, store, settings.sms_metrics_port)
+    return 0

@@ -8,7 +8,9 @@ producers call them directly.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,13 +19,19 @@ import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
 
+from worker import metrics
 from worker.dispatch import Dispatcher
+from worker.errors import StoreError
+from worker.events import EventRelay
 from worker.provider import Provider
 from worker.ratelimit import RateLimiter
 from worker.reports import Drainer, Processor, Sweeper
 from worker.settings import Settings
+from worker.status import heartbeat
 from worker.store import Store, connect, consumer_name
 from worker.triggers import Triggers
+
+HEARTBEAT_EVERY_S = 5.0
 
 
 @dataclass
@@ -40,6 +48,7 @@ class Runtime:
     drainer: Drainer
     processor: Processor
     sweeper: Sweeper
+    relay: EventRelay | None = None
 
     def close(self) -> None:
         self.provider.close()
@@ -61,26 +70,50 @@ def build_runtime(settings: Settings, broker: dramatiq.Broker) -> Runtime:
         settings, client, store, provider, triggers, dispatcher, stopping,
         drainer=Drainer(settings, store, provider, triggers), processor=processor,
         sweeper=Sweeper(settings, store, processor),
+        relay=EventRelay(store, broker, settings.sms_events_dramatiq_queue, settings.sms_events_dramatiq_actor)
+        if settings.sms_events_dramatiq_queue and settings.sms_events_dramatiq_actor else None,
     )
 
 
 class Resources(dramatiq.Middleware):
-    """Builds the Runtime at worker boot, signals dispatchers to stop at shutdown, then closes it."""
+    """Builds the Runtime at worker boot, signals dispatchers to stop at shutdown, then closes it.
+
+    It also keeps the process's heartbeat (Redis, for `sms-worker status`; a local file, for the
+    container's /healthz) and, with SMS_METRICS_PORT set, has Dramatiq fork the process that
+    serves /metrics and /healthz for all worker processes of the container.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.runtime: Runtime | None = None
+        self._beating = threading.Event()
+
+    @property
+    def forks(self) -> list[Callable[[], int]]:
+        return [metrics.serve_worker_endpoints_forever] if self.settings.sms_metrics_port else []
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         self.settings.require_api_key()
         self.runtime = build_runtime(self.settings, broker)
+        threading.Thread(target=self._heartbeat, args=(self.runtime,), name="heartbeat", daemon=True).start()
+
+    def _heartbeat(self, runtime: Runtime) -> None:
+        consumer = consumer_name()
+        while not self._beating.is_set():
+            metrics.touch_local_heartbeat()
+            # Redis down: the dispatchers say so loudly; the local heartbeat still beats.
+            with contextlib.suppress(StoreError):
+                heartbeat(runtime.store, consumer)
+            self._beating.wait(HEARTBEAT_EVERY_S)
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        self._beating.set()
         if self.runtime is not None:
             # Dispatchers finish the batch in hand and take no new one.
             self.runtime.stopping.set()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        metrics.mark_process_dead()
         if self.runtime is not None:
             self.runtime.close()
             self.runtime = None
