@@ -83,7 +83,9 @@ def test_cli_metrics_and_health_against_a_running_system(tmp_path: Path) -> None
                        "sms_dead_letters_total", "sms_events_published_total", "sms_outbox_depth",
                        "sms_outbox_oldest_age_seconds", "sms_parked_reports", "sms_redis_up"):
             assert series in metrics, series
-        accepted = [line for line in metrics.splitlines()
-                    if line.startswith("sms_messages_total{") and 'lane="bulk"' in line and 'outcome="accepted"' in line]
+        accepted = [
+            line for line in metrics.splitlines()
+            if line.startswith("sms_messages_total{") and 'lane="bulk"' in line and 'outcome="accepted"' in line
+        ]
         assert len(accepted) == 1 and float(accepted[0].rsplit(" ", 1)[1]) >= 300, accepted
         assert httpx.get(f"http://127.0.0.1:{metrics_port}/healthz", timeout=5).status_code == 200

@@ -41,6 +41,16 @@ local count = {applied = 0, duplicates = 0, parked = 0, unknown_emitted = 0, unk
   no_report = 0, conflicts = 0, dead_letters = 0}
 local conflict, emitted = false, 0
 
+-- Scripts are not rolled back on error: refuse a bad call before writing anything.
+local CODES = {A = true, P = true, R = true, U = true, N = true}
+if #ARGV ~= obase + 5 * (#KEYS - 7) then
+  return redis.error_reply('report_apply: ' .. #ARGV .. ' arguments do not match ' .. (#KEYS - 7) .. ' ops')
+end
+for i = 8, #KEYS do
+  local code = ARGV[obase + (i - 8) * 5 + 1]
+  if not CODES[code] then return redis.error_reply('report_apply: unknown op code ' .. tostring(code)) end
+end
+
 for i = 8, #KEYS do
   local key = KEYS[i]
   local b = obase + (i - 8) * 5
@@ -100,8 +110,6 @@ for i = 8, #KEYS do
       end
     end
     if result ~= 2 then done[#done + 1] = mid end
-  else
-    return redis.error_reply('report_apply: unknown op code ' .. tostring(code))
   end
   if result == 2 then conflict = true; count.conflicts = count.conflicts + 1 end
   if result == 1 and code ~= 'N' then count.applied = count.applied + 1 end

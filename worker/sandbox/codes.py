@@ -19,9 +19,7 @@ def _status(group_id: int, group_name: str, status_id: int, name: str, descripti
     }
 
 
-def _error(
-    group_id: int, group_name: str, error_id: int, name: str, description: str, permanent: bool
-) -> JsonObj:
+def _error(group_id: int, group_name: str, error_id: int, name: str, description: str, permanent: bool) -> JsonObj:
     return {
         "groupId": group_id,
         "groupName": group_name,
@@ -34,9 +32,7 @@ def _error(
 
 # --- statuses (group ids: 1 PENDING, 2 UNDELIVERABLE, 3 DELIVERED, 4 EXPIRED, 5 REJECTED) ---
 PENDING_ACCEPTED: Final = _status(1, "PENDING", 26, "PENDING_ACCEPTED", "Message sent to next instance")
-DELIVERED_TO_HANDSET: Final = _status(
-    3, "DELIVERED", 5, "DELIVERED_TO_HANDSET", "Message delivered to handset"
-)
+DELIVERED_TO_HANDSET: Final = _status(3, "DELIVERED", 5, "DELIVERED_TO_HANDSET", "Message delivered to handset")
 UNDELIVERABLE_REJECTED_OPERATOR: Final = _status(
     2, "UNDELIVERABLE", 4, "UNDELIVERABLE_REJECTED_OPERATOR", "Message rejected by operator"
 )
@@ -60,30 +56,18 @@ REJECTED_DUPLICATE_MESSAGE_ID: Final = _status(
 )
 REJECTED_MESSAGE_TOO_LONG: Final = _status(5, "REJECTED", 25, "REJECTED_MESSAGE_TOO_LONG", "Message too long")
 MISSING_TO: Final = _status(5, "REJECTED", 51, "MISSING_TO", "Missing destination address")
-REJECTED_DESTINATION: Final = _status(
-    5, "REJECTED", 52, "REJECTED_DESTINATION", "Invalid destination address"
-)
+REJECTED_DESTINATION: Final = _status(5, "REJECTED", 52, "REJECTED_DESTINATION", "Invalid destination address")
 
 # --- errors (group ids: 0 OK, 1 HANDSET_ERRORS, 2 USER_ERRORS, 3 OPERATOR_ERRORS) ---
 NO_ERROR: Final = _error(0, "OK", 0, "NO_ERROR", "No Error", False)
-EC_UNKNOWN_SUBSCRIBER: Final = _error(
-    1, "HANDSET_ERRORS", 1, "EC_UNKNOWN_SUBSCRIBER", "Unknown subscriber", True
-)
-EC_ABSENT_SUBSCRIBER_SM: Final = _error(
-    1, "HANDSET_ERRORS", 6, "EC_ABSENT_SUBSCRIBER_SM", "Absent subscriber", False
-)
-EC_ABSENT_SUBSCRIBER: Final = _error(
-    1, "HANDSET_ERRORS", 27, "EC_ABSENT_SUBSCRIBER", "Absent subscriber", False
-)
+EC_UNKNOWN_SUBSCRIBER: Final = _error(1, "HANDSET_ERRORS", 1, "EC_UNKNOWN_SUBSCRIBER", "Unknown subscriber", True)
+EC_ABSENT_SUBSCRIBER_SM: Final = _error(1, "HANDSET_ERRORS", 6, "EC_ABSENT_SUBSCRIBER_SM", "Absent subscriber", False)
+EC_ABSENT_SUBSCRIBER: Final = _error(1, "HANDSET_ERRORS", 27, "EC_ABSENT_SUBSCRIBER", "Absent subscriber", False)
 EC_BLACKLISTED_DESTINATIONADDRESS: Final = _error(
     2, "USER_ERRORS", 2052, "EC_BLACKLISTED_DESTINATIONADDRESS", "Destination address blacklisted", True
 )
-EC_DESTINATION_FLOODING: Final = _error(
-    2, "USER_ERRORS", 4103, "EC_DESTINATION_FLOODING", "Destination flooding", True
-)
-EC_OPERATOR_NOT_FOUND: Final = _error(
-    3, "OPERATOR_ERRORS", 345, "EC_OPERATOR_NOT_FOUND", "Operator not found", True
-)
+EC_DESTINATION_FLOODING: Final = _error(2, "USER_ERRORS", 4103, "EC_DESTINATION_FLOODING", "Destination flooding", True)
+EC_OPERATOR_NOT_FOUND: Final = _error(3, "OPERATOR_ERRORS", 345, "EC_OPERATOR_NOT_FOUND", "Operator not found", True)
 EC_SMS_REJECTED_BY_MOBILE_OPERATOR: Final = _error(
     3, "OPERATOR_ERRORS", 632, "EC_SMS_REJECTED_BY_MOBILE_OPERATOR", "SMS rejected by mobile operator", True
 )
@@ -139,9 +123,6 @@ _DEFAULT_MCC_MNC: Final = "00101"
 
 def mcc_mnc_for(to: str) -> str:
     """The MCC+MNC the sandbox pretends the destination belongs to."""
-    digits = to[1:] if to.startswith("+") else to
-    for length in (3, 2, 1):
-        found = _MCC_MNC_BY_PREFIX.get(digits[:length])
-        if found is not None:
-            return found
-    return _DEFAULT_MCC_MNC
+    digits = to[1:] if to[:1] == "+" else to
+    table = _MCC_MNC_BY_PREFIX
+    return table.get(digits[:3]) or table.get(digits[:2]) or table.get(digits[:1]) or _DEFAULT_MCC_MNC

@@ -117,10 +117,10 @@ def _codes(value: object) -> tuple[int, ...]:
 
 
 def _keys(value: object) -> tuple[str, ...]:
-    items = value.split(",") if isinstance(value, str) else value
+    items = [value] if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not all(isinstance(item, str) for item in items):
         raise ValueError("must be a list of strings")
-    return tuple(item for item in items if item)
+    return tuple(key for item in items for key in item.split(",") if key)
 
 
 def _text(value: object) -> str:
@@ -145,23 +145,17 @@ _KNOBS: Final[dict[str, _Knob]] = {
     "error_5xx_rate": _Knob(_share, "share of sends answered 5xx without accepting anything", "P"),
     "error_5xx_codes": _Knob(_codes, "status codes the 5xx fault draws from (500 is an ApiError)", "CODES"),
     "rate_429": _Knob(_share, "share of sends answered 429 E429 without accepting anything", "P"),
-    "retry_after_share": _Knob(_share, "share of the 429s that carry a Retry-After header", "P"),
+    "retry_after_share": _Knob(_share, "share of send 429s (either kind) with a Retry-After header", "P"),
     "retry_after_s": _Knob(_integer, "Retry-After value in seconds", "S"),
-    "accept_then_timeout_rate": _Knob(
-        _share, "share of sends accepted, then answered after --timeout-delay-ms", "P"
-    ),
+    "accept_then_timeout_rate": _Knob(_share, "share of sends accepted, then answered after --timeout-delay-ms", "P"),
     "timeout_delay_ms": _Knob(_number, "how long the timeout fault holds the response", "MS"),
     "drop_rate": _Knob(_share, "share of sends accepted, then the connection is cut mid-response", "P"),
     "request_rate_limit": _Knob(_number, "POST /sms/3/messages requests/s before 429 (0: unlimited)", "RPS"),
     "down": _Knob(_boolean, "every API endpoint answers 503 (an outage)"),
     "logs_rate_per_min": _Knob(_integer, "GET /sms/3/logs requests per minute before 429", "N"),
-    "forbidden_keys": _Knob(
-        _keys, "API keys that authenticate but lack permission (403), comma-separated", "KEYS"
-    ),
+    "forbidden_keys": _Knob(_keys, "an API key that authenticates but lacks permission (403); repeatable", "KEY"),
     "reject_duplicate_ids": _Knob(_boolean, "reject an already accepted messageId with status 23"),
-    "webhook_max_attempts": _Knob(
-        lambda v: _integer(v, 1), "webhook push attempts before a batch is dropped", "N"
-    ),
+    "webhook_max_attempts": _Knob(lambda v: _integer(v, 1), "webhook push attempts before a batch is dropped", "N"),
     "webhook_retry_base_ms": _Knob(_number, "first webhook retry delay; doubles per attempt", "MS"),
     "webhook_timeout_ms": _Knob(_number, "timeout of one webhook push", "MS"),
     "price_per_message": _Knob(_number, "pricePerMessage in reports and logs", "PRICE"),
@@ -194,8 +188,7 @@ def apply_updates(config: SandboxConfig, updates: Mapping[str, object]) -> list[
 def config_as_dict(config: SandboxConfig) -> dict[str, Any]:
     """The config as plain JSON values."""
     return {
-        name: list(value) if isinstance(value, tuple) else value
-        for name, value in dataclasses.asdict(config).items()
+        name: list(value) if isinstance(value, tuple) else value for name, value in dataclasses.asdict(config).items()
     }
 
 
@@ -207,7 +200,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per knob; unset flags keep the SandboxConfig default."""
     for name, knob in _KNOBS.items():
         if name == "forbidden_keys":
-            parser.add_argument("--forbidden-key", dest=name, action="append", metavar="KEY", help=knob.help)
+            parser.add_argument("--forbidden-key", dest=name, action="append", metavar=knob.metavar, help=knob.help)
         elif knob.metavar is None:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, help=knob.help)
         else:

@@ -85,11 +85,11 @@ class FaultInjector:
             before, status = Before.RATE_LIMITED, 429
         elif config.rate_429 > 0 and rng.random() < config.rate_429:
             before, status = Before.THROTTLED, 429
-            if config.retry_after_share > 0 and rng.random() < config.retry_after_share:
-                retry_after = config.retry_after_s
         elif config.error_5xx_rate > 0 and rng.random() < config.error_5xx_rate:
             codes = config.error_5xx_codes
             before, status = Before.SERVER_ERROR, codes[int(rng.random() * len(codes))]
+        if status == 429 and config.retry_after_share > 0 and rng.random() < config.retry_after_share:
+            retry_after = config.retry_after_s
         after: After | None = None
         if before is None:
             if config.accept_then_timeout_rate > 0 and rng.random() < config.accept_then_timeout_rate:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import random
-from bisect import bisect_right
-from itertools import accumulate
 from typing import Any
 
 from worker.sandbox import records as rec
@@ -16,41 +15,53 @@ from worker.sandbox.codes import (
     JsonObj,
     mcc_mnc_for,
 )
-from worker.sandbox.records import COUNT, DONE_AT, ERROR, MESSAGE_ID, STATUS, TO, Record
+from worker.sandbox.records import BULK, CONTENT, COUNT, DONE_AT, ERROR, EXTRA, MESSAGE_ID, SENDER, STATUS, TO, Record
 from worker.sandbox.validation import format_datetime
 
 
 class OutcomePicker:
     """Draws (status, error) pairs from the outcome mix with the given RNG (deterministic when seeded)."""
 
+    # The mix is laid out over this many slots, so a draw is one random() and one index:
+    # the report generator calls it 150k times a second. Weights resolve to 1/10000.
+    SLOTS = 10_000
+
     def __init__(self, mix: dict[str, float], rng: random.Random) -> None:
-        self._rng = rng
-        kinds = [kind for kind in OUTCOME_KINDS if mix.get(kind, 0.0) > 0.0]
-        self._kinds = [OUTCOME_VARIANTS[kind] for kind in kinds]
-        total = sum(mix[kind] for kind in kinds)
-        self._cumulative = list(accumulate(mix[kind] / total for kind in kinds))
+        self._random = rng.random
+        weights = {kind: mix.get(kind, 0.0) for kind in OUTCOME_KINDS}
+        total = sum(weights.values())
+        counts = {kind: round(weight / total * self.SLOTS) for kind, weight in weights.items()}
+        heaviest = max(counts, key=lambda kind: weights[kind])
+        counts[heaviest] += self.SLOTS - sum(counts.values())
+        table: list[tuple[JsonObj, JsonObj]] = []
+        for kind in OUTCOME_KINDS:
+            variants = OUTCOME_VARIANTS[kind]
+            table.extend(variants[slot % len(variants)] for slot in range(counts[kind]))
+        self.table = table
 
     def pick(self) -> tuple[JsonObj, JsonObj]:
         """One (status, error) pair."""
-        draw = self._rng.random()
-        index = min(bisect_right(self._cumulative, draw), len(self._kinds) - 1)
-        variants = self._kinds[index]
-        if len(variants) == 1:
-            return variants[0]
-        return variants[int(self._rng.random() * len(variants))]
+        return self.table[int(self._random() * self.SLOTS)]
 
 
-def _price(record: Record, price_per_message: float, currency: str) -> JsonObj:
+@functools.lru_cache(maxsize=16)
+def _prices(price_per_message: float, currency: str) -> tuple[JsonObj, JsonObj]:
+    # Shared (charged, free) objects: reports are rendered by the thousand and never mutated.
+    return {"pricePerMessage": price_per_message, "currency": currency}, {"pricePerMessage": 0.0, "currency": currency}
+
+
+def _price(status: JsonObj | None, price_per_message: float, currency: str) -> JsonObj:
     # The platform does not charge what it rejected.
-    status = record[STATUS]
-    charged = status is None or status["groupName"] != "REJECTED"
-    return {"pricePerMessage": price_per_message if charged else 0.0, "currency": currency}
+    charged, free = _prices(price_per_message, currency)
+    return free if status is not None and status["groupId"] == 5 else charged
 
 
 def _add_optional(shape: JsonObj, record: Record) -> None:
-    sender = rec.sender(record)
+    sender = record[SENDER]
     if sender is not None:
         shape["sender"] = sender
+    if record[EXTRA] is None:
+        return  # the common case: no options, no webhooks
     platform = rec.platform(record)
     if platform:
         shape["platform"] = {
@@ -63,21 +74,24 @@ def _add_optional(shape: JsonObj, record: Record) -> None:
 
 def report_of(record: Record, price_per_message: float, currency: str) -> JsonObj:
     """The DeliveryReport of a record whose outcome was generated."""
+    bulk_id, sent_at = record[BULK]
+    status = record[STATUS]
     report: JsonObj = {
-        "bulkId": rec.bulk_id(record),
+        "bulkId": bulk_id,
         "messageId": record[MESSAGE_ID],
         "to": record[TO],
-        "sentAt": format_datetime(rec.sent_at(record)),
+        "sentAt": format_datetime(sent_at),
         "doneAt": format_datetime(record[DONE_AT]),
         "messageCount": record[COUNT],
-        "price": _price(record, price_per_message, currency),
-        "status": record[STATUS],
+        "price": _price(status, price_per_message, currency),
+        "status": status,
         "error": record[ERROR],
         "mccMnc": mcc_mnc_for(record[TO]),
     }
-    callback_data = rec.callback_data(record)
-    if callback_data is not None:
-        report["callbackData"] = callback_data
+    if record[EXTRA] is not None:
+        callback_data = rec.callback_data(record)
+        if callback_data is not None:
+            report["callbackData"] = callback_data
     _add_optional(report, record)
     return report
 
@@ -98,19 +112,21 @@ def _log_content(content: dict[str, Any]) -> JsonObj:
 
 def log_of(record: Record, price_per_message: float, currency: str) -> JsonObj:
     """The Log entry of a record; its status is PENDING_ACCEPTED until the outcome is generated."""
+    bulk_id, sent_at = record[BULK]
+    status = record[STATUS]
     log: JsonObj = {
         "destination": record[TO],
-        "bulkId": rec.bulk_id(record),
+        "bulkId": bulk_id,
         "messageId": record[MESSAGE_ID],
-        "sentAt": format_datetime(rec.sent_at(record)),
+        "sentAt": format_datetime(sent_at),
         "messageCount": record[COUNT],
-        "price": _price(record, price_per_message, currency),
-        "status": record[STATUS] or PENDING_ACCEPTED,
+        "price": _price(status, price_per_message, currency),
+        "status": status or PENDING_ACCEPTED,
         "error": record[ERROR] or NO_ERROR,
-        "content": _log_content(rec.content(record)),
+        "content": _log_content(record[CONTENT]),
         "mccMnc": mcc_mnc_for(record[TO]),
     }
-    if record[STATUS] is not None:
+    if status is not None:
         log["doneAt"] = format_datetime(record[DONE_AT])
     _add_optional(log, record)
     return log

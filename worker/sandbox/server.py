@@ -47,7 +47,7 @@ def run(port: int, api_key: str, host: str = "127.0.0.1", config: SandboxConfig 
     if not api_key:
         raise ValueError("api_key must not be empty")
     server_config = uvicorn.Config(
-        SandboxApp(api_key, config or SandboxConfig(), freeze_gc=True),
+        SandboxApp(api_key, config or SandboxConfig(), manage_gc=True),
         host=host,
         port=port,
         loop="uvloop",

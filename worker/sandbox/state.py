@@ -14,6 +14,7 @@ from worker.sandbox import codes
 from worker.sandbox import records as rec
 from worker.sandbox.codes import JsonObj, mcc_mnc_for
 from worker.sandbox.config import SandboxConfig
+from worker.sandbox.errors import Violation
 from worker.sandbox.faults import FaultInjector, LogsLimiter
 from worker.sandbox.records import (
     DONE_AT,
@@ -32,7 +33,14 @@ from worker.sandbox.records import (
 )
 from worker.sandbox.reports import OutcomePicker
 from worker.sandbox.segments import binary_parts, text_parts, text_too_long
-from worker.sandbox.validation import LogsQuery, ReportsQuery, parse_datetime
+from worker.sandbox.validation import (
+    LogsQuery,
+    ReportsQuery,
+    parse_datetime,
+    validate_message,
+    validate_request_options,
+    validate_send_request,
+)
 
 RETENTION_S: Final = 48 * 3600
 # Shared `details` objects for the usual part counts (the response never mutates them).
@@ -94,11 +102,24 @@ class SandboxState:
 
     # --- sending ---------------------------------------------------------------------
 
-    def accept(self, body: dict[str, Any], now: float) -> JsonObj:
-        """Record a validated send request; returns the SmsResponse body."""
-        config = self.config
+    def accept(self, body: Any, now: float) -> tuple[JsonObj | None, list[Violation]]:
+        """Validate and record a send request: (SmsResponse body, []) or (None, violations).
+
+        Validation and acceptance share one pass because this is the sandbox's hot loop: a message
+        of the common shape is checked inline, anything else goes through validate_message(). On
+        the first violation the request's records are rolled back and the full list is returned.
+        """
+        messages = body.get("messages") if type(body) is dict else None
+        if type(messages) is not list or not messages:
+            return None, validate_send_request(body, now)
         options = body.get("options")
-        schedule = options.get("schedule") if options else None
+        schedule = None
+        if options is not None:
+            problems: list[Violation] = []
+            validate_request_options(options, now, problems)
+            if problems:
+                return None, validate_send_request(body, now)
+            schedule = options.get("schedule")
         bulk_id = schedule.get("bulkId") if schedule else None
         if bulk_id is None:
             bulk_id = next(self._bulk_ids)
@@ -107,65 +128,137 @@ class SandboxState:
         if send_at is not None:
             sent_at = max(now, parse_datetime(send_at))
         bulk = (bulk_id, sent_at)
-        reject_duplicates = config.reject_duplicate_ids
+        reject_duplicates = self.config.reject_duplicate_ids
         index = self.by_message_id
+        claim = index.setdefault
         retired = self.retired_ids
         new_id = self._message_ids
         pending = codes.PENDING_ACCEPTED
         accepted: list[Record] = []
+        keep = accepted.append
         out: list[JsonObj] = []
-        for message in body["messages"]:
-            content = message["content"]
-            text = content.get("text")
-            if text is not None:
+        respond = out.append
+        rejected: list[str] = []
+        for i, message in enumerate(messages):
+            # Fast path: {"destinations": [...], "content": {"text": str}} plus maybe a string
+            # sender, i.e. nothing that needs the full validator; anything else goes through it.
+            extra = None
+            sender = None
+            try:
+                content = message["content"]
+                text = content["text"]
+                destinations = message["destinations"]
+                size = len(message)
+                fast = (
+                    type(text) is str
+                    and len(content) == 1
+                    and type(destinations) is list
+                    and destinations
+                    and (size == 2 or (size == 3 and type(sender := message.get("sender")) is str))
+                )
+            except (TypeError, KeyError, IndexError):
+                fast = False
+            if not fast:
+                if self._invalid(message, i, accepted):
+                    return None, validate_send_request(body, now)
+                content = message["content"]
+                destinations = message["destinations"]
+                text = content.get("text")
+                sender = message.get("sender")
+                if "options" in message or "webhooks" in message:
+                    extra = message
+            if text is None:
+                count, too_long = binary_parts(content["hex"]), False
+            elif len(text) <= 70 and text.isascii():
+                count, too_long = 1, False  # fits one part in either encoding
+            else:
                 count = text_parts(text)
                 too_long = text_too_long(text, count)
-            else:
-                count, too_long = binary_parts(content["hex"]), False
             details = _DETAILS.get(count) or {"messageCount": count}
-            for destination in message["destinations"]:
-                to = destination["to"]
-                message_id = destination.get("messageId")
+            for destination in destinations:
+                # Fast path: {"to": str} or {"to": str, "messageId": str} within the limits.
+                try:
+                    to = destination["to"]
+                    size = len(destination)
+                    message_id = destination.get("messageId") if size == 2 else None
+                    fast = (
+                        type(to) is str
+                        and len(to) <= 64
+                        and (size == 1 or (type(message_id) is str and len(message_id) <= 200))
+                    )
+                except (TypeError, KeyError, IndexError):
+                    fast = False
+                if not fast:
+                    if self._invalid(message, i, accepted):
+                        return None, validate_send_request(body, now)
+                    to = destination["to"]
+                    message_id = destination.get("messageId")
                 if message_id is None:
                     message_id = next(new_id)
-                # Inlined valid_destination(): this loop runs 150k times a second.
-                digits = to[1:] if to[:1] == "+" else to
-                if not (7 <= len(digits) <= 15 and digits.isdigit() and digits.isascii()):
+                # Inlined validation.valid_destination() (the unit tests check both agree).
+                plain = 7 <= len(to) <= 15 and to.isdigit()
+                if not ((plain or (to[:1] == "+" and 8 <= len(to) <= 16 and to[1:].isdigit())) and to.isascii()):
                     status = codes.REJECTED_DESTINATION if to else codes.MISSING_TO
                 elif too_long:
                     status = codes.REJECTED_MESSAGE_TOO_LONG
-                elif reject_duplicates and (message_id in index or message_id in retired):
-                    status = codes.REJECTED_DUPLICATE_MESSAGE_ID
-                    self.duplicate_rejections += 1
                 else:
-                    previous = None
-                    if not reject_duplicates:
-                        previous = index.get(message_id)
-                        if previous is not None or message_id in retired:
-                            self.extra_sends[message_id] += 1
-                    # Inlined new_record(); see records.py for the layout.
-                    record = [message_id, to, message, bulk, count, SCHEDULED, None, None, 0.0, previous]
-                    index[message_id] = record
-                    accepted.append(record)
-                    out.append(
-                        {"messageId": message_id, "status": pending, "destination": to, "details": details}
-                    )
+                    # The record layout is documented in records.py.
+                    record = [message_id, to, sender, content, extra, bulk, count, SCHEDULED, None, None, 0.0, None]
+                    if reject_duplicates:
+                        if (retired and message_id in retired) or claim(message_id, record) is not record:
+                            status = codes.REJECTED_DUPLICATE_MESSAGE_ID
+                            rejected.append(status["name"])
+                            respond({"messageId": message_id, "status": status, "destination": to, "details": details})
+                            continue
+                    else:
+                        record[PREV] = index.get(message_id)
+                        index[message_id] = record
+                    keep(record)
+                    respond({"messageId": message_id, "status": pending, "destination": to, "details": details})
                     continue
-                self.rejected_by_status[status["name"]] += 1
-                out.append({"messageId": message_id, "status": status, "destination": to, "details": details})
-        if accepted:
-            self.log.extend(accepted)
-            in_bulk = self.by_bulk.get(bulk_id)
-            if in_bulk is None:
-                self.by_bulk[bulk_id] = list(accepted)
-            else:
-                in_bulk.extend(accepted)
-            due = sent_at + config.report_delay_ms / 1000.0
-            heapq.heappush(self.schedule, (due, next(self._seq), accepted))
-            self.messages_accepted += len(accepted)
-            self.scheduled += len(accepted)
-            self.accepted_by_second[int(now)] += len(accepted)
-        return {"bulkId": bulk_id, "messages": out}
+                rejected.append(status["name"])
+                respond({"messageId": message_id, "status": status, "destination": to, "details": details})
+        self._commit(accepted, rejected, bulk, now)
+        return {"bulkId": bulk_id, "messages": out}, []
+
+    def _invalid(self, message: Any, i: int, accepted: list[Record]) -> bool:
+        """Full validation of one message; on violations, undo this request's index entries."""
+        problems: list[Violation] = []
+        validate_message(message, i, problems)
+        if not problems:
+            return False
+        index = self.by_message_id
+        for record in reversed(accepted):
+            if index.get(record[MESSAGE_ID]) is record:
+                if record[PREV] is None:
+                    del index[record[MESSAGE_ID]]
+                else:
+                    index[record[MESSAGE_ID]] = record[PREV]
+        return True
+
+    def _commit(self, accepted: list[Record], rejected: list[str], bulk: tuple[str, float], now: float) -> None:
+        """Book a valid request's records into the log, bulk index, schedule and counters."""
+        for name in rejected:
+            self.rejected_by_status[name] += 1
+        self.duplicate_rejections += rejected.count("REJECTED_DUPLICATE_MESSAGE_ID")
+        if not accepted:
+            return
+        if not self.config.reject_duplicate_ids:
+            for record in accepted:
+                if record[PREV] is not None or record[MESSAGE_ID] in self.retired_ids:
+                    self.extra_sends[record[MESSAGE_ID]] += 1
+        bulk_id, sent_at = bulk
+        self.log.extend(accepted)
+        in_bulk = self.by_bulk.get(bulk_id)
+        if in_bulk is None:
+            self.by_bulk[bulk_id] = list(accepted)
+        else:
+            in_bulk.extend(accepted)
+        due = sent_at + self.config.report_delay_ms / 1000.0
+        heapq.heappush(self.schedule, (due, next(self._seq), accepted))
+        self.messages_accepted += len(accepted)
+        self.scheduled += len(accepted)
+        self.accepted_by_second[int(now)] += len(accepted)
 
     # --- report generation -------------------------------------------------------------
 
@@ -181,13 +274,11 @@ class SandboxState:
         self.outcome_rng.seed(f"{seed}:outcomes" if seed is not None else None)
         self.fault_rng.seed(f"{seed}:faults" if seed is not None else None)
 
-    def next_due(self) -> float | None:
-        """When the earliest scheduled report is due."""
-        return self.schedule[0][0] if self.schedule else None
-
     def generate_due(self, now: float, max_records: int) -> int:
         """Give due messages their outcome and queue their report; returns how many (about max_records)."""
-        pick = self._picker_now().pick
+        table = self._picker_now().table
+        slots = OutcomePicker.SLOTS
+        draw = self.outcome_rng.random
         heap = self.schedule
         unfetched = self.unfetched.append
         webhook = self.webhook_queue.append
@@ -195,9 +286,9 @@ class SandboxState:
         while heap and heap[0][0] <= now and done < max_records:
             due, _, batch = heapq.heappop(heap)
             for record in batch:
-                record[STATUS], record[ERROR] = pick()
+                record[STATUS], record[ERROR] = table[int(draw() * slots)]  # inlined OutcomePicker.pick()
                 record[DONE_AT] = due
-                if "webhooks" not in record[rec.MESSAGE]:
+                if record[rec.EXTRA] is None:
                     record[STATE] = UNFETCHED
                     unfetched(record)
                     to_pull += 1
@@ -270,9 +361,7 @@ class SandboxState:
                     (query.bulk_id is None or rec.bulk_id(record) == query.bulk_id)
                     and (query.message_id is None or record[MESSAGE_ID] == query.message_id)
                     and (query.entity_id is None or platform.get("entityId") == query.entity_id)
-                    and (
-                        query.application_id is None or platform.get("applicationId") == query.application_id
-                    )
+                    and (query.application_id is None or platform.get("applicationId") == query.application_id)
                     and (
                         query.campaign_reference_id is None
                         or rec.campaign_reference_id(record) == query.campaign_reference_id
@@ -322,10 +411,7 @@ class SandboxState:
                 continue
             if query.entity_id is not None and rec.platform(record).get("entityId") != query.entity_id:
                 continue
-            if (
-                query.application_id is not None
-                and rec.platform(record).get("applicationId") != query.application_id
-            ):
+            if query.application_id is not None and rec.platform(record).get("applicationId") != query.application_id:
                 continue
             if query.general_status is not None:
                 status = record[STATUS] or codes.PENDING_ACCEPTED
@@ -375,7 +461,6 @@ class SandboxState:
         }
         if per_message:
             stats["accepted_per_message_id"] = {
-                mid: 1 + self.extra_sends.get(mid, 0)
-                for mid in itertools.chain(self.retired_ids, self.by_message_id)
+                mid: 1 + self.extra_sends.get(mid, 0) for mid in itertools.chain(self.retired_ids, self.by_message_id)
             }
         return stats

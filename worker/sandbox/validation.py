@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Final
@@ -37,17 +40,13 @@ VALIDITY_UNITS: Final = frozenset(["SECONDS", "MINUTES", "HOURS"])
 SPEED_UNITS: Final = frozenset(["MINUTE", "HOUR", "DAY"])
 DAYS: Final = frozenset(["MONDAY", "TUESDAY", "WEDNESDAY", "THURSDAY", "FRIDAY", "SATURDAY", "SUNDAY"])
 RECIPIENT_TYPES: Final = frozenset(("BIREYSEL", "TACIR"))
-GENERAL_STATUSES: Final = frozenset(
-    ["ACCEPTED", "PENDING", "UNDELIVERABLE", "DELIVERED", "EXPIRED", "REJECTED"]
-)
+GENERAL_STATUSES: Final = frozenset(["ACCEPTED", "PENDING", "UNDELIVERABLE", "DELIVERED", "EXPIRED", "REJECTED"])
 
 NOT_NULL: Final = "must not be null"
 NOT_EMPTY: Final = "must not be empty"
 
 # yyyy-MM-dd'T'HH:mm:ss[.S...](Z|+HHMM|+HH:MM): the documented format plus the ISO offset style.
-_DATETIME: Final = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:?\d{2})"
-)
+_DATETIME: Final = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:?\d{2})")
 
 
 def parse_datetime(value: str) -> float:
@@ -68,19 +67,25 @@ def parse_datetime(value: str) -> float:
     return moment.timestamp()
 
 
+@functools.lru_cache(maxsize=4096)
+def _second_prefix(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+@functools.lru_cache(maxsize=1024)
 def format_datetime(unix_s: float) -> str:
     """Unix seconds -> `yyyy-MM-dd'T'HH:mm:ss.SSS+0000`, the format the API emits."""
-    moment = datetime.fromtimestamp(unix_s, UTC)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}+0000"
+    # Cached twice over: a batch of reports shares its sentAt/doneAt values, and timestamps
+    # share their second, so strftime (a few microseconds here) runs rarely.
+    second = math.floor(unix_s)
+    return f"{_second_prefix(second)}.{int((unix_s - second) * 1000):03d}+0000"
 
 
 # --- POST /sms/3/messages ---------------------------------------------------------------
 
 
 def _type_name(expected: type) -> str:
-    return {str: "a string", int: "an integer", bool: "a boolean", dict: "an object", list: "an array"}[
-        expected
-    ]
+    return {str: "a string", int: "an integer", bool: "a boolean", dict: "an object", list: "an array"}[expected]
 
 
 def _check(value: Any, expected: type, path: str, out: list[Violation], required: bool = False) -> bool:
@@ -100,9 +105,7 @@ def _check_len(value: Any, limit: int, path: str, out: list[Violation], required
         out.append((path, f"size must be between 0 and {limit}"))
 
 
-def _check_enum(
-    value: Any, allowed: frozenset[str], path: str, out: list[Violation], required: bool = False
-) -> None:
+def _check_enum(value: Any, allowed: frozenset[str], path: str, out: list[Violation], required: bool = False) -> None:
     if _check(value, str, path, out, required) and value not in allowed:
         out.append((path, f"must be one of [{', '.join(sorted(allowed))}]"))
 
@@ -182,9 +185,7 @@ def _validate_message_options(options: Any, path: str, out: list[Violation]) -> 
     if _check(regional, dict, path + ".regional", out):
         india = regional.get("indiaDlt")
         if _check(india, dict, path + ".regional.indiaDlt", out):
-            _check(
-                india.get("principalEntityId"), str, path + ".regional.indiaDlt.principalEntityId", out, True
-            )
+            _check(india.get("principalEntityId"), str, path + ".regional.indiaDlt.principalEntityId", out, True)
             _check(india.get("contentTemplateId"), str, path + ".regional.indiaDlt.contentTemplateId", out)
             _check(india.get("telemarketerId"), str, path + ".regional.indiaDlt.telemarketerId", out)
         turkey = regional.get("turkeyIys")
@@ -215,7 +216,8 @@ def _validate_webhooks(webhooks: Any, path: str, out: list[Violation]) -> None:
     _check_len(webhooks.get("callbackData"), 4000, path + ".callbackData", out)
 
 
-def _validate_request_options(options: Any, now: float, out: list[Violation]) -> None:
+def validate_request_options(options: Any, now: float, out: list[Violation]) -> None:
+    """Append the violations of the request-level `options` to `out`."""
     if not _check(options, dict, "options", out):
         return
     schedule = options.get("schedule")
@@ -233,12 +235,35 @@ def _validate_request_options(options: Any, now: float, out: list[Violation]) ->
         speed = schedule.get("sendingSpeedLimit")
         if _check(speed, dict, "options.schedule.sendingSpeedLimit", out):
             _check(speed.get("amount"), int, "options.schedule.sendingSpeedLimit.amount", out, required=True)
-            _check_enum(
-                speed.get("timeUnit"), SPEED_UNITS, "options.schedule.sendingSpeedLimit.timeUnit", out
-            )
+            _check_enum(speed.get("timeUnit"), SPEED_UNITS, "options.schedule.sendingSpeedLimit.timeUnit", out)
     _check(options.get("includeSmsCountInResponse"), bool, "options.includeSmsCountInResponse", out)
     _check(options.get("tracking"), dict, "options.tracking", out)
     _check(options.get("conversionTracking"), dict, "options.conversionTracking", out)
+
+
+def validate_message(message: Any, i: int, out: list[Violation]) -> None:
+    """Append the violations of `messages[i]` to `out`."""
+    if type(message) is not dict:
+        out.append((f"messages[{i}]", "must be an object"))
+        return
+    destinations = message.get("destinations")
+    if type(destinations) is list and destinations:
+        for j, destination in enumerate(destinations):
+            if type(destination) is not dict:
+                out.append((f"messages[{i}].destinations[{j}]", "must be an object"))
+                continue
+            prefix = f"messages[{i}].destinations[{j}]"
+            _check_len(destination.get("to"), 64, prefix + ".to", out, required=True)
+            _check_len(destination.get("messageId"), 200, prefix + ".messageId", out)
+            _check(destination.get("networkId"), int, prefix + ".networkId", out)
+    elif _check(destinations, list, f"messages[{i}].destinations", out, required=True):
+        out.append((f"messages[{i}].destinations", NOT_EMPTY))
+    _validate_content(message.get("content"), f"messages[{i}].content", out)
+    _check(message.get("sender"), str, f"messages[{i}].sender", out)
+    if "options" in message:
+        _validate_message_options(message["options"], f"messages[{i}].options", out)
+    if "webhooks" in message:
+        _validate_webhooks(message["webhooks"], f"messages[{i}].webhooks", out)
 
 
 def validate_send_request(body: Any, now: float) -> list[Violation]:
@@ -250,43 +275,9 @@ def validate_send_request(body: Any, now: float) -> list[Violation]:
     if _check(messages, list, "messages", out, required=True) and not messages:
         out.append(("messages", NOT_EMPTY))
     for i, message in enumerate(messages if type(messages) is list else ()):
-        if type(message) is not dict:
-            out.append((f"messages[{i}]", "must be an object"))
-            continue
-        destinations = message.get("destinations")
-        if type(destinations) is list and destinations:
-            for j, destination in enumerate(destinations):
-                # Fast path first: the common destination is a dict with short string fields.
-                if type(destination) is dict:
-                    to = destination.get("to")
-                    message_id = destination.get("messageId")
-                    if (
-                        type(to) is str
-                        and len(to) <= 64
-                        and (message_id is None or (type(message_id) is str and len(message_id) <= 200))
-                        and destination.get("networkId") is None
-                    ):
-                        continue
-                    prefix = f"messages[{i}].destinations[{j}]"
-                    _check_len(to, 64, prefix + ".to", out, required=True)
-                    _check_len(message_id, 200, prefix + ".messageId", out)
-                    _check(destination.get("networkId"), int, prefix + ".networkId", out)
-                else:
-                    out.append((f"messages[{i}].destinations[{j}]", "must be an object"))
-        elif _check(destinations, list, f"messages[{i}].destinations", out, required=True):
-            out.append((f"messages[{i}].destinations", NOT_EMPTY))
-        content = message.get("content")
-        if not (type(content) is dict and type(content.get("text")) is str and len(content) == 1):
-            _validate_content(content, f"messages[{i}].content", out)
-        sender = message.get("sender")
-        if sender is not None and type(sender) is not str:
-            out.append((f"messages[{i}].sender", "must be a string"))
-        if "options" in message:
-            _validate_message_options(message["options"], f"messages[{i}].options", out)
-        if "webhooks" in message:
-            _validate_webhooks(message["webhooks"], f"messages[{i}].webhooks", out)
+        validate_message(message, i, out)
     if "options" in body:
-        _validate_request_options(body["options"], now, out)
+        validate_request_options(body["options"], now, out)
     return out
 
 
