@@ -238,11 +238,13 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     if args.action == "replay":
         store = dlq.store
         triggers = _triggers(settings, store)
-        for item in chosen:
+        jobs = [i for i in chosen if i.lane]
+        for item in jobs:
             dlq.replay(item, new_message_id=args.new_message_id)
-        for lane in {i.lane for i in chosen}:
+        for lane in {i.lane for i in jobs}:
             triggers.dispatch(lane)
-        print(f"replayed {len(chosen)}")
+        skipped = len(chosen) - len(jobs)
+        print(f"replayed {len(jobs)}" + (f", skipped {skipped} report dead letter(s) (nothing to send)" if skipped else ""))
         return 0
     print(f"purged {dlq.purge(chosen)}")
     return 0

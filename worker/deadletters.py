@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 
+from worker.errors import SmsWorkerError
 from worker.store import Store, redis_errors
 
 
@@ -75,6 +76,9 @@ class DeadLetters:
         Returns the stream entry id. The message goes back to QUEUED (the only way out of FAILED),
         and the dead letter is removed.
         """
+        if not item.lane:
+            # Report dead letters (malformed pages, unknown messages) have no job to send again.
+            raise SmsWorkerError(f"dead letter {item.dlq_id} ({item.reason}) is not a job and cannot be replayed")
         outbox = self.store.outbox(item.lane)
         fields: dict[str, str] = {"job": item.job}
         if not new_message_id:

@@ -52,8 +52,8 @@ def run_demo(messages: int = 3000, keep_logs: bool = False) -> int:
         "LOG_LEVEL": "WARNING",
         # Short timeouts so "accept then time out" faults resolve within the demo.
         "ICOMM_READ_TIMEOUT_S": "1", "ICOMM_CONNECT_TIMEOUT_S": "1", "ICOMM_WRITE_TIMEOUT_S": "1",
-        "ICOMM_RETRY_BACKOFF_BASE_S": "0.05", "ICOMM_RETRY_BACKOFF_MAX_S": "0.5",
-        "SMS_LEASE_S": "12", "SMS_RECONCILE_DELAY_S": "1", "SMS_OUTAGE_PAUSE_S": "1",
+        "ICOMM_RETRY_BACKOFF_BASE_S": "0.05", "ICOMM_RETRY_BACKOFF_MAX_S": "0.5", "ICOMM_SEND_RETRY_ATTEMPTS": "3",
+        "SMS_LEASE_S": "15", "SMS_RECONCILE_DELAY_S": "1", "SMS_OUTAGE_PAUSE_S": "1",
         "SMS_DISPATCH_TICK_MS": "200", "SMS_REPORTS_DRAIN_INTERVAL_S": "1", "SMS_LOGS_RATE_PER_MIN": "600",
         "SMS_WEBHOOK_PUBLIC_URL": f"http://127.0.0.1:{web_port}", "SMS_WEBHOOK_SECRET": secret,
         "SMS_WEBHOOK_AUTH": "basic",

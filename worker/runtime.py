@@ -92,9 +92,13 @@ class Resources(dramatiq.Middleware):
     def forks(self) -> list[Callable[[], int]]:
         return [metrics.serve_worker_endpoints_forever] if self.settings.sms_metrics_port else []
 
-    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        # Before the worker threads start, so no message ever runs without its resources.
         self.settings.require_api_key()
         self.runtime = build_runtime(self.settings, broker)
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        assert self.runtime is not None
         threading.Thread(target=self._heartbeat, args=(self.runtime,), name="heartbeat", daemon=True).start()
 
     def _heartbeat(self, runtime: Runtime) -> None:

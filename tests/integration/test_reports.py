@@ -1,0 +1,529 @@
+"""Delivery reports against real Redis and the real sandbox: drain, fencing, processing, parking, sweeps."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from worker.errors import StoreError
+from worker.provider import Provider
+from worker.reports import (
+    CONFLICT,
+    DRAIN_LEASE,
+    Drainer,
+    Op,
+    Processor,
+    ReportKeys,
+    Sweeper,
+)
+from worker.sandbox.config import SandboxConfig
+from worker.sandbox.process import SandboxProcess
+from worker.settings import Settings
+from worker.store import Store
+
+API_KEY = "reports-test-key-0123"
+STATUSES = {
+    "DELIVERED": {"groupId": 3, "groupName": "DELIVERED", "id": 5, "name": "DELIVERED_TO_HANDSET",
+                  "description": "Message delivered to handset"},
+    "UNDELIVERABLE": {"groupId": 2, "groupName": "UNDELIVERABLE", "id": 9, "name": "UNDELIVERABLE_NOT_DELIVERED",
+                      "description": "Message sent not delivered"},
+    "EXPIRED": {"groupId": 4, "groupName": "EXPIRED", "id": 15, "name": "EXPIRED_EXPIRED",
+                "description": "Message expired"},
+    "REJECTED": {"groupId": 5, "groupName": "REJECTED", "id": 6, "name": "REJECTED_NETWORK",
+                 "description": "Network is forbidden"},
+    "PENDING": {"groupId": 1, "groupName": "PENDING", "id": 7, "name": "PENDING_ENROUTE",
+                "description": "Message sent to next instance"},
+}
+NO_ERROR = {"groupId": 0, "groupName": "OK", "id": 0, "name": "NO_ERROR", "description": "No Error",
+            "permanent": False}
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _message(store: Store, mid: str, *, state: str = "ACCEPTED", n: int = 0, deadline_ms: int | None = None,
+             **fields: Any) -> None:
+    """A message hash with the fields the dispatcher writes (and its awaiting entry when accepted)."""
+    job = {"to": f"4179{n:07d}", "text": "hello", "id": f"order-{n}", "metadata": {"n": n}}
+    store.r.hset(store.msg(mid), mapping={"state": state, "lane": "bulk", "job": orjson.dumps(job),
+                                          "bulk_id": "bulk-1", "attempts": 1, **fields})
+    if state == "ACCEPTED":
+        store.r.zadd(store.awaiting, {mid: deadline_ms or int(time.time() * 1000) + 3_600_000})
+
+
+def _report(mid: str, group: str = "DELIVERED", n: int = 0) -> dict[str, Any]:
+    return {
+        "bulkId": "bulk-1", "messageId": mid, "to": f"4179{n:07d}", "sentAt": "2026-11-27T10:00:00.000+0000",
+        "doneAt": "2026-11-27T10:00:02.000+0000", "messageCount": 1,
+        "price": {"pricePerMessage": 0.01, "currency": "EUR"}, "status": STATUSES[group], "error": NO_ERROR,
+        "mccMnc": "22801",
+    }
+
+
+def _raw(store: Store, *items: Any, src: str = "drain") -> str:
+    page = orjson.dumps({"results": list(items)})
+    return str(store.r.xadd(ReportKeys.of(store).raw, {"page": page, "src": src}).decode())
+
+
+def _events(store: Store) -> list[dict[str, Any]]:
+    return [orjson.loads(f[b"event"]) for _, f in store.r.xrange(store.events)]
+
+
+def _dead(store: Store) -> list[dict[str, Any]]:
+    return [orjson.loads(f[b"entry"]) for _, f in store.r.xrange(store.dlq)]
+
+
+def _raw_left(store: Store) -> int:
+    return int(store.r.xlen(ReportKeys.of(store).raw))
+
+
+def _with(settings: Settings, **changes: Any) -> Settings:
+    """A validated copy of `settings` with some fields changed."""
+    return Settings.model_validate({**settings.model_dump(), **changes})
+
+
+def _poll(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def processor(settings: Settings, store: Store) -> Processor:
+    return Processor(settings, store)
+
+
+@pytest.fixture
+def sweeper(settings: Settings, store: Store, processor: Processor) -> Sweeper:
+    return Sweeper(settings, store, processor)
+
+
+# --- processing ------------------------------------------------------------------------------------
+
+
+def test_final_reports_move_accepted_messages_and_emit_one_event_each(store: Store, processor: Processor) -> None:
+    """Each final group moves its message to that state with one event carrying the job and the report."""
+    groups = ["DELIVERED", "UNDELIVERABLE", "EXPIRED", "REJECTED"]
+    for n, _ in enumerate(groups):
+        _message(store, f"m-{n}", n=n)
+    _raw(store, *[_report(f"m-{n}", g, n) for n, g in enumerate(groups)])
+
+    tally = processor.process()
+
+    assert tally.applied == 4
+    by_id = {e["message_id"]: e for e in _events(store)}
+    assert [by_id[f"m-{n}"]["type"] for n in range(4)] == ["delivered", "undeliverable", "expired", "rejected"]
+    first = by_id["m-0"]
+    assert first["event_id"] == "m-0:delivered"
+    assert first["id"] == "order-0" and first["metadata"] == {"n": 0} and first["to"] == "41790000000"
+    assert first["lane"] == "bulk" and first["bulk_id"] == "bulk-1"
+    assert first["status"]["name"] == "DELIVERED_TO_HANDSET" and first["error"]["name"] == "NO_ERROR"
+    assert first["price"] == {"pricePerMessage": 0.01, "currency": "EUR"} and first["mcc_mnc"] == "22801"
+    assert first["sent_at"].startswith("2026-11-27T10:00:00") and first["message_count"] == 1
+    assert [store.message(f"m-{n}")["state"] for n in range(4)] == groups
+    assert store.r.zcard(store.awaiting) == 0
+    assert _raw_left(store) == 0
+
+
+def test_the_same_report_by_webhook_and_drain_and_twice_in_a_page_gives_one_event(
+    store: Store, processor: Processor
+) -> None:
+    """Duplicates (both paths, a page replayed, a repeat inside one page) produce exactly one event."""
+    _message(store, "m-1")
+    report = _report("m-1")
+    _raw(store, report, report, src="webhook")
+    _raw(store, report, src="drain")
+    processor.process()
+    _raw(store, report, src="drain")
+    tally = processor.process()
+
+    assert [e["event_id"] for e in _events(store)] == ["m-1:delivered"]
+    assert tally.duplicates == 1
+    assert _raw_left(store) == 0
+
+
+def test_reports_settle_messages_still_submitting_ambiguous_or_queued(store: Store, processor: Processor) -> None:
+    """A report that raced ahead of the send's bookkeeping still settles the message."""
+    for mid, state in [("s", "SUBMITTING"), ("a", "AMBIGUOUS"), ("q", "QUEUED"), ("f", "FAILED")]:
+        _message(store, mid, state=state)
+    _raw(store, _report("s"), _report("a", "UNDELIVERABLE"), _report("q", "REJECTED"), _report("f"))
+    processor.process()
+
+    assert sorted(e["event_id"] for e in _events(store)) == ["a:undeliverable", "q:rejected", "s:delivered"]
+    assert store.message("f")["state"] == "FAILED"  # terminal: a report changes nothing
+
+
+def test_intermediate_reports_change_nothing(store: Store, processor: Processor) -> None:
+    """PENDING reports leave the state, emit nothing and are not parked, even for unknown messages."""
+    _message(store, "m-1")
+    _raw(store, _report("m-1", "PENDING"), _report("nobody", "PENDING"))
+    tally = processor.process()
+
+    assert tally.intermediate == 2
+    assert store.message("m-1")["state"] == "ACCEPTED"
+    assert _events(store) == []
+    assert store.r.zcard(ReportKeys.of(store).parked_since) == 0
+    assert _raw_left(store) == 0
+
+
+def test_malformed_pages_and_items_are_dead_lettered_without_blocking(store: Store, processor: Processor) -> None:
+    """A page that is not JSON, one without results, and bad items go to dead letters; the rest applies."""
+    _message(store, "good")
+    keys = ReportKeys.of(store)
+    store.r.xadd(keys.raw, {"page": b"<html>502</html>", "src": "drain"})
+    store.r.xadd(keys.raw, {"page": b'{"results": "nope"}', "src": "drain"})
+    _raw(store, _report("good"), {"status": STATUSES["DELIVERED"]}, {"messageId": "x", "status": {"groupName": "?"}},
+         "not an object")
+    processor.process()
+
+    assert [e["event_id"] for e in _events(store)] == ["good:delivered"]
+    reasons = Counter(d["reason"] for d in _dead(store))
+    assert reasons == {"report_page_malformed": 2, "report_malformed": 3}
+    assert any(d.get("page") == "<html>502</html>" for d in _dead(store))
+    assert _raw_left(store) == 0
+
+
+def test_an_op_whose_message_appeared_since_the_read_is_retried_before_the_ack(
+    settings: Settings, store: Store, processor: Processor
+) -> None:
+    """report_apply.lua refuses to park a report once its message exists and then acknowledges nothing."""
+    entry = _raw(store, _report("m-1"))
+    _message(store, "m-1")
+    acked, results = processor.state.apply([Op("P", "m-1", payload=orjson.dumps(_report("m-1")))], ack=[entry])
+
+    assert (acked, results) == (False, [CONFLICT])
+    assert _raw_left(store) == 1
+    processor.process()
+    assert [e["event_id"] for e in _events(store)] == ["m-1:delivered"]
+    assert _raw_left(store) == 0
+
+
+# --- parking ---------------------------------------------------------------------------------------
+
+
+def test_unknown_report_is_parked_then_resolved_when_the_message_appears(
+    store: Store, processor: Processor, sweeper: Sweeper
+) -> None:
+    """A report for a message with no state yet is kept, and applied on a later run once the message exists."""
+    _raw(store, _report("late", "UNDELIVERABLE"))
+    tally = processor.process()
+    keys = ReportKeys.of(store)
+
+    assert tally.parked == 1 and _events(store) == [] and _raw_left(store) == 0
+    assert orjson.loads(store.r.hget(keys.parked, "late"))["messageId"] == "late"
+    assert store.r.zscore(keys.parked_since, "late") is not None
+    assert sweeper.sweep()["still_parked"] == 1
+
+    _message(store, "late", n=7)
+    result = sweeper.sweep()
+
+    assert result["resolved"] == 1
+    [event] = _events(store)
+    assert event["event_id"] == "late:undeliverable" and event["id"] == "order-7"
+    assert store.r.hlen(keys.parked) == 0 and store.r.zcard(keys.parked_since) == 0
+
+
+@pytest.mark.parametrize(("policy", "expected_events"), [("emit", 1), ("drop", 0)])
+def test_unknown_report_past_the_park_timeout_is_emitted_or_dropped_and_counted(
+    settings: Settings, store: Store, policy: str, expected_events: int
+) -> None:
+    """A report still unknown after the park timeout becomes an unknown_message event (or is dropped)."""
+    settings = _with(settings, sms_report_park_timeout_s=60.0, sms_unknown_reports=policy)
+    processor = Processor(settings, store)
+    sweeper = Sweeper(settings, store, processor)
+    _raw(store, _report("stranger", "DELIVERED", n=5))
+    processor.process()
+
+    assert sweeper.sweep()["still_parked"] == 1  # young: kept
+    later = int(time.time() * 1000) + 61_000
+    result = sweeper.sweep(now_ms=later)
+
+    assert result["unknown"] == 1
+    events = _events(store)
+    assert len(events) == expected_events
+    if events:
+        assert events[0]["type"] == "unknown_message" and events[0]["event_id"] == "stranger:unknown_message"
+        assert events[0]["to"] == "41790000005" and events[0]["status"]["groupName"] == "DELIVERED"
+    counters = processor.state.counters()
+    assert counters.get("unknown_emitted" if policy == "emit" else "unknown_dropped") == 1
+    assert store.r.zcard(ReportKeys.of(store).parked_since) == 0
+
+
+# --- the no-report sweep ---------------------------------------------------------------------------
+
+
+def test_no_report_sweep_expires_overdue_messages_and_a_late_report_replaces_it(
+    store: Store, processor: Processor, sweeper: Sweeper
+) -> None:
+    """Past the deadline an accepted message gets expired/no_report; a real report later still updates it."""
+    past = int(time.time() * 1000) - 1000
+    _message(store, "overdue", deadline_ms=past)
+    _message(store, "overdue-2", deadline_ms=past)
+    _message(store, "in-time")
+    _message(store, "done", state="DELIVERED")
+    store.r.zadd(store.awaiting, {"done": past})
+
+    result = sweeper.sweep()
+
+    assert result["expired_no_report"] == 2
+    expired = {e["message_id"]: e for e in _events(store)}
+    assert set(expired) == {"overdue", "overdue-2"}
+    assert expired["overdue"]["reason"] == "no_report" and expired["overdue"]["type"] == "expired"
+    assert expired["overdue"]["event_id"] == "overdue:expired:no_report"
+    assert expired["overdue"]["id"] == "order-0"
+    assert store.message("overdue")["reason"] == "no_report"
+    assert store.r.zrange(store.awaiting, 0, -1) == [b"in-time"]
+    assert sweeper.sweep()["expired_no_report"] == 0
+
+    _raw(store, _report("overdue", "DELIVERED"), _report("overdue-2", "EXPIRED"))
+    processor.process()
+
+    late = [e for e in _events(store) if e["reason"] is None]
+    assert sorted(e["event_id"] for e in late) == ["overdue-2:expired", "overdue:delivered"]
+    assert store.message("overdue")["state"] == "DELIVERED" and "reason" not in store.message("overdue")
+    _raw(store, _report("overdue", "DELIVERED"))
+    processor.process()
+    assert len(_events(store)) == 4
+
+
+# --- the drain, against the sandbox ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[SandboxProcess]:
+    with SandboxProcess(api_key=API_KEY, config=SandboxConfig(report_delay_ms=0, seed=4)) as proc:
+        yield proc
+
+
+@pytest.fixture
+def sbx(sandbox: SandboxProcess) -> SandboxProcess:
+    sandbox.reset()
+    return sandbox
+
+
+def _sandbox_settings(settings: Settings, sandbox: SandboxProcess) -> Settings:
+    return _with(settings, icomm_base_url=sandbox.url, icomm_api_key=API_KEY)
+
+
+def _send_direct(sandbox: SandboxProcess, store: Store, n: int, prefix: str = "d") -> list[str]:
+    """Send `n` SMS straight to the sandbox (no webhook) and record them as accepted, as dispatch would."""
+    mids = [f"{prefix}-{i}" for i in range(n)]
+    with httpx.Client(base_url=sandbox.url, headers=sandbox.auth_header, timeout=10) as client:
+        for start in range(0, n, 1000):
+            messages = [{"destinations": [{"to": f"4179{i:07d}", "messageId": mids[i]}], "content": {"text": "hi"}}
+                        for i in range(start, min(n, start + 1000))]
+            client.post("/sms/3/messages", json={"messages": messages}).raise_for_status()
+    for i, mid in enumerate(mids):
+        _message(store, mid, n=i)
+    return mids
+
+
+def _generated(sandbox: SandboxProcess, n: int) -> None:
+    _poll(lambda: sandbox.stats()["reports"]["generated"] >= n, 10, f"{n} reports to be generated")
+
+
+def test_drain_fetches_every_page_and_each_report_becomes_one_event(
+    settings: Settings, store: Store, sbx: SandboxProcess
+) -> None:
+    """2,500 reports come in full pages then a short one; each reaches exactly one final event."""
+    settings = _sandbox_settings(settings, sbx)
+    mids = _send_direct(sbx, store, 2500)
+    _generated(sbx, 2500)
+    with Provider(settings) as provider:
+        result = Drainer(settings, store, provider).drain()
+    Processor(settings, store).process()
+
+    assert (result.outcome, result.pages, result.reports) == ("drained", 3, 2500)
+    stats = sbx.stats()["reports"]
+    assert stats["fetched"] == stats["generated"] == 2500
+    events = _events(store)
+    assert Counter(e["message_id"] for e in events) == Counter(mids)
+    assert len({e["event_id"] for e in events}) == 2500
+    assert store.r.exists(store.key("lease", DRAIN_LEASE)) == 0  # released for the next drain
+
+
+def test_a_processor_that_dies_after_the_get_loses_no_report(
+    settings: Settings, store: Store, sbx: SandboxProcess
+) -> None:
+    """Pages read by a processor that crashed before acknowledging are recovered via XAUTOCLAIM, once each."""
+    settings = _sandbox_settings(settings, sbx)
+    mids = _send_direct(sbx, store, 1500)
+    _generated(sbx, 1500)
+    with Provider(settings) as provider:
+        Drainer(settings, store, provider).drain()
+
+    doomed = Processor(settings, store, consumer="doomed")
+
+    def crash(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("killed before the apply")
+
+    doomed.state.apply = crash  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        doomed.process()
+    assert _events(store) == [] and _raw_left(store) == 2
+
+    survivor = Processor(settings, store, consumer="survivor", claim_idle_ms=50)
+    _poll(lambda: survivor.process().applied == 0 and len(_events(store)) >= 1500, 10, "recovery")
+
+    assert Counter(e["message_id"] for e in _events(store)) == Counter(mids)
+    assert _raw_left(store) == 0
+    assert store.r.xpending(ReportKeys.of(store).raw, "reports")["pending"] == 0
+
+
+def test_a_drainer_whose_lease_was_taken_over_cannot_append(settings: Settings, store: Store) -> None:
+    """A drainer that paused past its lease during the GET is fenced off: its page goes to dead letters."""
+    page = orjson.dumps({"results": [_report("m-1")]})
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        # The GET takes so long that the lease expires and another drainer takes it over.
+        store.r.delete(store.key("lease", DRAIN_LEASE))
+        assert store.lease(DRAIN_LEASE, "the-new-drainer", 60_000) > 0
+        return httpx.Response(200, content=page)
+
+    with Provider(settings, transport=httpx.MockTransport(handler)) as provider:
+        result = Drainer(settings, store, provider).drain()
+
+    assert result.outcome == "fenced"
+    assert _raw_left(store) == 0
+    [dead] = _dead(store)
+    assert dead["reason"] == "drain_fenced" and orjson.loads(dead["page"]) == orjson.loads(page)
+    assert store.r.get(store.key("lease", DRAIN_LEASE)) == b"the-new-drainer"  # not released by the loser
+
+
+def test_append_refuses_a_stale_fencing_token(settings: Settings, store: Store) -> None:
+    """report_append.lua writes only with the current token."""
+    with Provider(settings) as provider:
+        drainer = Drainer(settings, store, provider)
+        old = store.lease(DRAIN_LEASE, "a", 60_000)
+        store.release_lease(DRAIN_LEASE, "a")
+        new = store.lease(DRAIN_LEASE, "b", 60_000)
+        assert drainer.append(b'{"results":[]}', new) is True
+        assert drainer.append(b'{"results":[]}', old) is False
+    assert _raw_left(store) == 1
+
+
+def test_a_second_drainer_does_not_fetch_while_the_lease_is_held(
+    settings: Settings, store: Store, sbx: SandboxProcess
+) -> None:
+    """With the drain lease held elsewhere, drain() returns at once without calling the provider."""
+    settings = _sandbox_settings(settings, sbx)
+    _send_direct(sbx, store, 10)
+    _generated(sbx, 10)
+    assert store.lease(DRAIN_LEASE, "someone-else", 60_000) > 0
+    with Provider(settings) as provider:
+        result = Drainer(settings, store, provider).drain()
+
+    assert result.outcome == "busy"
+    assert sbx.stats()["requests"].get("GET /sms/3/reports", {}) == {}
+    assert sbx.stats()["reports"]["fetched"] == 0
+
+
+def test_two_drainers_at_once_store_each_report_once(settings: Settings, store: Store, sbx: SandboxProcess) -> None:
+    """Drainers started together: one drains, the other is turned away; no report is stored twice."""
+    settings = _sandbox_settings(settings, sbx)
+    mids = _send_direct(sbx, store, 3000)
+    _generated(sbx, 3000)
+    start = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def run() -> None:
+        with Provider(settings) as provider:
+            drainer = Drainer(settings, store, provider)
+            start.wait()
+            outcomes.append(drainer.drain().outcome)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+    stored = [r["messageId"] for _, f in store.r.xrange(ReportKeys.of(store).raw)
+              for r in orjson.loads(f[b"page"])["results"]]
+    assert Counter(stored) == Counter(mids)
+    assert "drained" in outcomes
+    Processor(settings, store).process()
+    assert len({e["event_id"] for e in _events(store)}) == len(_events(store)) == 3000
+
+
+class RecordingWake:
+    """Stands in for Dramatiq: records the actors the report code asked to wake."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def process_reports(self) -> None:
+        self.sent.append("process_reports")
+
+    def send(self, actor: str, *args: Any, delay_ms: int = 0) -> None:
+        self.sent.append(actor)
+
+
+def test_a_long_backlog_is_drained_in_bounded_runs_that_hand_over(
+    settings: Settings, store: Store, sbx: SandboxProcess
+) -> None:
+    """A drain wakes the processor per stored page, stops after its page budget and hands over the rest."""
+    settings = _sandbox_settings(settings, sbx)
+    _send_direct(sbx, store, 2500)
+    _generated(sbx, 2500)
+    wake = RecordingWake()
+    with Provider(settings) as provider:
+        first = Drainer(settings, store, provider, wake, max_pages=2).drain()
+        second = Drainer(settings, store, provider, wake, max_pages=2).drain()
+
+    assert (first.outcome, first.pages, first.reports) == ("page_limit", 2, 2000)
+    assert (second.outcome, second.pages, second.reports) == ("drained", 1, 500)
+    assert wake.sent == ["process_reports", "process_reports", "drain_reports", "process_reports"]
+
+
+def test_an_idle_drain_stores_nothing(settings: Settings, store: Store, sbx: SandboxProcess) -> None:
+    """With no report waiting, a drain makes one GET and writes no raw entry."""
+    settings = _sandbox_settings(settings, sbx)
+    wake = RecordingWake()
+    with Provider(settings) as provider:
+        result = Drainer(settings, store, provider, wake).drain()
+    assert (result.outcome, result.pages) == ("drained", 0)
+    assert _raw_left(store) == 0 and wake.sent == []
+
+
+class FlakyStore(Store):
+    """A Store whose first `failures` script calls of one name fail, as in a Redis connection blip."""
+
+    def __init__(self, store: Store, name: str, failures: int) -> None:
+        super().__init__(store.r, store.p, store.mid_prefix)
+        self.name = name
+        self.failures = failures
+
+    def run(self, name: str, keys: Any, args: Any) -> Any:
+        if name == self.name and self.failures > 0:
+            self.failures -= 1
+            raise StoreError("Redis: ConnectionError: connection reset by peer")
+        return super().run(name, keys, args)
+
+
+def test_a_page_already_taken_from_the_provider_survives_a_redis_blip(settings: Settings, store: Store) -> None:
+    """Appending a fetched page is retried through a short Redis outage instead of losing the page."""
+    page = orjson.dumps({"results": [_report("m-1")]})
+    flaky = FlakyStore(store, "report_append", failures=2)
+    with Provider(settings, transport=httpx.MockTransport(lambda _: httpx.Response(200, content=page))) as provider:
+        result = Drainer(settings, flaky, provider).drain()
+    assert (result.outcome, result.pages) == ("drained", 1)
+    assert _raw_left(store) == 1
+
+
+def test_a_malformed_apply_call_is_refused_before_any_write(store: Store, processor: Processor) -> None:
+    """report_apply.lua checks every op code first: Lua does not roll back a half-run script."""
+    _message(store, "m-1")
+    ops = [Op("A", "m-1", "DELIVERED", "DELIVERED_TO_HANDSET", b'{"event":1}'), Op("X", "m-1")]
+    with pytest.raises(StoreError, match="unknown op code"):
+        processor.state.apply(ops)
+    assert store.message("m-1")["state"] == "ACCEPTED" and _events(store) == []

@@ -1,0 +1,207 @@
+"""The web process: the delivery-report webhook, /healthz and /readyz (a Starlette ASGI app).
+
+    POST {SMS_WEBHOOK_PATH}            reports from the provider, authenticated by `header` or `basic`
+    POST {SMS_WEBHOOK_PATH}/{secret}   the same, authenticated by the path token (`path`)
+    GET  /healthz                      the process is alive
+    GET  /readyz                       Redis answers and no lane is paused for an auth failure
+
+A webhook call is answered 200 only once its body is in the raw reports stream (the provider
+retries anything else), so every refusal stores nothing: 503 no secret configured or Redis down,
+401 unauthenticated, 415 not JSON, 413 too big, 400 not `{results: [DeliveryReport...]}`.
+Nothing here reads or changes jobs. The secret is compared in constant time and never logged
+(uvicorn's access log is off: in `path` mode the URL itself is the secret).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import structlog
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from worker import metrics
+from worker.errors import SmsWorkerError, StoreError
+from worker.reports import WebhookBodyError, ingest_webhook
+from worker.settings import Settings
+from worker.store import Store, connect, redis_errors
+
+log = structlog.get_logger(__name__)
+
+SECRET_HEADER = "x-webhook-secret"  # noqa: S105 -- a header name, not a secret
+
+
+@dataclass
+class WebState:
+    """What the handlers share; built by the lifespan unless a test passes it in."""
+
+    store: Store | None = None
+    wake: Callable[[], None] | None = None
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _basic_password(header: str | None) -> str | None:
+    if not header or header[:6].lower() != "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    _, sep, password = decoded.partition(":")
+    return password if sep else None
+
+
+def _same(given: str | None, secret: str) -> bool:
+    # compare_digest on bytes: constant time for equal lengths, and it takes any characters.
+    return given is not None and hmac.compare_digest(given.encode("utf-8"), secret.encode("utf-8"))
+
+
+def create_app(
+    settings: Settings, *, store: Store | None = None, wake: Callable[[], None] | None = None
+) -> Starlette:
+    """The ASGI app; without `store`, the lifespan connects to Redis and a Dramatiq broker."""
+    state = WebState(store, wake)
+    secret = settings.webhook_secret()
+    mode = settings.sms_webhook_auth
+    max_body = settings.sms_webhook_max_body_bytes
+    if not secret:
+        log.warning("webhook_disabled", reason="SMS_WEBHOOK_SECRET is not set; the webhook answers 503",
+                    path=settings.sms_webhook_path)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        owned = state.store is None
+        broker = None
+        if owned:
+            from worker.runtime import make_broker
+            from worker.triggers import Triggers
+
+            client = connect(settings.redis_url)
+            state.store = Store(client, settings.sms_key_prefix, settings.sms_message_id_prefix)
+            broker, _ = make_broker(settings)
+            state.wake = Triggers(state.store, broker).process_reports
+        log.info("web_started", webhook_path=settings.sms_webhook_path, webhook_auth=mode,
+                 webhook_enabled=bool(secret), max_body_bytes=max_body)
+        try:
+            yield
+        finally:
+            if owned and state.store is not None:
+                state.store.r.close()
+                if broker is not None:
+                    broker.close()
+
+    def authenticated(request: Request, secret: str) -> bool:
+        if mode == "header":
+            return _same(request.headers.get(SECRET_HEADER), secret)
+        if mode == "basic":
+            return _same(_basic_password(request.headers.get("authorization")), secret)
+        return _same(request.path_params.get("token"), secret)
+
+    async def read_body(request: Request) -> bytes | None:
+        """The body, or None once it exceeds the cap (counted as it streams, whatever it claims)."""
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def webhook(request: Request) -> Response:
+        started = time.perf_counter()
+
+        def refuse(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+            log.warning("webhook_refused", status=status, reason=message,
+                        duration_ms=round((time.perf_counter() - started) * 1000, 1))
+            return _error(status, message, headers)
+
+        if not secret:
+            return refuse(503, "the webhook is not configured (no shared secret)")
+        if not authenticated(request, secret):
+            challenge = {"WWW-Authenticate": 'Basic realm="icomm-webhook"'} if mode == "basic" else None
+            return refuse(401, "unauthenticated", challenge)
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media != "application/json":
+            return refuse(415, "content type must be application/json")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return refuse(400, "invalid Content-Length")
+            if int(declared) > max_body:
+                return refuse(413, f"body larger than {max_body} bytes")
+        body = await read_body(request)
+        if body is None:
+            return refuse(413, f"body larger than {max_body} bytes")
+        store = state.store
+        if store is None:
+            return refuse(503, "not ready")
+        try:
+            reports = await run_in_threadpool(ingest_webhook, store, body)
+        except WebhookBodyError as error:
+            return refuse(400, str(error))
+        except StoreError as error:
+            log.error("webhook_store_failed", error=str(error))
+            return refuse(503, "storage unavailable, retry later")
+        if reports and state.wake is not None:
+            try:
+                await run_in_threadpool(state.wake)
+            except SmsWorkerError as error:
+                # Stored durably already: the clock wakes the processor every second anyway.
+                log.warning("webhook_wake_failed", error=str(error))
+        log.info("webhook_received", reports=reports, bytes=len(body),
+                 duration_ms=round((time.perf_counter() - started) * 1000, 1))
+        return JSONResponse({"accepted": reports})
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    def readiness() -> tuple[bool, dict[str, object]]:
+        store = state.store
+        if store is None:
+            return False, {"redis": "not connected"}
+        try:
+            with redis_errors():
+                store.r.ping()
+            paused = {lane: store.paused(lane) for lane in settings.sms_lanes}
+        except StoreError:
+            return False, {"redis": "unreachable"}
+        auth = sorted(lane for lane, reason in paused.items() if reason == "auth")
+        detail: dict[str, object] = {"redis": "ok", "paused": {k: v for k, v in paused.items() if v}}
+        if auth:
+            detail["error"] = f"lane(s) paused by a provider auth failure: {', '.join(auth)}"
+        return not auth, detail
+
+    async def readyz(request: Request) -> Response:
+        ready, detail = await run_in_threadpool(readiness)
+        return JSONResponse({"ready": ready, **detail}, status_code=200 if ready else 503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        # The web process's own counters (webhook reports) and the Redis gauges.
+        if state.store is None:
+            return Response(status_code=503)
+        body, content_type = await run_in_threadpool(metrics.render, metrics.registries(settings, state.store))
+        return Response(body, media_type=content_type)
+
+    path = settings.sms_webhook_path.rstrip("/") or "/"
+    routes = [
+        Route(path, webhook, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
+    if mode == "path":
+        routes.insert(1, Route(f"{path.rstrip('/')}/{{token}}", webhook, methods=["POST"]))
+    return Starlette(routes=routes, lifespan=lifespan)
