@@ -244,7 +244,8 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         for lane in {i.lane for i in jobs}:
             triggers.dispatch(lane)
         skipped = len(chosen) - len(jobs)
-        print(f"replayed {len(jobs)}" + (f", skipped {skipped} report dead letter(s) (nothing to send)" if skipped else ""))
+        note = f", skipped {skipped} report dead letter(s) (nothing to send)" if skipped else ""
+        print(f"replayed {len(jobs)}{note}")
         return 0
     print(f"purged {dlq.purge(chosen)}")
     return 0
