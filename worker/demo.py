@@ -57,14 +57,16 @@ def run_demo(messages: int = 3000, keep_logs: bool = False) -> int:
         "SMS_DISPATCH_TICK_MS": "200", "SMS_REPORTS_DRAIN_INTERVAL_S": "1", "SMS_LOGS_RATE_PER_MIN": "600",
         "SMS_WEBHOOK_PUBLIC_URL": f"http://127.0.0.1:{web_port}", "SMS_WEBHOOK_SECRET": secret,
         "SMS_WEBHOOK_AUTH": "basic",
+        # Small bulks, so the sandbox's fault mix touches a fair number of requests.
+        "SMS_LANES": '{"otp":{"batch_size":20,"max_wait_ms":0},"bulk":{"batch_size":100,"max_wait_ms":100}}',
     }
     started = time.monotonic()
     with DevStack(env=env) as stack:
         with console.status("starting Redis, the sandbox, 2 workers, the clock and the web process"):
             redis_url = stack.start_redis()
             sandbox = stack.start_sandbox(
-                api_key, "--seed", "7", "--report-delay-ms", "300", "--rate-429", "0.02",
-                "--retry-after-share", "0.5", "--error-5xx-rate", "0.02", "--accept-then-timeout-rate", "0.01",
+                api_key, "--seed", "7", "--report-delay-ms", "300", "--rate-429", "0.05",
+                "--retry-after-share", "0.5", "--error-5xx-rate", "0.04", "--accept-then-timeout-rate", "0.03",
                 "--timeout-delay-ms", "1500",
             )
             stack.start_worker("worker-1")
@@ -108,8 +110,10 @@ def run_demo(messages: int = 3000, keep_logs: bool = False) -> int:
                     break
         stats = httpx.get(f"{sandbox}/_sandbox/stats", timeout=5).json()
         counts = Counter(last.values())
-        table = Table(title=f"{total} SMS ({messages} queued + {len(broken)} broken raw jobs) "
-                            f"in {time.monotonic() - started:.1f} s")
+        faults = ", ".join(f"{k} {v}" for k, v in sorted(stats.get("faults", {}).items())) or "none"
+        table = Table(title=f"{total} SMS in {time.monotonic() - started:.1f} s",
+                      caption=f"{messages} queued through the API + {len(broken)} broken jobs written with "
+                              f"plain XADD; sandbox faults injected: {faults}")
         table.add_column("final status")
         table.add_column("messages", justify="right")
         for status, n in sorted(counts.items(), key=lambda kv: -kv[1]):

@@ -55,6 +55,8 @@ class BatchStats:
     ambiguous: int = 0
     reconciled: int = 0
     requests: int = 0
+    # (entry ids, ms): pending entries to bring back for another attempt after a lane pause.
+    retry_in: list[tuple[list[str], int]] = field(default_factory=list)
     bulk_ids: list[str] = field(default_factory=list)
 
 
@@ -215,6 +217,8 @@ class Dispatcher:
                 state_ttl_s=self.settings.sms_state_ttl_s,
             )
             _count(lane, outcomes, applied)
+        for entry_ids, delay_ms in stats.retry_in:
+            self.store.retry_in(lane, self.consumer, entry_ids, delay_ms, self.lease_ms)
         log.info(
             "bulk_dispatched", lane=lane, messages=len(entries), requests=stats.requests,
             accepted=stats.accepted, rejected=stats.rejected, failed=stats.failed, retry=stats.retry,
@@ -341,11 +345,13 @@ class Dispatcher:
             self.store.pause(lane, "auth", self.settings.sms_auth_pause_s)
             log.error("provider_auth_failed", lane=lane, status=error.status_code,
                       pause_s=self.settings.sms_auth_pause_s, messages_kept=len(entries))
+            stats.retry_in.append(([e.entry_id for e in entries], int(self.settings.sms_auth_pause_s * 1000)))
             return self._retry_later(lane, entries, jobs, attempts, error, stats, count_attempt=False)
         if isinstance(error, ProviderNotActedOn):
             self.store.pause(lane, "provider_unavailable", self.settings.sms_outage_pause_s)
             log.warning("provider_unavailable", lane=lane, status=error.status_code,
                         error_class=type(error).__name__, pause_s=self.settings.sms_outage_pause_s)
+            stats.retry_in.append(([e.entry_id for e in entries], int(self.settings.sms_outage_pause_s * 1000)))
             return self._retry_later(lane, entries, jobs, attempts, error, stats, count_attempt=True)
         if isinstance(error, ProviderAmbiguous):
             stats.ambiguous += len(entries)

@@ -278,6 +278,17 @@ class Store:
             )
         return entries
 
+    def retry_in(self, lane: str, consumer: str, entry_ids: Sequence[str], delay_ms: int, lease_ms: int) -> None:
+        """Make pending entries due for recovery in `delay_ms` instead of a whole lease.
+
+        XAUTOCLAIM takes entries idle for `lease_ms`; setting their idle time to the lease minus the
+        delay brings a certainly-not-sent batch back as soon as its lane's pause is over.
+        """
+        if entry_ids:
+            idle = max(0, lease_ms - delay_ms)
+            self.pipeline([(b"XCLAIM", self.outbox(lane), DISPATCH_GROUP, consumer, 0, *entry_ids,
+                            b"IDLE", idle, b"JUSTID")])
+
     def claim_producer_ids(self, pairs: Sequence[tuple[str, str]], ttl_s: int) -> list[str]:
         """(producer id, message id) pairs -> the message id that owns each producer id.
 
