@@ -61,7 +61,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     from worker.sandbox import server
     from worker.sandbox.config import config_from_args
 
-    server.run(args.port, args.api_key, host=args.host, config=config_from_args(args))
+    server.run(args.port, args.api_key, host=args.host, config=config_from_args(args), allow_remote=args.allow_remote)
     return 0
 
 
@@ -357,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--port", type=int, default=8900)
     p.add_argument("--api-key", required=True)
-    p.add_argument("--host", default="127.0.0.1", help="loopback only by default")
+    p.add_argument("--host", default="127.0.0.1", help="loopback only unless --allow-remote")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="bind a non-loopback host (a private container network only: the admin API has no auth)")
     add_sandbox_arguments(p)
     p.set_defaults(func=cmd_sandbox)
 

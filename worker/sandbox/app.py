@@ -222,6 +222,12 @@ class SandboxApp:
             state.requests[SEND, 400] += 1
             await _respond(send, 400, errors.bad_request([("", "request body is not valid JSON")]))
             return
+        poisoned = _poisoned(body, self.config.reject_text_containing)
+        if poisoned:
+            state.faults_injected["reject_text"] += 1
+            state.requests[SEND, 400] += 1
+            await _respond(send, 400, errors.bad_request(poisoned))
+            return
         response, violations = state.accept(body, time.time())
         if response is None:
             state.requests[SEND, 400] += 1
@@ -315,3 +321,20 @@ class SandboxApp:
         if "seed" in updates:
             self.state.reseed()
         await _respond(send, 200, orjson.dumps(config_as_dict(self.config)))
+
+
+def _poisoned(body: object, needle: str) -> list[tuple[str, str]]:
+    """Violations for texts the platform refuses as a whole request (the `reject_text_containing` fault).
+
+    It stands for the provider-side rules a client cannot check beforehand: one such message makes
+    the whole bulk a 400, which is what the worker must isolate.
+    """
+    if not needle or type(body) is not dict or type(body.get("messages")) is not list:
+        return []
+    found = []
+    for i, message in enumerate(body["messages"]):
+        content = message.get("content") if type(message) is dict else None
+        text = content.get("text") if type(content) is dict else None
+        if type(text) is str and needle in text:
+            found.append((f"messages[{i}].content.text", "content refused by the platform's content policy"))
+    return found

@@ -36,6 +36,7 @@ class SandboxConfig:
     logs_rate_per_min: int = 120
     forbidden_keys: tuple[str, ...] = ()
     reject_duplicate_ids: bool = True
+    reject_text_containing: str = ""
     webhook_max_attempts: int = 6
     webhook_retry_base_ms: float = 200.0
     webhook_timeout_ms: float = 5000.0
@@ -155,6 +156,10 @@ _KNOBS: Final[dict[str, _Knob]] = {
     "logs_rate_per_min": _Knob(_integer, "GET /sms/3/logs requests per minute before 429", "N"),
     "forbidden_keys": _Knob(_keys, "an API key that authenticates but lacks permission (403); repeatable", "KEY"),
     "reject_duplicate_ids": _Knob(_boolean, "reject an already accepted messageId with status 23"),
+    "reject_text_containing": _Knob(
+        lambda v: v if isinstance(v, str) else _text(v),
+        "answer 400 for a whole bulk when a message text contains this string (empty: off)", "TEXT",
+    ),
     "webhook_max_attempts": _Knob(lambda v: _integer(v, 1), "webhook push attempts before a batch is dropped", "N"),
     "webhook_retry_base_ms": _Knob(_number, "first webhook retry delay; doubles per attempt", "MS"),
     "webhook_timeout_ms": _Knob(_number, "timeout of one webhook push", "MS"),

@@ -41,9 +41,14 @@ def build_app(api_key: str, config: SandboxConfig | None = None) -> ASGIApp:
     return SandboxApp(api_key, config or SandboxConfig())
 
 
-def run(port: int, api_key: str, host: str = "127.0.0.1", config: SandboxConfig | None = None) -> None:
-    """Serve the sandbox until SIGINT/SIGTERM."""
-    _require_loopback(host)
+def run(
+    port: int, api_key: str, host: str = "127.0.0.1", config: SandboxConfig | None = None, *,
+    allow_remote: bool = False,
+) -> None:
+    """Serve the sandbox until SIGINT/SIGTERM; a non-loopback host needs `allow_remote` (a container
+    network with no published port, as in deploy/compose.yaml)."""
+    if not allow_remote:
+        _require_loopback(host)
     if not api_key:
         raise ValueError("api_key must not be empty")
     server_config = uvicorn.Config(

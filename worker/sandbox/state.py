@@ -139,7 +139,7 @@ class SandboxState:
         out: list[JsonObj] = []
         respond = out.append
         rejected: list[str] = []
-        for i, message in enumerate(messages):
+        for message in messages:
             # Fast path: {"destinations": [...], "content": {"text": str}} plus maybe a string
             # sender, i.e. nothing that needs the full validator; anything else goes through it.
             extra = None
@@ -158,8 +158,9 @@ class SandboxState:
                 )
             except (TypeError, KeyError, IndexError):
                 fast = False
-            if not fast:
-                if self._invalid(message, i, accepted):
+            checked = not fast  # the slow path validates the whole message, destinations included
+            if checked:
+                if self._invalid(message, accepted):
                     return None, validate_send_request(body, now)
                 content = message["content"]
                 destinations = message["destinations"]
@@ -176,23 +177,28 @@ class SandboxState:
                 too_long = text_too_long(text, count)
             details = _DETAILS.get(count) or {"messageCount": count}
             for destination in destinations:
-                # Fast path: {"to": str} or {"to": str, "messageId": str} within the limits.
-                try:
-                    to = destination["to"]
-                    size = len(destination)
-                    message_id = destination.get("messageId") if size == 2 else None
-                    fast = (
-                        type(to) is str
-                        and len(to) <= 64
-                        and (size == 1 or (type(message_id) is str and len(message_id) <= 200))
-                    )
-                except (TypeError, KeyError, IndexError):
-                    fast = False
-                if not fast:
-                    if self._invalid(message, i, accepted):
-                        return None, validate_send_request(body, now)
+                if checked:
                     to = destination["to"]
                     message_id = destination.get("messageId")
+                else:
+                    # Fast path: {"to": str} or {"to": str, "messageId": str} within the limits.
+                    try:
+                        to = destination["to"]
+                        size = len(destination)
+                        message_id = destination.get("messageId") if size == 2 else None
+                        fast = (
+                            type(to) is str
+                            and len(to) <= 64
+                            and (size == 1 or (type(message_id) is str and len(message_id) <= 200))
+                        )
+                    except (TypeError, KeyError, IndexError):
+                        fast = False
+                    if not fast:
+                        if self._invalid(message, accepted):
+                            return None, validate_send_request(body, now)
+                        checked = True
+                        to = destination["to"]
+                        message_id = destination.get("messageId")
                 if message_id is None:
                     message_id = next(new_id)
                 # Inlined validation.valid_destination() (the unit tests check both agree).
@@ -221,10 +227,11 @@ class SandboxState:
         self._commit(accepted, rejected, bulk, now)
         return {"bulkId": bulk_id, "messages": out}, []
 
-    def _invalid(self, message: Any, i: int, accepted: list[Record]) -> bool:
+    def _invalid(self, message: Any, accepted: list[Record]) -> bool:
         """Full validation of one message; on violations, undo this request's index entries."""
         problems: list[Violation] = []
-        validate_message(message, i, problems)
+        # The property paths are thrown away: the caller re-runs the full validator for them.
+        validate_message(message, 0, problems)
         if not problems:
             return False
         index = self.by_message_id
