@@ -1,0 +1,44 @@
+"""The benchmark harness (bench/) runs end to end on tiny sizes; it measures nothing meaningful here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from bench import harness
+from bench.stats import median_run, percentile
+
+
+def test_harness_runs_the_producer_and_a_mini_end_to_end_scenario(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Scenarios 2 and 1 (ours and the baseline, 300/100 SMS) produce positive numbers, a table and a JSON file."""
+    code = harness.main(["--scenarios", "2,1", "--repeat", "1", "--messages", "300", "--baseline-messages", "100",
+                         "--producer-jobs", "300", "--results-dir", str(tmp_path)])
+
+    assert code == 0
+    [result_file] = tmp_path.glob("*.json")
+    result = orjson.loads(result_file.read_bytes())
+    assert result["errors"] == {}
+    e2e = result["scenarios"]["1"]["runs"][0]
+    assert e2e["ours"]["ok"] and e2e["baseline"]["ok"]
+    assert e2e["ours"]["rate"] > 0 and e2e["baseline"]["rate"] > 0 and e2e["ratio"] > 0
+    assert e2e["ours"]["cpu_us_per_msg"]["workers"] > 0
+    assert e2e["ours"]["peak_rss_mb"] > 0
+    producer = result["scenarios"]["2"]["runs"][0]
+    assert producer["plain"]["rate"] > 0 and producer["with_ids"]["rate"] > 0
+    by_target = {row["target"]: row for row in result["rows"] if row["target"]}
+    assert {">= 50,000 SMS/s", ">= 35.0 x", ">= 100,000 jobs/s", "<= 150 MB"} <= set(by_target)
+    assert all(row["verdict"] in ("PASS", "FAIL") or row["verdict"].startswith("FAIL (") for row in by_target.values())
+    assert "peak RSS of one worker process" in capsys.readouterr().out
+
+
+def test_medians_and_percentiles_of_repetitions() -> None:
+    """Repetitions merge field by field into medians; percentiles are nearest-rank."""
+    runs = [{"rate": 3.0, "cpu": {"redis": 1.0}, "ok": True}, {"rate": 1.0, "cpu": {"redis": 5.0}, "ok": True},
+            {"rate": 2.0, "cpu": {"redis": 3.0}, "ok": False}]
+
+    assert median_run(runs) == {"rate": 2.0, "cpu": {"redis": 3.0}, "ok": False}
+    assert percentile(list(range(1, 101)), 99) == 99
+    assert percentile([5.0], 50) == 5.0
