@@ -77,6 +77,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     # Dramatiq polls idle queues with a backoff up to this many ms: it bounds the otp lane's latency.
     os.environ.setdefault("dramatiq_worker_timeout", "20")
+    # glibc gives each thread its own malloc arena; with a dozen worker threads that alone added
+    # ~40 MB of peak RSS per process (docs/performance.md, scenario 6).
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     threads = args.threads or sum(lane.concurrency for lane in settings.sms_lanes.values()) + 4
     argv = ["dramatiq", "worker.actors", "--processes", str(args.processes), "--threads", str(threads),
             "--worker-shutdown-timeout", str(int(settings.sms_shutdown_timeout_s * 1000)), "--skip-logging"]

@@ -371,12 +371,10 @@ class DrainResult:
 
 
 def _count_results(raw: bytes) -> int:
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return 0
-    results = data.get("results") if isinstance(data, dict) else None
-    return len(results) if isinstance(results, list) else 0
+    """Reports in a raw page, by their `messageId` keys: parsing a 1000-report page just to count it
+    cost 4 ms on the drain's critical path. An item without one is under-counted, which at worst
+    ends this drain a page early; the next drain fetches the rest."""
+    return raw.count(b'"messageId"')
 
 
 class Drainer:

@@ -15,8 +15,8 @@ local now, ttl, me, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonum
 local out = {}
 for i, key in ipairs(KEYS) do
   local base = 4 + (i - 1) * 3
-  local state = redis.call('HGET', key, 'state')
-  local attempts = tonumber(redis.call('HGET', key, 'attempts') or '0')
+  local current = redis.call('HMGET', key, 'state', 'attempts')
+  local state, attempts = current[1], tonumber(current[2] or '0')
   if not state then
     redis.call('HSET', key, 'state', 'SUBMITTING', 'lane', ARGV[base + 1], 'entry', ARGV[base + 2],
       'job', ARGV[base + 3], 'attempts', 1, 'first_ms', now, 'updated_ms', now)
