@@ -156,22 +156,11 @@ class DevStack:
         return url
 
     def start_sandbox(self, api_key: str, *flags: str) -> str:
-        import httpx
-
         self.sandbox_port = free_port()
         proc = self._spawn("sandbox", [sys.executable, "-m", "worker.sandbox", "--port", str(self.sandbox_port),
                                        "--api-key", api_key, *flags])
         url = f"http://127.0.0.1:{self.sandbox_port}"
-
-        def ready() -> bool:
-            if not proc.alive():
-                raise RuntimeError(f"the sandbox exited:\n{proc.tail()}")
-            try:
-                return httpx.get(f"{url}/_sandbox/stats", timeout=0.5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(ready, 15, "the sandbox to answer")
+        self._wait_http(proc, f"{url}/_sandbox/stats", "the sandbox")
         self.env["ICOMM_BASE_URL"] = url
         self.env["ICOMM_API_KEY"] = api_key
         return url
@@ -184,7 +173,23 @@ class DevStack:
         return self._spawn(name, [sys.executable, "-m", "worker.cli", "clock"])
 
     def start_web(self, port: int, name: str = "web") -> Proc:
-        return self._spawn(name, [sys.executable, "-m", "worker.cli", "web", "--port", str(port)])
+        """The web process, once its /readyz answers 200."""
+        proc = self._spawn(name, [sys.executable, "-m", "worker.cli", "web", "--port", str(port)])
+        self._wait_http(proc, f"http://127.0.0.1:{port}/readyz", "the web process")
+        return proc
+
+    def _wait_http(self, proc: Proc, url: str, what: str, timeout_s: float = 15) -> None:
+        import httpx
+
+        def ready() -> bool:
+            if not proc.alive():
+                raise RuntimeError(f"{what} exited:\n{proc.tail()}")
+            try:
+                return httpx.get(url, timeout=0.5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, timeout_s, f"{what} to answer")
 
     def stop(self) -> None:
         for proc in reversed(self.procs):

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-from tests.e2e.test_pipeline_e2e import System, _jobs, running
+from tests.support.system import System, jobs, running
 from worker.cli import build_parser
 from worker.devstack import free_port, wait_until
 
@@ -36,7 +36,7 @@ def test_cli_metrics_and_health_against_a_running_system(tmp_path: Path) -> None
     """status, dlq, logs, reconcile, check and enqueue work on a live system; metrics carry the series."""
     metrics_port = free_port()
     with running(env={"SMS_METRICS_PORT": str(metrics_port)}, workers=1) as system:
-        queued = system.outbox.enqueue_many(_jobs(300), "bulk")
+        queued = system.outbox.enqueue_many(jobs(300), "bulk")
         system.client.xadd(system.store.outbox("bulk"), {"job": b'{"to":"12","text":"bad"}'})
         system.client.xadd(system.store.outbox("bulk"), {"job": b"not json"})
         system.wait_for_send_outcomes(302, 60)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import signal
 import subprocess
 import sys
@@ -14,107 +13,54 @@ from typing import Any
 import httpx
 import orjson
 
-from worker.devstack import DevStack, free_port, wait_until
-from worker.outbox import Outbox
-from worker.runtime import make_broker
-from worker.settings import Settings, settings_from_env
-from worker.store import Store, connect
-from worker.triggers import Triggers
+from tests.support.system import API_KEY, System, running
+from worker.devstack import wait_until
 
-API_KEY = "e2e-reports-key-0123456789"
 FINAL = frozenset({"delivered", "undeliverable", "expired", "rejected"})
-BASE_ENV = {
-    "LOG_LEVEL": "INFO",
-    "ICOMM_CONNECT_TIMEOUT_S": "0.5", "ICOMM_WRITE_TIMEOUT_S": "0.5", "ICOMM_READ_TIMEOUT_S": "1",
-    "ICOMM_RETRY_BACKOFF_BASE_S": "0.02", "ICOMM_RETRY_BACKOFF_MAX_S": "0.2", "ICOMM_SEND_RETRY_ATTEMPTS": "3",
-    "SMS_LEASE_S": "8", "SMS_DISPATCH_TICK_MS": "200", "SMS_REPORTS_DRAIN_INTERVAL_S": "1",
-    "SMS_WEBHOOK_AUTH": "basic",
-}
+ENV = {"ICOMM_SEND_RETRY_ATTEMPTS": "3", "SMS_WEBHOOK_AUTH": "basic"}
+SANDBOX = ("--report-delay-ms", "300", "--seed", "11")
 
 
-class System:
-    """A running stack plus the producer-side objects a test needs."""
+def send_direct(system: System, n: int) -> list[str]:
+    """SMS sent straight to the sandbox without a webhook (their reports come by drain), recorded as
+    accepted the way the dispatcher records them."""
+    mids = [f"direct-{i}" for i in range(n)]
+    messages = [{"destinations": [{"to": f"4178{i:07d}", "messageId": mid}], "content": {"text": "direct"}}
+                for i, mid in enumerate(mids)]
+    for i, mid in enumerate(mids):
+        job = orjson.dumps({"to": f"4178{i:07d}", "text": "direct", "id": f"direct-{i}", "metadata": {"i": i}})
+        system.client.hset(system.store.msg(mid), mapping={"state": "ACCEPTED", "lane": "bulk", "job": job})
+    response = httpx.post(f"{system.sandbox_url}/sms/3/messages", json={"messages": messages},
+                          headers={"Authorization": f"App {API_KEY}"}, timeout=10)
+    response.raise_for_status()
+    return mids
 
-    def __init__(self, stack: DevStack, settings: Settings, sandbox_url: str) -> None:
-        self.stack = stack
-        self.settings = settings
-        self.sandbox_url = sandbox_url
-        self.client: Any = connect(settings.redis_url)
-        self.store = Store(self.client)
-        broker, _ = make_broker(settings)
-        self.outbox = Outbox(settings, self.store, wake=Triggers(self.store, broker).dispatch)
 
-    def stats(self) -> dict[str, Any]:
-        response = httpx.get(f"{self.sandbox_url}/_sandbox/stats", timeout=5)
-        response.raise_for_status()
-        data: dict[str, Any] = response.json()
-        return data
+def wait_for_every_report(system: System, timeout_s: float) -> dict[str, Any]:
+    """Until the sandbox has generated and handed out every report and each has its final event."""
 
-    def events(self) -> list[dict[str, Any]]:
-        return [orjson.loads(f[b"event"]) for _, f in self.client.xrange(self.store.events)]
+    def done() -> bool:
+        stats = system.stats()
+        reports = stats["reports"]
+        handed_out = reports["fetched"] + reports["pushed"]
+        finals = sum(1 for e in system.events() if e["type"] in FINAL)
+        return bool(reports["pending"] == 0 and reports["generated"] == stats["messages_accepted"]
+                    and handed_out == reports["generated"] and finals >= reports["generated"])
 
-    def send_direct(self, n: int) -> list[str]:
-        """SMS sent straight to the sandbox without a webhook (their reports come by drain), recorded
-        as accepted the way the dispatcher records them."""
-        mids = [f"direct-{i}" for i in range(n)]
-        messages = [{"destinations": [{"to": f"4178{i:07d}", "messageId": mid}], "content": {"text": "direct"}}
-                    for i, mid in enumerate(mids)]
-        for i, mid in enumerate(mids):
-            job = orjson.dumps({"to": f"4178{i:07d}", "text": "direct", "id": f"direct-{i}", "metadata": {"i": i}})
-            self.client.hset(self.store.msg(mid), mapping={"state": "ACCEPTED", "lane": "bulk", "job": job})
-        response = httpx.post(f"{self.sandbox_url}/sms/3/messages", json={"messages": messages},
-                              headers={"Authorization": f"App {API_KEY}"}, timeout=10)
-        response.raise_for_status()
-        return mids
-
-    def wait_for_every_report(self, timeout_s: float) -> dict[str, Any]:
-        """Until the sandbox has generated and handed out every report and each has its final event."""
-
-        def done() -> bool:
-            stats = self.stats()
-            reports = stats["reports"]
-            handed_out = reports["fetched"] + reports["pushed"]
-            finals = sum(1 for e in self.events() if e["type"] in FINAL)
-            return bool(reports["pending"] == 0 and reports["generated"] == stats["messages_accepted"]
-                        and handed_out == reports["generated"] and finals >= reports["generated"])
-
-        try:
-            wait_until(done, timeout_s, "every report to reach its final event", interval_s=0.25)
-        except TimeoutError:
-            print(self.stats())
-            print(self.stack.logs())
-            raise
-        return self.stats()
+    try:
+        wait_until(done, timeout_s, "every report to reach its final event", interval_s=0.25)
+    except TimeoutError:
+        print(system.stats())
+        print(system.stack.logs())
+        raise
+    return system.stats()
 
 
 @contextmanager
-def running(workers: int = 2, clocks: int = 2) -> Iterator[System]:
-    web_port = free_port()
-    env = {**BASE_ENV, "SMS_WEBHOOK_PUBLIC_URL": f"http://127.0.0.1:{web_port}",
-           "SMS_WEBHOOK_SECRET": secrets.token_hex(16)}
-    with DevStack(env=env) as stack:
-        stack.start_redis()
-        sandbox_url = stack.start_sandbox(API_KEY, "--report-delay-ms", "300", "--seed", "11")
-        web = stack.start_web(web_port)
-        for i in range(workers):
-            stack.start_worker(f"worker-{i + 1}")
-        for i in range(clocks):
-            stack.start_clock(f"clock-{i + 1}")  # the second one must stay idle: one lease
-
-        def web_ready() -> bool:
-            if not web.alive():
-                raise RuntimeError(f"the web process exited:\n{web.tail()}")
-            try:
-                return httpx.get(f"http://127.0.0.1:{web_port}/readyz", timeout=0.5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(web_ready, 15, "the web process to be ready")
-        system = System(stack, settings_from_env(stack.env), sandbox_url)
-        try:
-            yield system
-        finally:
-            system.client.close()
+def reporting(workers: int = 2, clocks: int = 2) -> Iterator[System]:
+    """A system with the webhook configured and reports generated 300 ms after each send."""
+    with running(ENV, SANDBOX, workers=workers, clocks=clocks, web=True) as system:
+        yield system
 
 
 def _jobs(n: int, start: int = 0) -> list[dict[str, Any]]:
@@ -133,11 +79,11 @@ def _assert_exactly_once(events: list[dict[str, Any]], expected_ids: set[str], g
 
 def test_every_report_by_webhook_or_drain_reaches_exactly_one_final_event() -> None:
     """2,000 SMS with the webhook and 500 without, two clocks: each report the sandbox generated -> one final event."""
-    with running() as system:
+    with reporting() as system:
         queued = system.outbox.enqueue_many(_jobs(1800), "bulk") + system.outbox.enqueue_many(
             _jobs(200, start=1800), "otp")
-        direct = system.send_direct(500)
-        stats = system.wait_for_every_report(35)
+        direct = send_direct(system, 500)
+        stats = wait_for_every_report(system, 35)
         events = system.events()
         dead = system.client.xlen(system.store.dlq)
         leaders = [p.name for p in system.stack.procs
@@ -177,9 +123,9 @@ processor.process()
 
 def test_a_worker_killed_right_after_the_reports_get_loses_none() -> None:
     """A process SIGKILLed after its GET and read, before applying: the workers recover every page, once."""
-    with running(clocks=0) as system:
+    with reporting(clocks=0) as system:
         queued = system.outbox.enqueue_many(_jobs(1000), "bulk")  # by webhook, meanwhile
-        direct = system.send_direct(1500)  # by drain: nobody drains until the doomed process does
+        direct = send_direct(system, 1500)  # by drain: nobody drains until the doomed process does
         wait_until(lambda: system.stats()["reports"]["unfetched"] == 1500, 20, "1,500 reports to fetch")
 
         doomed = subprocess.run([sys.executable, "-c", DOOMED], env=system.stack.env, capture_output=True,
@@ -191,7 +137,7 @@ def test_a_worker_killed_right_after_the_reports_get_loses_none() -> None:
         pending = system.client.xpending(f"{system.store.key('reports', 'raw')}", "reports")
         assert pending["pending"] == 2 and {c["name"] for c in pending["consumers"]} == {b"doomed"}
         system.stack.start_clock()  # wakes the processors; they take the pages over once stale
-        stats = system.wait_for_every_report(40)
+        stats = wait_for_every_report(system, 40)
         events = system.events()
 
     _assert_exactly_once(events, {r.message_id for r in queued} | set(direct), stats["reports"]["generated"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import time
 
-from tests.e2e.test_pipeline_e2e import _jobs, running
+from tests.support.system import SANDBOX_FLAGS, jobs, running
 from worker.devstack import wait_until
 from worker.store import DISPATCH_GROUP
 
@@ -14,8 +14,8 @@ def test_sigterm_finishes_the_batch_in_flight_and_exits_in_time() -> None:
     """The stopped worker leaves nothing pending; a fresh worker sends the rest; no duplicates."""
     env = {"SMS_SHUTDOWN_TIMEOUT_S": "5",
            "SMS_LANES": '{"otp":{"batch_size":50,"max_wait_ms":0},"bulk":{"batch_size":100,"max_wait_ms":0}}'}
-    with running(env=env, sandbox_flags=("--latency-ms", "300"), workers=1) as system:
-        queued = system.outbox.enqueue_many(_jobs(3000), "bulk")
+    with running(env=env, sandbox_flags=(*SANDBOX_FLAGS, "--latency-ms", "300"), workers=1) as system:
+        queued = system.outbox.enqueue_many(jobs(3000), "bulk")
         wait_until(lambda: system.stats()["messages_accepted"] >= 200, 30, "sending to be under way")
         worker = system.stack.procs[2]
         assert worker.name == "worker-1"
