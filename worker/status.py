@@ -102,12 +102,17 @@ def _count_ambiguous(store: Store, lanes: list[str]) -> int:
             pending = store.r.xpending_range(store.outbox(lane), DISPATCH_GROUP, "-", "+", 10_000)
         except redis.ResponseError:  # NOGROUP: nothing pending in this lane yet
             continue
-        if not pending:
+        ids = [item["message_id"].decode() for item in pending]
+        if not ids:
             continue
-        prefix = store.lane_prefix(lane)
         pipe = store.r.pipeline(transaction=False)
-        for item in pending:
-            pipe.hget(store.msg(prefix + item["message_id"].decode()), "state")
+        for entry_id in ids:
+            pipe.xrange(store.outbox(lane), entry_id, entry_id)
+        entries = [found[0] for found in pipe.execute() if found]
+        mids = [store.entry_message_id(lane, entry_id.decode(), fields) for entry_id, fields in entries]
+        pipe = store.r.pipeline(transaction=False)
+        for mid in mids:
+            pipe.hget(store.msg(mid), "state")
         total += sum(1 for state in pipe.execute() if state == b"AMBIGUOUS")
     return total
 

@@ -210,13 +210,12 @@ def test_provider_outage_keeps_jobs_and_retries_them_after_the_pause(
 ) -> None:
     """503s after every retry leave the jobs QUEUED with no dead letter; they go out after the pause, not the lease."""
     rig = Rig(_settings(redis_url, sbx, sms_outage_pause_s=0.3), store)
-    rig.outbox.enqueue_many(_jobs(10), "bulk")
+    queued = rig.outbox.enqueue_many(_jobs(10), "bulk")
     sbx.configure(down=True)
     rig.dispatcher.run("bulk")
     assert rig.store.paused("bulk") == "provider_unavailable"
     assert rig.store.r.xlen(rig.store.dlq) == 0
-    mid = rig.store.r.xrange(rig.store.outbox("bulk"))[0][0].decode()
-    assert rig.store.message("sw-bulk-" + mid)["state"] == "QUEUED"
+    assert rig.store.message(queued[0].message_id)["state"] == "QUEUED"
     sbx.configure(down=False)
 
     def sent() -> bool:
