@@ -315,12 +315,9 @@ class Dispatcher:
         ]
         stats.requests += 1
         metrics.BATCH_SIZE.observe(len(messages))
-        started = time.perf_counter()
         try:
             response = self.provider.send(wire_request(messages), on_rate_limited=self.limiter.penalize)
-            metrics.PROVIDER_SECONDS.labels("send", "ok").observe(time.perf_counter() - started)
         except ProviderError as error:
-            metrics.PROVIDER_SECONDS.labels("send", type(error).__name__).observe(time.perf_counter() - started)
             return self._send_failed(lane, entries, jobs, attempts, resends, stats, error)
         return self._classify(lane, entries, jobs, response, resends, stats)
 

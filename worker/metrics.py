@@ -27,6 +27,7 @@ PROVIDER_SECONDS = Histogram(
     "sms_provider_request_seconds", "icomm API request duration by endpoint and outcome class",
     ["endpoint", "outcome"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+RETRIES = Counter("sms_provider_retries_total", "Safe retries of requests not acted on", ["endpoint", "error"])
 RECONCILE = Counter("sms_reconcile_total", "Reconciliation verdicts from GET /sms/3/logs", ["verdict"])
 LIMITER_WAIT = Histogram(
     "sms_limiter_wait_seconds", "Time dispatchers waited for rate-limit tokens",

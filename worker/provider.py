@@ -41,6 +41,7 @@ import orjson
 import structlog
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
 
+from worker import metrics
 from worker.errors import (
     ProviderAmbiguous,
     ProviderAuthError,
@@ -690,8 +691,14 @@ def _last_retry_after(state: RetryCallState) -> float | None:
     return exc.retry_after_s if isinstance(exc, ProviderNotActedOn) else None
 
 
+def _observe(path: str, error: ProviderError, elapsed_s: float) -> None:
+    """Request duration by endpoint (messages, reports, logs) and outcome class."""
+    metrics.PROVIDER_SECONDS.labels(path.rsplit("/", 1)[-1], type(error).__name__).observe(elapsed_s)
+
+
 def _log_retry(endpoint: str, state: RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome is not None else None
+    metrics.RETRIES.labels(endpoint, type(exc).__name__).inc()
     log.debug(
         "provider_retry", endpoint=endpoint, attempt=state.attempt_number, error=type(exc).__name__,
         status_code=getattr(exc, "status_code", None),
@@ -905,17 +912,22 @@ class Provider:
         on_rate_limited: Callable[[float | None], None] | None,
     ) -> tuple[httpx.Response, float]:
         endpoint = f"{method} {path}"
+        timer = metrics.PROVIDER_SECONDS.labels(path.rsplit("/", 1)[-1], "ok")
         started = time.perf_counter()
         try:
             response = self._client.request(method, path, params=params, content=content)
         except httpx.RequestError as exc:
             # Keep the cause for tracebacks unless its own text would carry the key into the logs.
             cause = None if self._key in str(exc) else exc
-            raise self._scrubbed(_map_transport_error(endpoint, exc)) from cause
+            mapped = _map_transport_error(endpoint, exc)
+            _observe(path, mapped, time.perf_counter() - started)
+            raise self._scrubbed(mapped) from cause
         elapsed_s = time.perf_counter() - started
         if response.is_success:
+            timer.observe(elapsed_s)
             return response, elapsed_s
         error = self._scrubbed(_classify_status(endpoint, response))
+        _observe(path, error, elapsed_s)
         if isinstance(error, ProviderRateLimited) and on_rate_limited is not None:
             on_rate_limited(error.retry_after_s)
         raise error

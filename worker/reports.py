@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Final, NamedTuple, Protocol
 
 import orjson
@@ -370,6 +371,16 @@ class DrainResult:
     reports: int = 0
 
 
+def _observe_lag(done_at: object) -> None:
+    """Report lag: from the provider's doneAt to our event (a clock skew makes it approximate)."""
+    if isinstance(done_at, str):
+        try:
+            done = datetime.strptime(done_at, "%Y-%m-%dT%H:%M:%S.%f%z")
+        except ValueError:
+            return
+        metrics.REPORT_LAG.observe(max(0.0, time.time() - done.timestamp()))
+
+
 def _count_results(raw: bytes) -> int:
     """Reports in a raw page, by their `messageId` keys: parsing a 1000-report page just to count it
     cost 4 ms on the drain's critical path. An item without one is under-counted, which at worst
@@ -598,6 +609,7 @@ class Processor:
             for result, final in zip(results, sources, strict=True):
                 if result == APPLIED:
                     tally.applied += 1
+                    _observe_lag(final.item.get("doneAt"))
                 elif result == PARKED:
                     tally.parked += 1
                 elif result == CONFLICT:

@@ -81,7 +81,8 @@ def test_cli_metrics_and_health_against_a_running_system(tmp_path: Path) -> None
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
         for series in ("sms_messages_total", "sms_batch_size", "sms_provider_request_seconds",
                        "sms_dead_letters_total", "sms_events_published_total", "sms_outbox_depth",
-                       "sms_outbox_oldest_age_seconds", "sms_parked_reports", "sms_redis_up"):
+                       "sms_outbox_oldest_age_seconds", "sms_parked_reports", "sms_redis_up",
+                       "sms_limiter_wait_seconds", "sms_report_lag_seconds", "sms_lane_paused"):
             assert series in metrics, series
         accepted = [
             line for line in metrics.splitlines()
