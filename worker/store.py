@@ -36,6 +36,9 @@ from redis.commands.core import Script
 from worker.errors import StoreError
 
 DISPATCH_GROUP = "dispatch"
+# Messages per script call: a 1000-message settle in one call held Redis for 20-100 ms, and every
+# otp send waited behind it.
+SCRIPT_CHUNK = 250
 
 
 @contextlib.contextmanager
@@ -176,16 +179,23 @@ class Store:
 
     def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA a script from worker/lua (loaded on first use, and again after a Redis restart)."""
+        return self.run_many(name, [(keys, args)])[0]
+
+    def run_many(self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """Several calls of one script in one round trip. Redis runs each call atomically but may
+        serve other clients between them, so a big batch cut into calls does not stall an otp send."""
         script = self.script(name)
-        command = (b"EVALSHA", script.sha, len(keys), *keys, *args)
+        commands = [(b"EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in calls]
         try:
-            return self.pipeline([command])[0]
+            return self.pipeline(commands)
         except StoreError as error:
             if not isinstance(error.__cause__, redis.exceptions.NoScriptError):
                 raise
+        # Redis restarted and forgot its scripts: nothing of this call ran (scripts are all-or-nothing
+        # per call, and the cache is empty for all of them), so load and send again.
         with redis_errors():
             self.r.script_load(script.script)
-        return self.pipeline([command])[0]
+        return self.pipeline(commands)
 
     # --- producers -------------------------------------------------------------------------------
     def enqueue(
@@ -337,24 +347,31 @@ class Store:
         self, lane: str, items: Sequence[Entry], *, consumer: str, lease_ms: int, state_ttl_s: int, now_ms: int
     ) -> list[tuple[str, int]]:
         """Mark messages SUBMITTING before their POST; returns (previous state, attempts) each."""
-        keys = [self.msg(e.message_id) for e in items]
-        args: list[Any] = [now_ms, state_ttl_s, consumer, lease_ms]
-        for e in items:
-            args += [lane, e.entry_id, e.job]
-        return [(state.decode(), int(n)) for state, n in self.run("submit", keys, args)]
+        calls = []
+        for start in range(0, len(items), SCRIPT_CHUNK):
+            chunk = items[start : start + SCRIPT_CHUNK]
+            args: list[Any] = [now_ms, state_ttl_s, consumer, lease_ms]
+            for e in chunk:
+                args += [lane, e.entry_id, e.job]
+            calls.append(([self.msg(e.message_id) for e in chunk], args))
+        return [(state.decode(), int(n)) for reply in self.run_many("submit", calls) for state, n in reply]
 
     def settle(self, lane: str, outcomes: Sequence[Outcome], *, now_ms: int, events_maxlen: int,
                state_ttl_s: int) -> list[bool]:
-        keys = [self.outbox(lane), self.events, self.awaiting, self.dlq]
-        args: list[Any] = [DISPATCH_GROUP, now_ms, events_maxlen, state_ttl_s]
-        for o in outcomes:
-            keys.append(self.msg(o.message_id))
-            args += [
-                o.message_id, o.entry_id, o.state, "1" if o.ack else "0", o.event,
-                "" if o.deadline_ms is None else o.deadline_ms,
-                orjson.dumps(o.fields or {}), o.dead_letter,
-            ]
-        return [bool(x) for x in self.run("settle", keys, args)]
+        """Record outcomes with their events (settle.lua); returns whether each was applied."""
+        calls = []
+        for start in range(0, len(outcomes), SCRIPT_CHUNK):
+            keys = [self.outbox(lane), self.events, self.awaiting, self.dlq]
+            args: list[Any] = [DISPATCH_GROUP, now_ms, events_maxlen, state_ttl_s]
+            for o in outcomes[start : start + SCRIPT_CHUNK]:
+                keys.append(self.msg(o.message_id))
+                args += [
+                    o.message_id, o.entry_id, o.state, "1" if o.ack else "0", o.event,
+                    "" if o.deadline_ms is None else o.deadline_ms,
+                    orjson.dumps(o.fields or {}), o.dead_letter,
+                ]
+            calls.append((keys, args))
+        return [bool(x) for reply in self.run_many("settle", calls) for x in reply]
 
     def message(self, message_id: str) -> dict[str, str]:
         with redis_errors():
