@@ -26,7 +26,7 @@ from worker.errors import (
     ProviderError,
     ProviderNotActedOn,
 )
-from worker.models import validate_job
+from worker.models import encode_job, encode_plain_job, validate_job
 from worker.provider import Provider, SendResponse, SendResult, wire_message_from_dict, wire_request
 from worker.ratelimit import RateLimiter
 from worker.settings import Settings
@@ -228,23 +228,25 @@ class Dispatcher:
         return len(entries)
 
     def _parse(self, entry: Entry) -> tuple[dict[str, Any], str | None]:
+        """The job of an entry, or why it cannot be sent. Every entry is checked, also those that
+        say they came through the API: anyone can write `src api` with plain Redis commands, and
+        one bad job must not fail its whole batch. The fast path costs ~2 us a job."""
         try:
             job = orjson.loads(entry.job)
         except orjson.JSONDecodeError as error:
             return {}, f"job is not JSON: {error}"
         if not isinstance(job, dict):
             return {}, "job is not a JSON object"
-        if not entry.from_api:
-            # Written with plain Redis commands: it has not been through validation yet.
-            try:
-                valid = validate_job(
-                    job, max_text_parts=self.settings.sms_max_text_parts,
-                    metadata_max_bytes=self.settings.sms_metadata_max_bytes,
-                )
-            except JobValidationError as error:
-                return job, str(error)
-            job = orjson.loads(orjson.dumps(valid.model_dump(mode="json", exclude_none=True, by_alias=True)))
-        return job, None
+        limits = {"max_text_parts": self.settings.sms_max_text_parts,
+                  "metadata_max_bytes": self.settings.sms_metadata_max_bytes}
+        fast = encode_plain_job(job, **limits)
+        if fast is not None:
+            return orjson.loads(fast) if job["to"][0] == "+" else job, None
+        try:
+            valid = validate_job(job, **limits)
+        except JobValidationError as error:
+            return job, str(error)
+        return orjson.loads(encode_job(valid)), None
 
     def _drop_duplicate_ids(
         self, lane: str, live: list[Entry], jobs: dict[str, dict[str, Any]], outcomes: list[Outcome]

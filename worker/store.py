@@ -261,6 +261,10 @@ class Store:
             try:
                 conn.send_packed_command([b"".join([hiredis.pack_command(c) for c in commands])])
                 replies = _read_replies(conn, len(commands))
+            except OSError as error:
+                # Our own reads bypass redis-py, so a reset socket arrives as a bare OSError.
+                conn.disconnect()
+                raise redis.ConnectionError(f"connection to Redis lost: {error}") from error
             except BaseException:
                 # A half-read connection must not go back to the pool.
                 conn.disconnect()
@@ -269,8 +273,8 @@ class Store:
                 pool.release(conn)
         for reply in replies:
             if isinstance(reply, hiredis.ReplyError):
-                error = redis.exceptions.NoScriptError if str(reply).startswith("NOSCRIPT") else redis.ResponseError
-                raise StoreError(f"Redis: {reply}") from error(str(reply))
+                kind = redis.exceptions.NoScriptError if str(reply).startswith("NOSCRIPT") else redis.ResponseError
+                raise StoreError(f"Redis: {reply}") from kind(str(reply))
         return replies
 
     # --- dispatch --------------------------------------------------------------------------------
