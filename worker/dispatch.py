@@ -278,7 +278,7 @@ class Dispatcher:
         by_id = {e.message_id: e for e in entries}
         try:
             found = self.provider.logs_for_message_ids(
-                list(by_id), before_request=self._wait_for_logs_call, on_rate_limited=self.limiter.penalize
+                list(by_id), before_request=self.limiter.wait_for_logs_call, on_rate_limited=self.limiter.penalize
             )
         except ProviderError as error:
             # No verdict: leave them pending; a later reconcile (or recovery) asks again.
@@ -295,10 +295,6 @@ class Dispatcher:
         metrics.RECONCILE.labels("missing").inc(len(entries) - len(found))
         log.info("reconciled", lane=lane, messages=len(entries), found=len(found), missing=len(entries) - len(found))
         return len(found), [e for e in entries if e.message_id not in found]
-
-    def _wait_for_logs_call(self) -> None:
-        while wait_ms := self.limiter.acquire_logs_call():
-            time.sleep(wait_ms / 1000)
 
     def _reconcile_delay_ms(self) -> int:
         return int(self.settings.sms_reconcile_delay_s * 1000)

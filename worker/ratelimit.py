@@ -9,6 +9,8 @@ Buckets are shared by every process on every host (they live in Redis and use it
 
 from __future__ import annotations
 
+import time
+
 from worker.settings import Settings
 from worker.store import Store
 
@@ -53,6 +55,11 @@ class RateLimiter:
         # A small burst lets a crashed batch reconcile quickly; the provider allows 120/min.
         granted, wait_ms = self.store.acquire_tokens(1, [("logs", rate, min(10.0, rate * 5), "request")])
         return 0 if granted else wait_ms
+
+    def wait_for_logs_call(self) -> None:
+        """Block until one GET /sms/3/logs call is allowed (shared by reconciliation and recovery)."""
+        while wait_ms := self.acquire_logs_call():
+            time.sleep(wait_ms / 1000)
 
     def penalize(self, retry_after_s: float | None) -> None:
         """The provider said 429: push every send bucket back so all processes pause together."""

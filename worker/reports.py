@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, NamedTuple, Protocol
@@ -745,6 +745,11 @@ def _parked_item(payload: bytes | None) -> dict[str, Any] | None:
 # --- the sweep ---------------------------------------------------------------------------------------
 
 
+# Fields a log entry shares with a delivery report (GET /sms/3/logs has `destination` for `to`).
+_LOG_AS_REPORT: Final = frozenset({"bulkId", "messageId", "to", "sentAt", "doneAt", "messageCount", "price",
+                                   "status", "error", "mccMnc", "platform", "campaignReferenceId"})
+
+
 def no_report_event(message_id: str, row: Row, at: str) -> bytes:
     """`expired` with reason no_report; its event_id has a suffix, so a late real `expired` report
     (which replaces this provisional verdict) still has an event_id of its own."""
@@ -755,19 +760,56 @@ def no_report_event(message_id: str, row: Row, at: str) -> bytes:
 
 
 class Sweeper:
-    """Expires accepted messages whose report deadline passed, and retries parked reports."""
+    """Settles accepted messages whose report deadline passed, and retries parked reports.
 
-    def __init__(self, settings: Settings, store: Store, processor: Processor) -> None:
+    Before a message is given `expired`/no_report, the provider's logs are asked (when a provider
+    is given): GET /sms/3/reports hands a report out once, and one that only ever reached the memory
+    of a process killed before storing it is gone from there, but the logs keep the final status
+    for 48 h. A final status found in the logs goes through the processor like any report (a page
+    with source `logs`); only messages the logs cannot settle get no_report.
+    """
+
+    def __init__(
+        self, settings: Settings, store: Store, processor: Processor, provider: Any = None,
+        before_logs_call: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.processor = processor
         self.state = processor.state
+        self.provider = provider
+        self.before_logs_call = before_logs_call
+
+    def recover_from_logs(self, message_ids: Sequence[str]) -> set[str]:
+        """Append the final statuses the provider's logs hold for these messages; returns their ids."""
+        if self.provider is None or not message_ids:
+            return set()
+        try:
+            found = self.provider.logs_for_message_ids(list(message_ids), before_request=self.before_logs_call)
+        except ProviderError as error:
+            log.warning("reports_recovery_failed", messages=len(message_ids), error_class=type(error).__name__)
+            return set()
+        items = []
+        for mid, entry in found.items():
+            item = {k: v for k, v in entry.raw.items() if k in _LOG_AS_REPORT}
+            if _group_of(item.get("status")) in FINAL_GROUPS:
+                item["messageId"] = mid
+                if "to" not in item and entry.raw.get("destination"):
+                    item["to"] = entry.raw["destination"]
+                items.append(item)
+        if items:
+            with redis_errors():
+                self.store.r.xadd(ReportKeys.of(self.store).raw,
+                                  {"page": orjson.dumps({"results": items}), "src": "logs"})
+            log.warning("reports_recovered_from_logs", reports=len(items),
+                        detail="final statuses that never arrived as reports (e.g. lost with a killed drain)")
+        return {item["messageId"] for item in items}
 
     def sweep(self, now_ms: int | None = None) -> dict[str, int]:
         started = time.perf_counter()
         now_ms = now_ms if now_ms is not None else events.now_ms()
         at = events.now_iso()
-        expired = 0
+        expired = recovered = 0
         for _ in range(SWEEP_MAX_CHUNKS):
             with redis_errors():
                 due = [m.decode() for m in self.store.r.zrangebyscore(
@@ -775,18 +817,23 @@ class Sweeper:
             if not due:
                 break
             rows = self.state.fetch(due)
+            from_logs = self.recover_from_logs([mid for mid in due if rows[mid].state == "ACCEPTED"])
+            recovered += len(from_logs)
             ops = [
                 Op("N", mid, payload=no_report_event(mid, rows[mid], at) if rows[mid].state == "ACCEPTED" else b"")
-                for mid in due
+                for mid in due if mid not in from_logs
             ]
             _, results = self.state.apply(ops, now_ms=now_ms)
             expired += sum(1 for r in results if r == APPLIED)
-            if len(due) < SWEEP_CHUNK:
-                break
+            if len(due) < SWEEP_CHUNK or from_logs:
+                break  # recovered pages are processed first; their messages leave the set then
+        if recovered and self.processor.wake is not None:
+            self.processor.wake.process_reports()
         parked = self.processor.retry_parked(now_ms)
-        log.info("reports_swept", expired_no_report=expired, parked_resolved=parked["resolved"],
+        log.info("reports_swept", expired_no_report=expired, recovered_from_logs=recovered,
+                 parked_resolved=parked["resolved"],
                  parked_duplicates=parked["duplicates"], unknown=parked["unknown"],
                  still_parked=parked["still_parked"], unknown_reports=self.settings.sms_unknown_reports,
                  duration_ms=round((time.perf_counter() - started) * 1000, 1))
-        return {"expired_no_report": expired, **parked}
+        return {"expired_no_report": expired, "recovered_from_logs": recovered, **parked}
 

@@ -69,7 +69,8 @@ def build_runtime(settings: Settings, broker: dramatiq.Broker) -> Runtime:
     return Runtime(
         settings, client, store, provider, triggers, dispatcher, stopping,
         drainer=Drainer(settings, store, provider, triggers), processor=processor,
-        sweeper=Sweeper(settings, store, processor),
+        sweeper=Sweeper(settings, store, processor, provider=provider,
+                        before_logs_call=dispatcher.limiter.wait_for_logs_call),
         relay=EventRelay(store, broker, settings.sms_events_dramatiq_queue, settings.sms_events_dramatiq_actor)
         if settings.sms_events_dramatiq_queue and settings.sms_events_dramatiq_actor else None,
     )

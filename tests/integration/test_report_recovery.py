@@ -1,0 +1,50 @@
+"""Reports lost before they were stored are recovered from the provider's logs, not expired as no_report."""
+
+from __future__ import annotations
+
+import httpx
+import orjson
+
+from worker.devstack import wait_until
+from worker.provider import Provider
+from worker.reports import Processor, Sweeper
+from worker.sandbox.config import SandboxConfig
+from worker.sandbox.process import SandboxProcess
+from worker.settings import Settings
+from worker.store import Store
+
+API_KEY = "recovery-test-key-0123"
+
+
+def test_a_report_lost_after_the_get_is_recovered_from_the_logs(redis_url: str, store: Store) -> None:
+    """A report fetched and lost (a drain killed before storing it) still becomes its real final event."""
+    with SandboxProcess(api_key=API_KEY, config=SandboxConfig(report_delay_ms=0, seed=5,
+                                                              outcome_mix={"delivered": 1.0})) as sandbox:
+        settings = Settings(redis_url=redis_url, icomm_base_url=sandbox.url, icomm_api_key=API_KEY,
+                            sms_logs_rate_per_min=6000, log_format="console")
+        mids = [f"lost-{i}" for i in range(3)] + ["never-sent"]
+        body = {"messages": [{"destinations": [{"to": f"4179000000{i}", "messageId": mid}], "content": {"text": "x"}}
+                             for i, mid in enumerate(mids[:3])]}
+        answer = httpx.post(f"{sandbox.url}/sms/3/messages", json=body, headers=sandbox.auth_header, timeout=5)
+        answer.raise_for_status()
+        for mid in mids:
+            job = orjson.dumps({"to": "41790000001", "text": "x", "id": mid})
+            store.r.hset(store.msg(mid), mapping={"state": "ACCEPTED", "lane": "bulk", "job": job})
+            store.r.zadd(store.awaiting, {mid: 1})  # its report deadline is long past
+        with Provider(settings) as provider:
+            # The drain that fetched these reports died before storing the page: they are gone.
+            wait_until(lambda: b'"lost-2"' in provider.reports_raw(limit=1000) or sandbox.stats()["reports"][
+                "fetched"] == 3, 10, "the reports to be handed out (and lost)")
+            processor = Processor(settings, store)
+            result = Sweeper(settings, store, processor, provider=provider).sweep()
+            processor.process()
+            again = Sweeper(settings, store, processor, provider=provider).sweep()
+    types = {}
+    for _, fields in store.r.xrange(store.events):
+        event = orjson.loads(fields[b"event"])
+        types[event["message_id"]] = (event["type"], event["reason"])
+    assert result["recovered_from_logs"] == 3
+    assert result["expired_no_report"] == 1  # not in the logs: nothing to recover
+    assert again["recovered_from_logs"] == 0 and again["expired_no_report"] == 0
+    assert types == {"lost-0": ("delivered", None), "lost-1": ("delivered", None), "lost-2": ("delivered", None),
+                     "never-sent": ("expired", "no_report")}
