@@ -21,6 +21,7 @@ report that comes twice (webhook and drain, a replayed page, a recovered page) g
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import uuid
@@ -478,6 +479,11 @@ class Drainer:
                 self.wake.send(DRAIN_REPORTS)  # more may be waiting: a fresh message carries on
             log.info("reports_drained", pages=pages, reports=reports, outcome=outcome,
                      duration_ms=round((time.perf_counter() - started) * 1000, 1))
+        if outcome in ("drained", "page_limit"):
+            # For `sms-worker status`: when the endpoint last answered, and what it gave.
+            with contextlib.suppress(StoreError), redis_errors():
+                self.store.r.hset(self.store.key("reports", "last_drain"), mapping={
+                    "at": events.now_iso(), "pages": pages, "reports": reports, "outcome": outcome})
         return DrainResult(outcome, pages, reports)
 
 

@@ -47,6 +47,8 @@ def test_cli_metrics_and_health_against_a_running_system(tmp_path: Path) -> None
         assert status["awaiting_reports"] == 300
         wait_until(lambda: any(w["alive"] for w in orjson.loads(_cli(system, "status", "--json").stdout)["workers"]),
                    15, "a worker heartbeat")
+        wait_until(lambda: orjson.loads(_cli(system, "status", "--json").stdout)["last_drain"] is not None,
+                   15, "a reports drain to be recorded")
         assert "dead letters:" in _cli(system, "status").stdout
 
         listed = orjson.loads(_cli(system, "dlq", "list", "--json").stdout)
