@@ -347,7 +347,10 @@ class Dispatcher:
             log.warning("provider_unavailable", lane=lane, status=error.status_code,
                         error_class=type(error).__name__, pause_s=self.settings.sms_outage_pause_s)
             stats.retry_in.append(([e.entry_id for e in entries], int(self.settings.sms_outage_pause_s * 1000)))
-            return self._retry_later(lane, entries, jobs, attempts, error, stats, count_attempt=True)
+            # Certainly not sent: an outage of any length is retried up to the horizon, whatever
+            # the number of tries (SMS_MAX_ATTEMPTS bounds sends that may have gone through).
+            return self._retry_later(lane, entries, jobs, attempts, error, stats, count_attempt=True,
+                                     limit_attempts=False)
         if isinstance(error, ProviderAmbiguous):
             stats.ambiguous += len(entries)
             log.warning("send_ambiguous", lane=lane, messages=len(entries), status=error.status_code,
@@ -401,7 +404,7 @@ class Dispatcher:
 
     def _retry_later(
         self, lane: str, entries: list[Entry], jobs: dict[str, dict[str, Any]], attempts: dict[str, int],
-        error: ProviderError, stats: BatchStats, *, count_attempt: bool,
+        error: ProviderError, stats: BatchStats, *, count_attempt: bool, limit_attempts: bool = True,
     ) -> list[Outcome]:
         """Not sent, certainly: back to QUEUED, pending in the outbox until recovery takes it again."""
         outcomes = []
@@ -409,8 +412,8 @@ class Dispatcher:
         for e in entries:
             n = attempts[e.message_id]
             first_s = _entry_time_s(e.entry_id)
-            if count_attempt and (n >= self.settings.sms_max_attempts
-                                  or now - first_s > self.settings.sms_retry_horizon_s):
+            too_many = limit_attempts and n >= self.settings.sms_max_attempts
+            if count_attempt and (too_many or now - first_s > self.settings.sms_retry_horizon_s):
                 outcomes.append(self._failed(lane, e, jobs[e.message_id], "retries_exhausted", _describe(error), n,
                                              answer=error.body))
                 stats.failed += 1
