@@ -15,6 +15,7 @@ The moments, the victims and the pauses between kills come from a seeded RNG (SM
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from tests.reliability.harness import (
     BATCH,
+    FINAL,
     Row,
     Size,
     System,
@@ -37,6 +39,7 @@ from tests.reliability.harness import (
 from worker.devstack import Proc, wait_until
 
 MOMENTS = ("claim", "mid_post", "after_post", "drain")
+VALIDITY = {"amount": 15, "time_unit": "SECONDS"}
 
 
 def _schedule(size: Size, trial: int, rng: random.Random) -> list[str]:
@@ -89,13 +92,15 @@ def test_sigkilled_workers_lose_nothing_and_send_nothing_twice(
     rng = random.Random(f"{size.seed}:crash:{trial}")
     n = size.crash_sms
     rate = size.crash_rate
-    env = {"SMS_RATE_LIMIT_MPS": str(rate), "SMS_RATE_LIMIT_BURST_S": str(BATCH / rate)}
+    # A report a killed drain took with it is recovered from the provider's logs once its message is past
+    # its report deadline: a 15 s validity and no grace put that deadline inside the trial.
+    env = {"SMS_RATE_LIMIT_MPS": str(rate), "SMS_RATE_LIMIT_BURST_S": str(BATCH / rate), "SMS_NO_REPORT_GRACE_S": "0"}
     missed: list[str] = []
     killed: list[Proc] = []
     with running(env, seed=size.seed + trial, log_dir=tmp_path) as system:
         otp = n // 10
-        queued = system.outbox.enqueue_many(jobs(otp, prefix=f"t{trial}"), "otp")
-        queued += system.outbox.enqueue_many(jobs(n - otp, start=otp, prefix=f"t{trial}"), "bulk")
+        batch = [{**job, "validity_period": VALIDITY} for job in jobs(n, prefix=f"t{trial}")]
+        queued = system.outbox.enqueue_many(batch[:otp], "otp") + system.outbox.enqueue_many(batch[otp:], "bulk")
         for i, moment in enumerate(_schedule(size, trial, rng)):
             if i:
                 time.sleep(rng.uniform(0.2, 1.0))  # the scenario: a random moment, not a wait for a condition
@@ -163,6 +168,15 @@ def test_a_drain_killed_right_after_its_get_loses_no_report(size: Size, record: 
         handed_out = n - int(system.stats()["reports"]["unfetched"])
         system.stack.start_clock()  # the workers drain the rest
         took = wait_settled(system, 60)
+
+        def recovered() -> bool:
+            # The lost page's reports come back once their messages pass the 5 s deadline and the
+            # sweep finds their final statuses in the logs: wait for that, bounded.
+            finals = {e["message_id"] for e in system.events() if e["type"] in FINAL and e.get("done_at")}
+            return len(finals) >= n
+
+        with contextlib.suppress(TimeoutError):
+            wait_until(recovered, 30, "the lost reports to be recovered from the logs", interval_s=0.25)
         verdict = verify(system, [r.message_id for r in queued])
     record.add(verdict)
     record.fault("SIGKILL after the reports GET")
