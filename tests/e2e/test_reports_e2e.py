@@ -124,7 +124,8 @@ processor.process()
 def test_a_worker_killed_right_after_the_reports_get_loses_none() -> None:
     """A process SIGKILLed after its GET and read, before applying: the workers recover every page, once."""
     with reporting(clocks=0) as system:
-        queued = system.outbox.enqueue_many(_jobs(1000), "bulk")  # by webhook, meanwhile
+        # Only reports for the drain: webhook traffic would wake the workers' processors, which
+        # could then take the doomed process's pages before it reads them (seen under load).
         direct = send_direct(system, 1500)  # by drain: nobody drains until the doomed process does
         wait_until(lambda: system.stats()["reports"]["unfetched"] == 1500, 20, "1,500 reports to fetch")
 
@@ -140,4 +141,4 @@ def test_a_worker_killed_right_after_the_reports_get_loses_none() -> None:
         stats = wait_for_every_report(system, 40)
         events = system.events()
 
-    _assert_exactly_once(events, {r.message_id for r in queued} | set(direct), stats["reports"]["generated"])
+    _assert_exactly_once(events, set(direct), stats["reports"]["generated"])
