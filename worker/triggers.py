@@ -10,8 +10,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import dramatiq
+import dramatiq.errors
 
-from worker.store import Store
+from worker.errors import StoreError
+from worker.store import Store, redis_errors
 
 QUEUE = "sms"
 DISPATCH = "dispatch"
@@ -36,7 +38,13 @@ class Triggers:
         message: dramatiq.Message[Any] = dramatiq.Message(
             queue_name=QUEUE, actor_name=actor, args=args, kwargs={}, options={}
         )
-        self.broker.enqueue(message, delay=delay_ms or None)
+        # The broker has its own Redis connection: its failures are ours to name (StoreError), so
+        # every caller that survives a Redis outage (the clock, producers, the web) survives this too.
+        try:
+            with redis_errors():
+                self.broker.enqueue(message, delay=delay_ms or None)
+        except dramatiq.errors.BrokerConnectionError as error:
+            raise StoreError(f"Redis (Dramatiq broker): {error}") from error
 
     def dispatch(self, lane: str, delay_ms: int = 0) -> bool:
         """Wake a dispatcher for `lane` unless one was woken within the de-duplication window."""
