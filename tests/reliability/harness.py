@@ -3,7 +3,8 @@
 Every suite starts the real processes (worker.devstack.DevStack: redis-server, the sandbox, `sms-worker
 worker` and `clock`, optionally `web`), injects its faults, waits with bounded polls, then measures:
 
-- lost: a queued job without a send outcome event (accepted / rejected / failed);
+- lost: a queued job with neither a send outcome event (accepted / rejected / failed) nor a final
+  report event;
 - duplicated: a messageId the sandbox accepted more than once. The sandbox runs with duplicate-id
   rejection OFF (`--no-reject-duplicate-ids`), so a second send is accepted and counted instead of
   being refused: the provider's own guard is taken away and the count measures the worker alone;
@@ -159,7 +160,7 @@ class System:
         """Processes that exited without the test killing them (a crash)."""
         spared = {id(p) for p in killed}
         return [f"{p.name} (exit {p.popen.returncode if p.popen else '?'})" for p in self.stack.procs
-                if id(p) not in spared and p.name != "redis" and not p.alive()]
+                if id(p) not in spared and not p.alive()]
 
     # --- Redis probes ---------------------------------------------------------------------------
     def events(self) -> list[dict[str, Any]]:
@@ -247,8 +248,9 @@ def jobs(n: int, start: int = 0, prefix: str = "job") -> list[dict[str, Any]]:
 
 def settled(system: System) -> bool:
     """Every outbox entry is settled (acknowledged and deleted), the sandbox generated and handed out
-    every report, and every handed-out page is processed: no drain in progress, no raw page left, no
-    report parked."""
+    every report, every handed-out page is processed (no drain in progress, no raw page left, no
+    report parked), and no accepted message still awaits its final state (a report lost on the way
+    is recovered by the sweep once the message's report deadline has passed)."""
     if system.outbox_left():
         return False
     stats = system.stats()
@@ -262,8 +264,9 @@ def settled(system: System) -> bool:
         pipe.exists(store.key("lease", "reports-drain"))
         pipe.xlen(store.key("reports", "raw"))
         pipe.hlen(store.key("reports", "parked"))
-        draining, raw, parked = pipe.execute()
-    return not draining and not raw and not parked
+        pipe.zcard(store.awaiting)
+        draining, raw, parked, awaiting = pipe.execute()
+    return not draining and not raw and not parked and not awaiting
 
 
 def wait_settled(system: System, timeout_s: float) -> float | None:

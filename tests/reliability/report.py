@@ -23,8 +23,8 @@ START = "<!-- reliability-results:start -->"
 END = "<!-- reliability-results:end -->"
 # Suites in the order of docs/reliability.md.
 ORDER = ("worker crashes", "drain killed after its GET", "redis restarts", "redis kill -9 mid-call",
-         "provider fault storm",
-         "provider outage", "bad input", "bad input (entries marked src=api)", "security")
+         "clock with Redis failing", "provider fault storm", "provider outage", "bad input",
+         "bad input (entries marked src=api)", "security")
 
 
 def load_rows(directory: Path) -> list[dict[str, Any]]:

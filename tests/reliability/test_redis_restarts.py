@@ -27,9 +27,13 @@ from tests.reliability.harness import (
     verify,
     wait_settled,
 )
+from worker.clock import Clock
 from worker.devstack import DevStack, wait_until
 from worker.errors import SmsWorkerError
+from worker.runtime import make_broker
+from worker.settings import Settings
 from worker.store import Store, connect
+from worker.triggers import Triggers
 
 CHUNK = 100
 
@@ -150,4 +154,35 @@ def test_redis_killed_during_a_store_call_surfaces_as_store_error(record: Row, t
     assert outcomes == {"worker.errors.StoreError": record.trials}, (
         f"Store.pipeline let {dict(outcomes)} escape: the socket read in store._read_replies is outside "
         "redis_errors(), so `except StoreError` in Outbox callers, Clock.run and Drainer.append misses it"
+    )
+
+
+def test_the_clock_keeps_ticking_when_redis_fails_under_its_broker(settings: Settings, record: Row) -> None:
+    """A Redis error from the Dramatiq broker's enqueue reaches the clock as StoreError, so it keeps running."""
+    record.suite = "clock with Redis failing"
+    store = Store(connect(settings.redis_url))  # the clock's own Redis answers...
+    broker, _ = make_broker(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))  # ...its broker's not
+    clock = Clock(settings.model_copy(update={"sms_dispatch_tick_ms": 50}), store, Triggers(store, broker))
+    stop = threading.Event()
+    died: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            clock.run(stop)
+        except BaseException as error:  # noqa: BLE001 -- the point is to see what ends the clock
+            died.append(error)
+
+    ticking = threading.Thread(target=run, name="clock", daemon=True)
+    ticking.start()
+    poll(lambda: not ticking.is_alive(), 1.0, 0.05)  # twenty ticks
+    stop.set()
+    ticking.join(5)
+    store.r.close()
+    broker.close()
+    record.fault("broker's Redis unreachable")
+    record.note = f"Clock.run ended by {type(died[0]).__module__}.{type(died[0]).__name__}" if died else ""
+    assert not died, (
+        f"the clock died of {type(died[0]).__module__}.{type(died[0]).__name__}: {died[0]} -- Triggers.send lets "
+        "redis-py errors from RedisBroker.enqueue escape, and Clock.run catches only StoreError; the same error "
+        "reaches producers through Outbox's wake and the webhook through its wake"
     )
