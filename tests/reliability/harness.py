@@ -183,6 +183,16 @@ class System:
     def events_len(self) -> int:
         return int(self.client.xlen(self.store.events))
 
+    def logged(self, event: str, field: str) -> int:
+        """The sum of `field` over the worker processes' log lines of `event`."""
+        total = 0
+        for path in self.stack.log_dir.glob("worker-*.log"):
+            for line in path.read_text(errors="replace").splitlines():
+                if f'"event": "{event}"' in line:
+                    with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                        total += int(orjson.loads(line)[field])
+        return total
+
     def worker_log_errors(self) -> list[str]:
         """Log lines of worker processes that speak of an unhandled exception."""
         bad = []
@@ -379,6 +389,7 @@ class Row:
     events: int = 0
     dead_letters: int = 0
     no_send_event: int = 0  # final report event without an accepted/rejected/failed event before it
+    counts: dict[str, int] = field(default_factory=dict)  # anything else a suite counts (summed, shown as notes)
     seconds: float = 0.0
     result: str = "not run"
     note: str = ""
@@ -396,6 +407,10 @@ class Row:
         for name, n in verdict.faults.items():
             name = "5xx" if name.startswith("5xx_") else name
             self.faults[name] = self.faults.get(name, 0) + n
+
+    def count(self, name: str, n: int) -> None:
+        """Count something worth a note (summed over trials)."""
+        self.counts[name] = self.counts.get(name, 0) + n
 
     def fault(self, name: str, n: int = 1) -> None:
         """Count a fault the suite injected itself (a SIGKILL, a Redis restart...)."""

@@ -40,7 +40,8 @@ def _merge(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         key = (row["suite"], row["mode"])
         line = merged.get(key)
         if line is None:
-            merged[key] = line = {**row, "faults": dict(row["faults"]), "results": [row["result"]],
+            merged[key] = line = {**row, "faults": dict(row["faults"]), "counts": dict(row.get("counts", {})),
+                                  "results": [row["result"]],
                                   "notes": [row["note"]] if row["note"] else []}
             continue
         for name in ("trials", "jobs", "lost", "duplicated", "reports", "report_events", "events", "dead_letters",
@@ -48,6 +49,8 @@ def _merge(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             line[name] += row.get(name, 0)
         for name, n in row["faults"].items():
             line["faults"][name] = line["faults"].get(name, 0) + n
+        for name, n in row.get("counts", {}).items():
+            line["counts"][name] = line["counts"].get(name, 0) + n
         line["results"].append(row["result"])
         if row["note"] and row["note"] not in line["notes"]:
             line["notes"].append(row["note"])
@@ -80,6 +83,7 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
             f"| {r['dead_letters']:,} | {r['seconds']:.0f} | {_result(r['results'])} |"
         )
         notes += [f"- {r['suite']}: {note}" for note in r["notes"]]
+        notes += [f"- {r['suite']}: {name}: {n:,}" for name, n in sorted(r["counts"].items())]
         if r.get("no_send_event"):
             notes.append(f"- {r['suite']}: {r['no_send_event']:,} messages got their final report event without an "
                          "`accepted` event first (the report came before the send's outcome was known: a killed "

@@ -121,6 +121,8 @@ def test_sigkilled_workers_lose_nothing_and_send_nothing_twice(
         took = wait_settled(system, size.wait_s(n, rate))
         verdict = verify(system, [r.message_id for r in queued])
         crashed = system.dead_processes(killed)
+        record.count("reports a killed drain took with it, recovered from the provider's logs",
+                     system.logged("reports_recovered_from_logs", "reports"))
     record.add(verdict)
     if missed:
         record.note = f"moments not reached (killed anyway): {', '.join(missed)}"
