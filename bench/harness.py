@@ -128,7 +128,7 @@ def rows_producer(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[
                          "producer_rate",
                          note=f"CPU per job: producer {cost['producer_cpu_us_per_job']:.1f} us + Redis "
                               f"{cost['redis_cpu_us_per_job']:.1f} us; 1 / that = "
-                              f"{cost['uncontended_rate']:,.0f} jobs/s on an otherwise idle core"))
+                              f"{cost['sequential_rate']:,.0f} jobs/s if nothing overlapped"))
     return rows
 
 

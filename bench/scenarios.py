@@ -206,9 +206,10 @@ def producer_rate(n: int, with_ids: bool, env: dict[str, str] | None = None) -> 
     return {
         "jobs": n, "seconds": round(seconds, 3), "rate": round(n / seconds, 1),
         "producer_cpu_us_per_job": round(cpu_s / n * 1e6, 2), "redis_cpu_us_per_job": round(redis_s / n * 1e6, 2),
-        # The producer waits for Redis and Redis for the producer (one chunk at a time), so on an
-        # idle machine the rate approaches 1 / (producer CPU + Redis CPU) per job.
-        "uncontended_rate": round(1e6 / cost_us, 1) if cost_us else float("nan"),
+        # The producer validates every job before it writes any (Redis idle), then writes with two
+        # chunks in flight (producer and Redis overlap): the measured rate beats this floor by
+        # the overlap.
+        "sequential_rate": round(1e6 / cost_us, 1) if cost_us else float("nan"),
         "ok": queued == n and all(r.queued for r in results),
     }
 

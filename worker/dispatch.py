@@ -228,9 +228,9 @@ class Dispatcher:
         return len(entries)
 
     def _parse(self, entry: Entry) -> tuple[dict[str, Any], str | None]:
-        """The job of an entry, or why it cannot be sent. Every entry is checked, also those that
-        say they came through the API: anyone can write `src api` with plain Redis commands, and
-        one bad job must not fail its whole batch. The fast path costs ~2 us a job."""
+        """The job of an entry, or why it cannot be sent. Every entry is checked, also those written
+        by the Python API, which validates too: anyone can write to the outbox with plain Redis
+        commands, and one bad job must not fail its whole batch. The fast path costs ~2 us a job."""
         try:
             job = orjson.loads(entry.job)
         except orjson.JSONDecodeError as error:

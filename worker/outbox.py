@@ -17,9 +17,6 @@ from worker.models import Job, encode_job, encode_plain_job, validate_job
 from worker.settings import Settings
 from worker.store import Store
 
-# Jobs go to Redis in chunks: one round trip per chunk, and no script call holds Redis for long.
-CHUNK = 1000
-
 
 @dataclass(frozen=True, slots=True)
 class Enqueued:
@@ -95,11 +92,10 @@ class Outbox:
                 problems += [Problem(f"jobs[{index}].{p.field}", p.message) for p in error.problems]
         if problems:
             raise JobValidationError(problems)
-        results: list[Enqueued] = []
-        for start in range(0, len(encoded), CHUNK):
-            chunk = encoded[start : start + CHUNK]
-            for mid, queued in self.store.enqueue(lane, chunk, self.settings.sms_idempotency_ttl_s):
-                results.append(Enqueued(mid, lane, queued))
+        results = [
+            Enqueued(mid, lane, queued)
+            for mid, queued in self.store.enqueue(lane, encoded, self.settings.sms_idempotency_ttl_s)
+        ]
         if self.wake is not None and any(r.queued for r in results):
             self.wake(lane)
         return results

@@ -39,6 +39,8 @@ DISPATCH_GROUP = "dispatch"
 # Messages per script call: a 1000-message settle in one call held Redis for 20-100 ms, and every
 # otp send waited behind it.
 SCRIPT_CHUNK = 250
+# Jobs per round trip when enqueueing; two chunks are in flight at a time.
+ENQUEUE_CHUNK = 1000
 
 
 @contextlib.contextmanager
@@ -62,11 +64,17 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
     )
 
 
-def _read_replies(conn: Any, count: int) -> list[Any]:
-    """Read `count` replies from a redis-py connection's socket with a hiredis parser of our own."""
-    reader = hiredis.Reader()
+def _read_replies(conn: Any, reader: hiredis.Reader, count: int) -> list[Any]:
+    """Read `count` replies from a redis-py connection's socket with a hiredis parser of our own.
+
+    The reader keeps bytes that belong to later replies, so several calls may share a connection
+    with more commands in flight."""
     replies: list[Any] = []
     sock = conn._sock  # redis-py keeps the socket here; its own parser is bypassed on purpose
+    while (reply := reader.gets()) is not False:
+        replies.append(reply)
+        if len(replies) == count:
+            return replies
     while len(replies) < count:
         data = sock.recv(1 << 16)
         if not data:
@@ -75,6 +83,20 @@ def _read_replies(conn: Any, count: int) -> list[Any]:
         while len(replies) < count and (reply := reader.gets()) is not False:
             replies.append(reply)
     return replies
+
+
+def _check(replies: list[Any]) -> list[Any]:
+    """Raise an error reply as StoreError (NOSCRIPT keeps its own type as the cause)."""
+    for reply in replies:
+        if isinstance(reply, hiredis.ReplyError):
+            kind = redis.exceptions.NoScriptError if str(reply).startswith("NOSCRIPT") else redis.ResponseError
+            raise StoreError(f"Redis: {reply}") from kind(str(reply))
+    return replies
+
+
+def _bulk(value: bytes) -> bytes:
+    """One RESP bulk string; cheaper than packing a whole command when most of it is fixed."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
 def consumer_name() -> str:
@@ -92,7 +114,6 @@ class Entry:
     entry_id: str
     message_id: str
     job: bytes
-    from_api: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,12 +220,14 @@ class Store:
 
     # --- producers -------------------------------------------------------------------------------
     def enqueue(
-        self, lane: str, jobs: Sequence[tuple[bytes, str | None]], idempotency_ttl_s: int = 172_800
+        self, lane: str, jobs: Sequence[tuple[bytes, str | None]], idempotency_ttl_s: int = 172_800,
+        chunk: int = ENQUEUE_CHUNK,
     ) -> list[tuple[str, bool]]:
         """Append (job JSON, producer id) pairs; returns (message id, newly queued) per job.
 
-        One pipelined round trip of plain commands, no script (a script costs ~8 us a job inside
-        Redis). A job without a producer id is a plain XADD; its message id is derived from the
+        Plain commands, no script (a script costs ~8 us a job inside Redis), in chunks of `chunk`
+        jobs on one connection with two chunks in flight: Python packs chunk k+1 while Redis runs
+        chunk k. A job without a producer id is a plain XADD; its message id is derived from the
         entry id. A job with one gets its message id here, is appended with it, and then claims the
         producer id with SET NX GET. A repeat (the id was claimed earlier) gets the earlier message
         id back and its entry is deleted again. Appending first is what makes a crash harmless:
@@ -212,20 +235,47 @@ class Store:
         (Dispatcher._drop_duplicate_ids), so a job is never lost and a repeat never sent.
         """
         outbox, prefix = self.outbox(lane), self.lane_prefix(lane)
-        commands: list[tuple[Any, ...]] = []
-        mids: list[str | None] = []
-        for job, producer_id in jobs:
-            if producer_id is None:
-                mids.append(None)
-                commands.append((b"XADD", outbox, b"*", b"job", job, b"src", b"api"))
-            else:
-                new = self._new_message_id(prefix)
-                mids.append(new)
-                commands.append((b"XADD", outbox, b"*", b"job", job, b"src", b"api", b"mid", new))
-                commands.append((b"SET", self.idem(producer_id), new, b"NX", b"GET", b"EX", idempotency_ttl_s))
-        replies = iter(self.pipeline(commands))
+        xadd = b"".join(_bulk(part) for part in (b"XADD", outbox.encode(), b"*", b"job"))
+        idem = self.idem("")
+        set_head = b"*7\r\n" + _bulk(b"SET")
+        set_options = b"".join(_bulk(part) for part in (b"NX", b"GET", b"EX", b"%d" % idempotency_ttl_s))
         results: list[tuple[str, bool]] = []
         repeats: list[bytes] = []
+        with self._connection() as (conn, reader):
+            in_flight: list[tuple[list[str | None], int]] = []
+            for start in range(0, len(jobs), chunk):
+                mid_base = f"{prefix}{int(time.time() * 1000)}-p{self._tag}"
+                mids: list[str | None] = []
+                parts: list[bytes] = []
+                for job, producer_id in jobs[start : start + chunk]:
+                    if producer_id is None:
+                        mids.append(None)
+                        parts.append(b"*5\r\n" + xadd + _bulk(job))
+                    else:
+                        mid = f"{mid_base}{next(self._counter):x}"
+                        mids.append(mid)
+                        mid_bulk = _bulk(mid.encode())
+                        parts.append(b"*7\r\n" + xadd + _bulk(job) + b"$3\r\nmid\r\n" + mid_bulk)
+                        parts.append(set_head + _bulk((idem + producer_id).encode()) + mid_bulk + set_options)
+                conn.send_packed_command([b"".join(parts)])
+                in_flight.append((mids, len(parts)))
+                if len(in_flight) == 2:
+                    self._enqueued(conn, reader, prefix, *in_flight.pop(0), results, repeats)
+            for mids, count in in_flight:
+                self._enqueued(conn, reader, prefix, mids, count, results, repeats)
+            if repeats:
+                xdel: tuple[Any, ...] = (b"XDEL", outbox, *repeats)
+                conn.send_packed_command([hiredis.pack_command(xdel)])
+                _check(_read_replies(conn, reader, 1))
+        return results
+
+    @staticmethod
+    def _enqueued(
+        conn: Any, reader: hiredis.Reader, prefix: str, mids: list[str | None], count: int,
+        results: list[tuple[str, bool]], repeats: list[bytes],
+    ) -> None:
+        """Read one chunk's replies: (message id, queued) per job, and the entry ids of repeats."""
+        replies = iter(_check(_read_replies(conn, reader, count)))
         for mid in mids:
             entry_id = next(replies)
             if mid is None:
@@ -237,30 +287,20 @@ class Store:
             else:
                 results.append((earlier.decode(), False))
                 repeats.append(entry_id)
-        if repeats:
-            self.pipeline([(b"XDEL", outbox, *repeats)])
-        return results
 
-    def _new_message_id(self, prefix: str) -> str:
-        """A message id for a job that has a producer id: time first (like entry ids), then this
-        producer's random tag and a counter, so no two producers can make the same one."""
-        return f"{prefix}{int(time.time() * 1000)}-p{self._tag}{next(self._counter):x}"
-
-    def pipeline(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """Many commands in one round trip, packed and parsed by hiredis.
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[tuple[Any, hiredis.Reader]]:
+        """A pooled connection whose replies we parse ourselves with one hiredis.Reader.
 
         redis-py's pipeline spends ~10 us of Python per command; packing with hiredis and parsing
-        the replies with one hiredis.Reader straight off a pooled connection's socket is several
-        times cheaper, which is what lets one producer enqueue 100k+ jobs/s. An error reply is
-        raised as StoreError (the other replies of the call are then lost: callers send
-        commands that fail only when Redis itself is broken).
+        the replies straight off the socket is several times cheaper, which is what lets one
+        producer enqueue 100k+ jobs/s.
         """
         pool = self.r.connection_pool
         with redis_errors():
             conn = pool.get_connection()
             try:
-                conn.send_packed_command([b"".join([hiredis.pack_command(c) for c in commands])])
-                replies = _read_replies(conn, len(commands))
+                yield conn, hiredis.Reader()
             except OSError as error:
                 # Our own reads bypass redis-py, so a reset socket arrives as a bare OSError.
                 conn.disconnect()
@@ -271,11 +311,17 @@ class Store:
                 raise
             finally:
                 pool.release(conn)
-        for reply in replies:
-            if isinstance(reply, hiredis.ReplyError):
-                kind = redis.exceptions.NoScriptError if str(reply).startswith("NOSCRIPT") else redis.ResponseError
-                raise StoreError(f"Redis: {reply}") from kind(str(reply))
-        return replies
+
+    def pipeline(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Many commands in one round trip, packed and parsed by hiredis.
+
+        An error reply is raised as StoreError (the other replies of the call are then lost:
+        callers send commands that fail only when Redis itself is broken).
+        """
+        with self._connection() as (conn, reader):
+            conn.send_packed_command([b"".join([hiredis.pack_command(c) for c in commands])])
+            replies = _read_replies(conn, reader, len(commands))
+        return _check(replies)
 
     # --- dispatch --------------------------------------------------------------------------------
     def claim(
@@ -318,7 +364,6 @@ class Store:
                     entry_id=entry_id,
                     message_id=self.entry_message_id(lane, entry_id, fields),
                     job=fields.get(b"job", b""),
-                    from_api=fields.get(b"src") == b"api",
                 )
             )
         return entries

@@ -23,6 +23,35 @@ def test_enqueue_refuses_a_producer_id_seen_before(store: Store) -> None:
     assert store.r.xlen(store.outbox("bulk")) == 2
 
 
+def test_enqueue_in_overlapping_chunks_keeps_every_answer_in_order(store: Store) -> None:
+    """Several chunks in flight on one connection: each job gets its own answer, repeats (of an
+    earlier call and within the call, across chunk borders) are reported and their entries deleted."""
+    store.enqueue("bulk", [(b'{"to":"41790000001","text":"a","id":"old"}', "old")])
+    jobs: list[tuple[bytes, str | None]] = []
+    for i in range(2_500):
+        producer_id = None if i % 3 == 0 else f"id-{i % 1_000}"  # ids repeat every 1000 jobs
+        jobs.append((orjson.dumps({"to": f"4179{i:07d}", "text": f"t{i}", "id": producer_id}), producer_id))
+    jobs.insert(1_700, (b'{"to":"41790000002","text":"b","id":"old"}', "old"))
+    results = store.enqueue("bulk", jobs, chunk=300)
+
+    assert len(results) == len(jobs)
+    first_mid: dict[str, str] = {}
+    for (_, producer_id), (mid, queued) in zip(jobs, results, strict=True):
+        if producer_id is None:
+            assert queued and mid.startswith("sw-bulk-")
+        elif producer_id in first_mid:
+            assert (mid, queued) == (first_mid[producer_id], False)
+        else:
+            first_mid[producer_id] = mid
+            assert queued == (producer_id != "old")
+    assert all(store.r.get(store.idem(pid)).decode() == mid for pid, mid in first_mid.items())
+    entries = store.r.xrange(store.outbox("bulk"))
+    queued_mids = [mid for mid, queued in results if queued]
+    assert len(entries) == 1 + len(queued_mids)
+    texts = [orjson.loads(fields[b"job"])["text"] for _, fields in entries[1:]]
+    assert texts == [orjson.loads(job)["text"] for (job, _), (_, queued) in zip(jobs, results, strict=True) if queued]
+
+
 def test_claim_waits_for_a_partial_batch_then_takes_it(store: Store) -> None:
     """A partial batch younger than the max wait is left; a full one is taken at once."""
     store.enqueue("bulk", _jobs(3))
@@ -38,7 +67,9 @@ def test_claim_reads_entries_written_before_the_group_existed(store: Store) -> N
     """Plain XADD from another language before any worker ran is not skipped."""
     store.r.xadd(store.outbox("otp"), {"job": b'{"to":"41790000001","text":"a"}'})
     claim = store.claim("otp", "c1", 10, lease_ms=60_000, max_wait_ms=0, recover=False)
-    assert [e.from_api for e in claim.entries] == [False]
+    assert [(e.message_id, e.job) for e in claim.entries] == [
+        ("sw-otp-" + claim.entries[0].entry_id, b'{"to":"41790000001","text":"a"}')
+    ]
 
 
 def test_stale_pending_entries_are_recovered_by_another_consumer(store: Store) -> None:

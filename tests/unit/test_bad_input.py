@@ -69,7 +69,7 @@ def test_the_fast_path_never_accepts_what_validation_refuses(data: dict[str, Any
 def test_raw_outbox_entries_never_crash_the_dispatcher(raw: bytes) -> None:
     """Whatever bytes a producer put in `job`, parsing yields a job or a reason to dead-letter it."""
     dispatcher = Dispatcher(SETTINGS, None, None, None, None, "t")  # type: ignore[arg-type]
-    job, problem = dispatcher._parse(Entry("1-0", "sw-bulk-1-0", raw, from_api=False))
+    job, problem = dispatcher._parse(Entry("1-0", "sw-bulk-1-0", raw))
     if problem is None:
         message = wire_message_from_dict(job, "sw-bulk-1-0", default_sender=None, webhook_url=None)
         assert message["destinations"][0]["to"] == job["to"]
