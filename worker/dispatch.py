@@ -39,6 +39,9 @@ log = structlog.get_logger(__name__)
 RUN_BUDGET_S = 2.0
 # Stale pending entries are looked for at most this often per process and lane.
 RECOVER_EVERY_S = 1.0
+# A listening dispatcher (see Dispatcher._listen) blocks on Redis in slices this long, so it sees a
+# shutdown request within one slice.
+LISTEN_SLICE_MS = 250
 # Provider status groups that mean "the platform took it".
 _ACCEPTED_GROUPS = frozenset({"PENDING", "ACCEPTED", "DELIVERED"})
 _DUPLICATE = "REJECTED_DUPLICATE_MESSAGE_ID"
@@ -85,6 +88,7 @@ class Dispatcher:
         consumer: str,
         stopping: Callable[[], bool] = lambda: False,
         recover_every_s: float = RECOVER_EVERY_S,
+        listen: bool = True,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -95,6 +99,7 @@ class Dispatcher:
         self.stopping = stopping
         self.lease_ms = int(settings.sms_lease_s * 1000)
         self.recover_every_s = recover_every_s
+        self.listen = listen
         self._last_recover: dict[str, float] = {}
         self._webhook_url = settings.webhook_delivery_url()
 
@@ -133,6 +138,8 @@ class Dispatcher:
                 if not claim.entries:
                     if claim.kind == "wait":
                         self.wake.dispatch(lane, delay_ms=claim.wait_ms)
+                    elif cfg.max_wait_ms == 0 and self._listen(lane, claim.last_id, deadline):
+                        continue
                     break
                 if len(claim.entries) == cfg.batch_size:
                     self.wake.dispatch(lane)  # a full batch: likely more behind it, let a sibling help
@@ -143,6 +150,19 @@ class Dispatcher:
         finally:
             self.store.release_slot(lane, slot)
         return handled
+
+    def _listen(self, lane: str, after_id: str, deadline: float) -> bool:
+        """Wait on the outbox of an immediate lane (max wait 0, like otp) for the rest of the budget;
+        True when a job arrived. A listening dispatcher claims a new job within a millisecond of
+        its XADD, where a wake-up message's trip through Dramatiq took 20-200 ms on a busy
+        machine. A quiet lane ends the run at the deadline and costs nothing until the next kick."""
+        while self.listen and not self.stopping():
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                return False
+            if self.store.wait_for_new(lane, after_id, min(left_ms, LISTEN_SLICE_MS)):
+                return True
+        return False
 
     def _recover_due(self, lane: str) -> bool:
         now = time.monotonic()

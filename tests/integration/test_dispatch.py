@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,7 +74,7 @@ class Rig:
         self.wake = RecordingWake()
         self.outbox = Outbox(settings, store)
         self.dispatcher = Dispatcher(settings, store, self.provider, RateLimiter(settings, store), self.wake, "t1",
-                                     recover_every_s=0)
+                                     recover_every_s=0, listen=False)
 
     def events(self) -> list[dict[str, Any]]:
         return [orjson.loads(f[b"event"]) for _, f in self.store.r.xrange(self.store.events)]
@@ -225,4 +226,29 @@ def test_provider_outage_keeps_jobs_and_retries_them_after_the_pause(
     # The lease is 10 s: only the retry schedule can bring them back within 5 s.
     wait_until(sent, 5, "the batch to be retried after the outage pause", interval_s=0.05)
     assert sbx.stats()["duplicates"] == 0
+    rig.provider.close()
+
+
+def test_an_immediate_lane_listens_for_jobs_for_the_rest_of_its_budget(
+    redis_url: str, sbx: SandboxProcess, store: Store
+) -> None:
+    """An otp dispatcher that found its lane empty keeps waiting on the outbox: a job queued later is
+    sent by the same run, without any wake-up message. A stop request ends the wait within a slice."""
+    rig = Rig(_settings(redis_url, sbx), store)
+    stop = threading.Event()
+    rig.dispatcher.listen = True
+    rig.dispatcher.stopping = stop.is_set
+    handled: list[int] = []
+    runner = threading.Thread(target=lambda: handled.append(rig.dispatcher.run("otp", budget_s=30)))
+    runner.start()
+    try:
+        wait_until(lambda: rig.store.r.exists(rig.store.outbox("otp")) == 1, 5, "the first (empty) claim")
+        queued = rig.outbox.enqueue({"to": "41790000001", "text": "Your code is 123456"}, "otp")
+        wait_until(lambda: rig.types().get(queued.message_id) == "accepted", 10, "the listening run to send it")
+        assert rig.wake.dispatches == []  # nobody was woken: the run that was waiting took it
+    finally:
+        stop.set()
+        runner.join(timeout=5)
+    assert not runner.is_alive() and handled == [1]
+    assert sbx.stats()["messages_accepted"] == 1
     rig.provider.close()

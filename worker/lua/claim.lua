@@ -8,7 +8,9 @@
 -- ARGV[6]  "1" to look for stale pending entries first (callers do it now and then, not every time)
 -- Returns {kind, wait_ms, id1, fields1, id2, fields2, ...}; kind is
 --   "recovered" (entries taken over from the pending list), "new", "wait" (a partial batch is
---   younger than the max wait; wait_ms says for how long), or "empty".
+--   younger than the max wait; wait_ms says for how long), or "empty". "empty" comes as
+--   {"empty", 0, last id}: the stream's last generated id, after which any entry is new to the
+--   group, so a caller can block on XREAD for it without missing one added meanwhile.
 local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local n, lease_ms, max_wait_ms = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 
@@ -24,6 +26,14 @@ end
 -- The group is made on first use from the start of the stream, so entries that producers wrote
 -- with plain XADD before any worker ran are not skipped.
 local ok = pcall(redis.call, 'XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+
+local function empty()
+  local info = redis.call('XINFO', 'STREAM', stream)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then return {'empty', 0, info[i + 1]} end
+  end
+  return {'empty', 0, '0-0'}
+end
 
 if ARGV[6] == '1' then
   local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, lease_ms, '0-0', 'COUNT', n)
@@ -47,7 +57,7 @@ if max_wait_ms > 0 then
   end
   if not lag or lag < n then
     local head = redis.call('XRANGE', stream, '(' .. last_id, '+', 'COUNT', n)
-    if #head == 0 then return {'empty', 0} end
+    if #head == 0 then return empty() end
     if #head < n then
       local now = redis.call('TIME')
       local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -59,5 +69,5 @@ if max_wait_ms > 0 then
 end
 
 local read = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n, 'STREAMS', stream, '>')
-if not read then return {'empty', 0} end
+if not read then return empty() end
 return flatten('new', 0, read[1][2])
