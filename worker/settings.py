@@ -42,7 +42,8 @@ class LaneConfig(BaseModel):
 def _default_lanes() -> dict[str, LaneConfig]:
     return {
         "otp": LaneConfig(batch_size=100, max_wait_ms=0, concurrency=2),
-        "bulk": LaneConfig(batch_size=1000, max_wait_ms=250, concurrency=4),
+        # 8 bulks in flight keep a provider that takes 100 ms per POST from bounding throughput.
+        "bulk": LaneConfig(batch_size=1000, max_wait_ms=250, concurrency=8),
     }
 
 
