@@ -80,10 +80,36 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # glibc gives each thread its own malloc arena; with a dozen worker threads that alone added
     # ~40 MB of peak RSS per process (docs/performance.md, scenario 6).
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
-    threads = args.threads or sum(lane.concurrency for lane in settings.sms_lanes.values()) + 4
+    lanes, queues = _worker_queues(settings, args.lanes, args.skip_lanes)
+    threads = args.threads or sum(settings.sms_lanes[lane].concurrency for lane in lanes) + 4
     argv = ["dramatiq", "worker.actors", "--processes", str(args.processes), "--threads", str(threads),
             "--worker-shutdown-timeout", str(int(settings.sms_shutdown_timeout_s * 1000)), "--skip-logging"]
+    if queues is not None:
+        argv += ["--queues", *queues]
     os.execvp(sys.executable, [sys.executable, "-m", *argv])
+
+
+def _worker_queues(settings: Settings, only: str | None, skip: str | None) -> tuple[list[str], list[str] | None]:
+    """(lanes this worker dispatches, Dramatiq queues it consumes or None for all of them).
+
+    `--lanes otp`: only those lanes' dispatches (a dedicated, never-busy otp process).
+    `--skip-lanes otp`: everything else, report work included (the bulk workers beside it).
+    """
+    from worker.triggers import QUEUE, lane_queue
+
+    if only and skip:
+        raise SmsWorkerError("give --lanes or --skip-lanes, not both")
+    known = list(settings.sms_lanes)
+    named = [lane.strip() for lane in (only or skip or "").split(",") if lane.strip()]
+    unknown = [lane for lane in named if lane not in known]
+    if unknown:
+        raise SmsWorkerError(f"unknown lane(s) {', '.join(unknown)}; SMS_LANES has {', '.join(known)}")
+    if only:
+        return named, [lane_queue(lane) for lane in named]
+    if skip:
+        lanes = [lane for lane in known if lane not in named]
+        return lanes, [QUEUE, *(lane_queue(lane) for lane in lanes)]
+    return known, None
 
 
 def cmd_clock(args: argparse.Namespace) -> int:
@@ -367,10 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sandbox)
 
     p = sub.add_parser("worker", help="run Dramatiq worker processes over the actors",
-                       epilog="example:\n  sms-worker worker --processes 2",
+                       epilog="examples:\n  sms-worker worker --processes 2\n"
+                              "  sms-worker worker --lanes otp               # a dedicated otp process\n"
+                              "  sms-worker worker --processes 2 --skip-lanes otp   # and the rest beside it",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--processes", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="threads per process (default: lanes' concurrency + 4)")
+    p.add_argument("--lanes", help="only dispatch these lanes (comma-separated), e.g. a dedicated otp worker")
+    p.add_argument("--skip-lanes", help="everything except these lanes, e.g. the workers beside an otp worker")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("clock", help="run the scheduler that enqueues periodic actor messages",

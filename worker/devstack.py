@@ -165,9 +165,12 @@ class DevStack:
         self.env["ICOMM_API_KEY"] = api_key
         return url
 
-    def start_worker(self, name: str = "worker", *, threads: int = 8, env: Mapping[str, str] | None = None) -> Proc:
-        return self._spawn(name, [sys.executable, "-m", "worker.cli", "worker", "--processes", "1",
-                                  "--threads", str(threads)], env)
+    def start_worker(self, name: str = "worker", *, threads: int = 8, env: Mapping[str, str] | None = None,
+                     lanes: str | None = None, skip_lanes: str | None = None) -> Proc:
+        argv = [sys.executable, "-m", "worker.cli", "worker", "--processes", "1", "--threads", str(threads)]
+        argv += ["--lanes", lanes] if lanes else []
+        argv += ["--skip-lanes", skip_lanes] if skip_lanes else []
+        return self._spawn(name, argv, env)
 
     def start_clock(self, name: str = "clock") -> Proc:
         return self._spawn(name, [sys.executable, "-m", "worker.cli", "clock"])

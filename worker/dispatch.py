@@ -116,7 +116,8 @@ class Dispatcher:
         if not self.store.acquire_slot(lane, slot, cfg.concurrency, self.lease_ms):
             return 0
         handled = 0
-        deadline = time.monotonic() + budget_s
+        renewed = time.monotonic()
+        deadline = renewed + budget_s
         try:
             while not self.stopping():
                 if time.monotonic() > deadline:
@@ -138,15 +139,18 @@ class Dispatcher:
                 if not claim.entries:
                     if claim.kind == "wait":
                         self.wake.dispatch(lane, delay_ms=claim.wait_ms)
-                    elif cfg.max_wait_ms == 0 and self._listen(lane, claim.last_id, deadline):
+                    immediate = claim.kind == "empty" and cfg.max_wait_ms == 0
+                    if immediate and self._listen(lane, claim.last_id, deadline):
                         continue
                     break
                 if len(claim.entries) == cfg.batch_size:
                     self.wake.dispatch(lane)  # a full batch: likely more behind it, let a sibling help
                 handled += self.process(lane, claim.entries)
-                self.store.acquire_slot(lane, slot, cfg.concurrency, self.lease_ms)  # renew
-                if self.store.paused(lane):
-                    break
+                # The slot's lease outlasts a run many times over; renewing now and then is enough.
+                # (A pause, by this batch or another worker, is seen by the next claim.)
+                if time.monotonic() - renewed > self.lease_ms / 3000:
+                    self.store.acquire_slot(lane, slot, cfg.concurrency, self.lease_ms)
+                    renewed = time.monotonic()
         finally:
             self.store.release_slot(lane, slot)
         return handled

@@ -45,9 +45,11 @@ class RateLimiter:
         return self.store.acquire_tokens(want, self._buckets(lane))
 
     def refund(self, lane: str, unused: int, request_unused: bool) -> None:
-        """Give back tokens a claim did not use (fewer jobs waiting than were granted)."""
-        if unused > 0 or request_unused:
-            self.store.refund_tokens(unused, request_unused, self._buckets(lane))
+        """Give back tokens a claim did not use (fewer jobs waiting than were granted). Without a
+        limit there is nothing worth giving back, and no round trip is spent on it."""
+        buckets = self._buckets(lane)
+        if (unused > 0 or request_unused) and any(rate < UNLIMITED for _, rate, _, _ in buckets):
+            self.store.refund_tokens(unused, request_unused, buckets)
 
     def acquire_logs_call(self) -> int:
         """One GET /sms/3/logs call: 0 if allowed now, else ms to wait."""

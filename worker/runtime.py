@@ -29,7 +29,7 @@ from worker.reports import Drainer, Processor, Sweeper
 from worker.settings import Settings
 from worker.status import heartbeat
 from worker.store import Store, connect, consumer_name
-from worker.triggers import Triggers
+from worker.triggers import Triggers, lane_queue
 
 HEARTBEAT_EVERY_S = 5.0
 
@@ -142,4 +142,7 @@ def make_broker(settings: Settings) -> tuple[RedisBroker, Resources]:
             resources,
         ],
     )
+    # Actors are declared on the shared queue; the lanes' queues carry their dispatch messages.
+    for lane in settings.sms_lanes:
+        broker.declare_queue(lane_queue(lane))
     return broker, resources

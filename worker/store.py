@@ -117,7 +117,7 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    kind: str  # "new", "recovered", "wait" or "empty"
+    kind: str  # "new", "recovered", "wait", "empty" or "paused"
     wait_ms: int
     entries: list[Entry]
     last_id: str = "0-0"  # for "empty": the outbox's last id, to wait for what comes after it
@@ -329,7 +329,7 @@ class Store:
     ) -> Claim:
         reply = self.run(
             "claim",
-            [self.outbox(lane)],
+            [self.outbox(lane), self.pause_key(lane)],
             [DISPATCH_GROUP, consumer, n, lease_ms, max_wait_ms, "1" if recover else "0"],
         )
         kind = reply[0].decode()

@@ -15,7 +15,16 @@ import dramatiq.errors
 from worker.errors import StoreError
 from worker.store import Store, redis_errors
 
+# Report work, sweeps and the event relay go to QUEUE; each lane's dispatches and reconciliations
+# to its own queue, so a worker process can be given only some lanes (`sms-worker worker --lanes
+# otp`): an otp process that never runs a bulk batch answers within milliseconds however busy
+# the bulk workers are.
 QUEUE = "sms"
+
+
+def lane_queue(lane: str) -> str:
+    return f"{QUEUE}-lane-{lane}"
+
 DISPATCH = "dispatch"
 RECONCILE = "reconcile"
 DRAIN_REPORTS = "drain_reports"
@@ -34,9 +43,9 @@ class Triggers:
         self.store = store
         self.broker = broker
 
-    def send(self, actor: str, *args: Any, delay_ms: int = 0) -> None:
+    def send(self, actor: str, *args: Any, delay_ms: int = 0, queue: str = QUEUE) -> None:
         message: dramatiq.Message[Any] = dramatiq.Message(
-            queue_name=QUEUE, actor_name=actor, args=args, kwargs={}, options={}
+            queue_name=queue, actor_name=actor, args=args, kwargs={}, options={}
         )
         # The broker has its own Redis connection: its failures are ours to name (StoreError), so
         # every caller that survives a Redis outage (the clock, producers, the web) survives this too.
@@ -49,12 +58,12 @@ class Triggers:
     def dispatch(self, lane: str, delay_ms: int = 0) -> bool:
         """Wake a dispatcher for `lane` unless one was woken within the de-duplication window."""
         if self.store.try_kick(lane, max(KICK_DEDUPE_MS, delay_ms)):
-            self.send(DISPATCH, lane, delay_ms=delay_ms)
+            self.send(DISPATCH, lane, delay_ms=delay_ms, queue=lane_queue(lane))
             return True
         return False
 
     def reconcile(self, lane: str, entry_ids: Sequence[str], delay_ms: int) -> None:
-        self.send(RECONCILE, lane, list(entry_ids), delay_ms=delay_ms)
+        self.send(RECONCILE, lane, list(entry_ids), delay_ms=delay_ms, queue=lane_queue(lane))
 
     def process_reports(self) -> None:
         if self.store.try_kick("reports", KICK_DEDUPE_MS):

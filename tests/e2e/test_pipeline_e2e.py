@@ -11,6 +11,7 @@ import pytest
 
 from tests.support.system import API_KEY, SANDBOX_FLAGS, jobs, running
 from worker.devstack import wait_until
+from worker.triggers import lane_queue
 
 
 def test_ten_thousand_sms_arrive_complete_without_duplicates() -> None:
@@ -129,3 +130,25 @@ def test_rate_limit_holds_across_worker_processes() -> None:
     total = sum(by_second[s] for s in window)
     assert abs(total - 10 * rate) <= 0.05 * 10 * rate, by_second
     assert max(by_second[s] for s in window) <= rate + batch, by_second
+
+
+def test_a_worker_given_only_the_otp_lane_sends_otp_and_nothing_else() -> None:
+    """`sms-worker worker --lanes otp` consumes only the otp lane's queue: otp jobs go out while bulk
+    jobs wait, until a `--skip-lanes otp` worker (everything else) starts beside it."""
+    with running(workers=0) as system:
+        system.stack.start_worker("worker-otp", lanes="otp")
+        bulk = system.outbox.enqueue_many(jobs(300), "bulk")
+        otp = system.outbox.enqueue_many(jobs(20, start=300), "otp")
+        outcomes = system.wait_for_send_outcomes(20, 60)
+        assert set(outcomes) == {r.message_id for r in otp}
+        # The producer and the clock (every 200 ms) kick the bulk lane; its dispatch messages pile
+        # up unread, as no worker here takes that lane's queue.
+        unread = f"{system.settings.sms_key_prefix}:dramatiq:{lane_queue('bulk')}.msgs"
+        wait_until(lambda: system.client.hlen(unread) >= 3, 10, "three bulk dispatch messages")
+        assert system.client.xlen(system.store.outbox("bulk")) == 300
+        assert system.stats()["messages_accepted"] == 20
+        system.stack.start_worker("worker-rest", skip_lanes="otp")
+        outcomes = system.wait_for_send_outcomes(320, 60)
+        stats = system.stats()
+    assert set(outcomes) == {r.message_id for r in bulk + otp}
+    assert stats["messages_accepted"] == 320 and stats["duplicates"] == 0

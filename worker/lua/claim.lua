@@ -1,5 +1,6 @@
 -- claim.lua: hand up to N outbox entries of one lane to one consumer, recovering stale ones first.
 -- KEYS[1]  the lane's outbox stream
+-- KEYS[2]  the lane's pause key: while it exists nothing is claimed
 -- ARGV[1]  consumer group name
 -- ARGV[2]  consumer name
 -- ARGV[3]  N, the most entries to return (already sized to the rate limiter's grant)
@@ -7,8 +8,9 @@
 -- ARGV[5]  max wait in ms: a partial batch is only taken once its oldest entry is this old
 -- ARGV[6]  "1" to look for stale pending entries first (callers do it now and then, not every time)
 -- Returns {kind, wait_ms, id1, fields1, id2, fields2, ...}; kind is
---   "recovered" (entries taken over from the pending list), "new", "wait" (a partial batch is
---   younger than the max wait; wait_ms says for how long), or "empty". "empty" comes as
+--   "paused" (the lane is paused), "recovered" (entries taken over from the pending list), "new",
+--   "wait" (a partial batch is younger than the max wait; wait_ms says for how long), or "empty",
+--   which comes as
 --   {"empty", 0, last id}: the stream's last generated id, after which any entry is new to the
 --   group, so a caller can block on XREAD for it without missing one added meanwhile.
 local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
@@ -22,6 +24,8 @@ local function flatten(kind, wait_ms, entries)
   end
   return out
 end
+
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'paused', 0} end
 
 -- The group is made on first use from the start of the stream, so entries that producers wrote
 -- with plain XADD before any worker ran are not skipped.
