@@ -75,8 +75,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    # Dramatiq polls idle queues with a backoff up to this many ms: it bounds the otp lane's latency.
-    os.environ.setdefault("dramatiq_worker_timeout", "20")
+    # Dramatiq polls each idle queue (one per lane, and the shared one) with a backoff up to this
+    # many ms. Immediate lanes do not wait for it (their dispatchers listen on the outbox), so
+    # the polling can be rare: it only delays a bulk batch's start and report processing.
+    os.environ.setdefault("dramatiq_worker_timeout", "100")
     # glibc gives each thread its own malloc arena; with a dozen worker threads that alone added
     # ~40 MB of peak RSS per process (docs/performance.md, scenario 6).
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")

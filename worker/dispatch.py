@@ -139,9 +139,11 @@ class Dispatcher:
                 if not claim.entries:
                     if claim.kind == "wait":
                         self.wake.dispatch(lane, delay_ms=claim.wait_ms)
-                    immediate = claim.kind == "empty" and cfg.max_wait_ms == 0
+                    immediate = self.listen and claim.kind == "empty" and cfg.max_wait_ms == 0
                     if immediate and self._listen(lane, claim.last_id, deadline):
                         continue
+                    if immediate and not self.stopping():
+                        self.wake.dispatch(lane)  # a successor listens on: the lane always has one
                     break
                 if len(claim.entries) == cfg.batch_size:
                     self.wake.dispatch(lane)  # a full batch: likely more behind it, let a sibling help
@@ -159,8 +161,9 @@ class Dispatcher:
         """Wait on the outbox of an immediate lane (max wait 0, like otp) for the rest of the budget;
         True when a job arrived. A listening dispatcher claims a new job within a millisecond of
         its XADD, where a wake-up message's trip through Dramatiq took 20-200 ms on a busy
-        machine. A quiet lane ends the run at the deadline and costs nothing until the next kick."""
-        while self.listen and not self.stopping():
+        machine. At the deadline the run hands over to a fresh message, so the lane always has a
+        listener (one blocked thread and connection, and a Dramatiq message every RUN_BUDGET_S)."""
+        while not self.stopping():
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 return False

@@ -372,14 +372,17 @@ class DrainResult:
     reports: int = 0
 
 
-def _observe_lag(done_at: object) -> None:
-    """Report lag: from the provider's doneAt to our event (a clock skew makes it approximate)."""
+def _observe_lag(done_at: object, now: float) -> None:
+    """Report lag: from the provider's doneAt to our event (a clock skew makes it approximate).
+    fromisoformat reads the API's `2026-11-27T10:00:00.000+0000` in C; strptime took a sixth of
+    the processor's time."""
     if isinstance(done_at, str):
         try:
-            done = datetime.strptime(done_at, "%Y-%m-%dT%H:%M:%S.%f%z")
+            done = datetime.fromisoformat(done_at)
         except ValueError:
             return
-        metrics.REPORT_LAG.observe(max(0.0, time.time() - done.timestamp()))
+        if done.tzinfo is not None:
+            metrics.REPORT_LAG.observe(max(0.0, now - done.timestamp()))
 
 
 def _count_results(raw: bytes) -> int:
@@ -606,6 +609,7 @@ class Processor:
         tally = Tally(pages=len(pages), reports=len(todo) + sum(p.intermediate for p in pages) + len(dead),
                       intermediate=sum(p.intermediate for p in pages))
         acked = False
+        now = time.time()
         for _ in range(APPLY_ATTEMPTS):
             rows = self.state.fetch(list(dict.fromkeys(f.message_id for f in todo)))
             ops, sources, duplicates = self._plan(todo, rows, at)
@@ -615,7 +619,7 @@ class Processor:
             for result, final in zip(results, sources, strict=True):
                 if result == APPLIED:
                     tally.applied += 1
-                    _observe_lag(final.item.get("doneAt"))
+                    _observe_lag(final.item.get("doneAt"), now)
                 elif result == PARKED:
                     tally.parked += 1
                 elif result == CONFLICT:
