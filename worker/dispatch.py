@@ -101,6 +101,7 @@ class Dispatcher:
         self.recover_every_s = recover_every_s
         self.listen = listen
         self._last_recover: dict[str, float] = {}
+        self._recovering: dict[str, bool] = {}
         self._webhook_url = settings.webhook_delivery_url()
 
     # --- the loop ------------------------------------------------------------------------------
@@ -133,8 +134,12 @@ class Dispatcher:
                     break
                 claim = self.store.claim(
                     lane, self.consumer, granted, lease_ms=self.lease_ms, max_wait_ms=cfg.max_wait_ms,
-                    recover=self._recover_due(lane),
+                    recover=self._recovering.pop(lane, False) or self._recover_due(lane),
                 )
+                if claim.kind == "recovered" and len(claim.entries) == granted:
+                    # A backlog of stale entries (every batch tried during a provider outage comes
+                    # back this way): keep taking it at full speed, not one batch per RECOVER_EVERY_S.
+                    self._recovering[lane] = True
                 self.limiter.refund(lane, granted - len(claim.entries), request_unused=not claim.entries)
                 if not claim.entries:
                     if claim.kind == "wait":

@@ -252,3 +252,17 @@ def test_an_immediate_lane_listens_for_jobs_for_the_rest_of_its_budget(
     assert not runner.is_alive() and handled == [1]
     assert sbx.stats()["messages_accepted"] == 1
     rig.provider.close()
+
+
+def test_a_backlog_of_stale_entries_is_recovered_batch_after_batch(rig: Rig, sbx: SandboxProcess) -> None:
+    """Entries a dead worker left pending (after an outage: every batch tried) come back in one run,
+    batch after batch, not one batch per recovery interval."""
+    rig.outbox.enqueue_many(_jobs(35), "otp")
+    rig.store.claim("otp", "dead-worker", 35, lease_ms=0, max_wait_ms=0, recover=False)
+    rig.dispatcher.lease_ms = 0
+    rig.dispatcher.recover_every_s = 3600  # only the run's first claim is a scheduled recovery
+    assert rig.dispatcher.run("otp") == 35  # batches of 10: 10, 10, 10, 5
+    assert len(rig.types()) == 35 and set(rig.types().values()) == {"accepted"}
+    stats = sbx.stats()
+    assert stats["messages_accepted"] == 35 and stats["duplicates"] == 0
+    assert stats["requests"]["POST /sms/3/messages"] == {"200": 4}
