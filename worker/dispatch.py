@@ -26,7 +26,7 @@ from worker.errors import (
     ProviderError,
     ProviderNotActedOn,
 )
-from worker.models import encode_job, encode_plain_job, validate_job
+from worker.models import encode_job, plain_job, validate_job
 from worker.provider import Provider, SendResponse, SendResult, wire_message_from_dict, wire_request
 from worker.ratelimit import RateLimiter
 from worker.settings import Settings
@@ -271,9 +271,9 @@ class Dispatcher:
             return {}, "job is not a JSON object"
         limits = {"max_text_parts": self.settings.sms_max_text_parts,
                   "metadata_max_bytes": self.settings.sms_metadata_max_bytes}
-        fast = encode_plain_job(job, **limits)
+        fast = plain_job(job, **limits, json_size=len(entry.job))
         if fast is not None:
-            return orjson.loads(fast) if job["to"][0] == "+" else job, None
+            return fast, None
         try:
             valid = validate_job(job, **limits)
         except JobValidationError as error:

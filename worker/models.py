@@ -230,11 +230,12 @@ def encode_job(job: Job) -> bytes:
 _FAST_KEYS = frozenset({"to", "text", "id", "sender", "metadata", "v"})
 
 
-def encode_plain_job(data: Any, *, max_text_parts: int, metadata_max_bytes: int) -> bytes | None:
-    """The wire form of the common job (to, text, optional id/sender/metadata) checked without pydantic.
+def plain_job(data: Any, *, max_text_parts: int, metadata_max_bytes: int, json_size: int) -> dict[str, Any] | None:
+    """The common job (to, text, optional id/sender/metadata) checked without pydantic, with `to`
+    normalised; None for anything unusual or wrong (the caller then takes `validate_job`, which
+    names every problem). `json_size` is the length of the job as JSON, a bound on its metadata's.
 
-    Producers enqueue these by the hundred thousand; pydantic costs ~10 us a job. Returns None for
-    anything unusual or wrong, and the caller then takes `validate_job`, which names every problem.
+    Producers enqueue and dispatchers check these by the hundred thousand; pydantic costs ~10 us a job.
     """
     if type(data) is not dict or not data.keys() <= _FAST_KEYS:
         return None
@@ -253,13 +254,22 @@ def encode_plain_job(data: Any, *, max_text_parts: int, metadata_max_bytes: int)
         return None
     if metadata is not None and type(metadata) is not dict:
         return None
-    if to[0] == "+":
-        data = {**data, "to": to[1:]}
+    # The whole job bounds its metadata: only a large job needs the metadata measured alone.
+    if metadata is not None and json_size > metadata_max_bytes and len(orjson.dumps(metadata)) > metadata_max_bytes:
+        return None
+    return {**data, "to": to[1:]} if to[0] == "+" else data
+
+
+def encode_plain_job(data: Any, *, max_text_parts: int, metadata_max_bytes: int) -> bytes | None:
+    """The wire form of a plain job (see `plain_job`), or None."""
+    if type(data) is not dict:
+        return None
     try:
         encoded = orjson.dumps(data)
     except TypeError:
         return None
-    # The whole job bounds its metadata: only a large job needs the metadata measured alone.
-    if metadata is not None and len(encoded) > metadata_max_bytes and len(orjson.dumps(metadata)) > metadata_max_bytes:
+    job = plain_job(data, max_text_parts=max_text_parts, metadata_max_bytes=metadata_max_bytes,
+                    json_size=len(encoded))
+    if job is None:
         return None
-    return encoded
+    return encoded if job is data else orjson.dumps(job)

@@ -7,7 +7,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bench import harness
+from bench import harness, redis_cost
 from bench.stats import median_run, percentile
 
 
@@ -42,3 +42,16 @@ def test_medians_and_percentiles_of_repetitions() -> None:
     assert median_run(runs) == {"rate": 2.0, "cpu": {"redis": 3.0}, "ok": False}
     assert percentile(list(range(1, 101)), 99) == 99
     assert percentile([5.0], 50) == 5.0
+
+
+def test_redis_cost_measures_every_step_of_the_send_path(capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m bench.redis_cost` on 20,000 messages: a cost per step and the ceiling it implies.
+    (/proc counts CPU in 10 ms ticks: only the two big steps are sure to show at this size.)"""
+    assert redis_cost.main(["-n", "20000", "-r", "1"]) == 0
+    out = capsys.readouterr().out
+    cost = {}
+    for step in ("enqueue (XADD)", "claim.lua", "submit.lua", "settle.lua"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(step))
+        cost[step] = float(line.split()[-2])
+    assert cost["submit.lua"] > 0 and cost["settle.lua"] > 0 and min(cost.values()) >= 0, cost
+    assert "one Redis core at 100% sends at most" in out

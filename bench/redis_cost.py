@@ -1,0 +1,97 @@
+"""Redis CPU per message for each step of the send path, measured alone: the floor under scenario 1.
+
+    .venv/bin/python -m bench.redis_cost                  # 50,000 messages, 3 repetitions
+    .venv/bin/python -m bench.redis_cost -n 20000 -r 5
+
+One Redis process runs every step of every message (append, claim, SUBMITTING before the POST,
+the settle that records the outcome, publishes the event and acknowledges the entry), so
+1 / (its CPU per message) is the most any number of workers can send through it, even with a
+whole core to itself. Here nothing else runs: a private redis-server, the production Store and
+Dispatcher code driving it from this process, in 1000-message batches like the bulk lane, with the
+same outcome (accepted, an event, a report deadline) the dispatcher writes. Redis's CPU comes from
+/proc, so the numbers do not depend on how busy the rest of the machine is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Any
+
+import orjson
+
+from bench import procs
+from bench.scenarios import jobs
+from bench.system import BenchStack
+from worker import events
+from worker.dispatch import Dispatcher
+from worker.store import Entry
+
+BATCH = 1000
+STATUS = {"groupId": 1, "groupName": "PENDING", "id": 26, "name": "PENDING_ACCEPTED",
+          "description": "Message sent to next instance"}
+
+
+def measure(stack: BenchStack, n: int) -> dict[str, float]:
+    """Redis CPU us per message for each step, over `n` messages."""
+    store, settings = stack.store, stack.settings
+    dispatcher = Dispatcher(settings, store, None, None, None, "bench")  # type: ignore[arg-type]
+    store.r.flushall()
+    encoded = [(orjson.dumps(job), None) for job in jobs(n)]
+    cost: dict[str, float] = {}
+
+    def step(name: str, work: Any) -> Any:
+        before = procs.cpu_seconds(stack.redis_pid)
+        result = work()
+        cost[name] = (procs.cpu_seconds(stack.redis_pid) - before) / n * 1e6
+        return result
+
+    step("enqueue (XADD)", lambda: store.enqueue("bulk", encoded))
+
+    def claim_all() -> list[list[Entry]]:
+        batches = []
+        while claim := store.claim("bulk", "bench", BATCH, lease_ms=60_000, max_wait_ms=250, recover=False).entries:
+            batches.append(claim)
+        return batches
+
+    batches = step("claim.lua", claim_all)
+
+    def submit_all() -> None:
+        for batch in batches:
+            store.submit("bulk", batch, consumer="bench", lease_ms=60_000, state_ttl_s=settings.sms_state_ttl_s,
+                         now_ms=events.now_ms())
+
+    step("submit.lua", submit_all)
+
+    def settle_all() -> None:
+        for batch in batches:
+            outcomes = [dispatcher._accepted("bulk", e, orjson.loads(e.job), "bench-bulk", STATUS) for e in batch]
+            store.settle("bulk", outcomes, now_ms=events.now_ms(), events_maxlen=settings.sms_events_stream_maxlen,
+                         state_ttl_s=settings.sms_state_ttl_s)
+
+    step("settle.lua", settle_all)
+    assert int(store.r.xlen(store.events)) == n and int(store.r.xlen(store.outbox("bulk"))) == 0
+    return cost
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.redis_cost", description=__doc__.split("\n")[0])
+    parser.add_argument("-n", "--messages", type=int, default=50_000)
+    parser.add_argument("-r", "--repeat", type=int, default=3)
+    args = parser.parse_args(argv)
+    runs = []
+    with BenchStack(sandbox_flags=None) as stack:
+        for _ in range(args.repeat):
+            runs.append(measure(stack, args.messages))
+    print(f"Redis CPU per message, {args.messages:,} messages in batches of {BATCH}, median of {args.repeat}:")
+    total = 0.0
+    for name in runs[0]:
+        value = statistics.median(run[name] for run in runs)
+        total += value
+        print(f"  {name:<16} {value:6.1f} us")
+    print(f"  {'total':<16} {total:6.1f} us  -> one Redis core at 100% sends at most {1e6 / total:,.0f} SMS/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
