@@ -135,14 +135,17 @@ def rows_producer(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[
 def rows_latency(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Row]:
     med = median_run(runs)
     during = f"{args.otp_rate:g}/s offered during a {args.latency_bulk:,}-SMS bulk drain"
-    note = (f"{med['otp_during_drain']:.0f} otp samples per run during the drain "
-            f"({med['bulk_drain_s']:.1f} s); enqueue -> `accepted` event published")
-    return [
-        _row("3", f"otp p50, {during}", runs, ("otp_p50_ms",), "ms"),
-        _row("3", f"otp p99, {during}", runs, ("otp_p99_ms",), "ms", "otp_p99", note=note),
-        _row("3", "bulk p50 (XADD -> `accepted` event)", runs, ("bulk_p50_ms",), "ms"),
-        _row("3", "bulk p99", runs, ("bulk_p99_ms",), "ms"),
-    ]
+    rows = []
+    for key, how in (("shared", f"{args.workers} workers"), ("split", f"{args.workers} workers + 1 otp-only")):
+        note = (f"{med[key]['otp_during_drain']:.0f} otp samples per run during the drain "
+                f"({med[key]['bulk_drain_s']:.1f} s); enqueue -> `accepted` event published")
+        rows += [
+            _row("3", f"otp p50, {during}, {how}", runs, (key, "otp_p50_ms"), "ms"),
+            _row("3", f"otp p99, {during}, {how}", runs, (key, "otp_p99_ms"), "ms", "otp_p99", note=note),
+            _row("3", f"bulk p50 (XADD -> `accepted` event), {how}", runs, (key, "bulk_p50_ms"), "ms"),
+            _row("3", f"bulk p99, {how}", runs, (key, "bulk_p99_ms"), "ms"),
+        ]
+    return rows
 
 
 def rows_slow(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Row]:
@@ -195,8 +198,10 @@ def plan(args: argparse.Namespace) -> dict[str, tuple[int, Callable[[], dict[str
         "1": (args.e2e_repeat, lambda: scenarios.e2e(args.messages, args.baseline_messages, args.workers, env),
               rows_e2e),
         "2": (args.repeat, producer, rows_producer),
-        "3": (args.repeat, lambda: scenarios.latency(args.latency_bulk, args.otp_rate, args.workers, env),
-              rows_latency),
+        "3": (args.repeat, lambda: {
+            "shared": scenarios.latency(args.latency_bulk, args.otp_rate, args.workers, env),
+            "split": scenarios.latency(args.latency_bulk, args.otp_rate, args.workers, env, otp_worker=True),
+        }, rows_latency),
         "4": (args.repeat,
               lambda: scenarios.slow_provider(args.slow_messages, args.slow_latency_ms, args.workers, env), rows_slow),
         "5": (args.repeat, reports, rows_reports),

@@ -238,16 +238,17 @@ def _bulk_campaign(env: dict[str, str], n: int, chunk: int, ready: Any, go: mult
 
 
 def latency(bulk_n: int, otp_rate: float, workers: int = 2, env: dict[str, str] | None = None, tail_s: float = 0.5,
-            warmup_s: float = 0.5, timeout_s: float = 300) -> dict[str, Any]:
+            warmup_s: float = 0.5, timeout_s: float = 300, otp_worker: bool = False) -> dict[str, Any]:
     """Scenario 3: `otp` jobs one at a time at `otp_rate`/s while a `bulk_n` campaign drains.
 
     otp latency = the `accepted` event's publication (Redis clock, 1 ms resolution) minus the time
     stamped into the job's metadata just before `Outbox.enqueue`; the event is published right
     after the sandbox answered the POST. bulk latency = the event's publication minus the job's
-    XADD (both Redis's clock).
+    XADD (both Redis's clock). `otp_worker`: `workers` processes for everything but otp, and one
+    more for otp alone (the split deployment).
     """
     with BenchStack(env=env) as stack:
-        stack.start_ours(workers)
+        stack.start_ours(workers, otp_worker=otp_worker)
         context = multiprocessing.get_context("spawn")
         ready, done = context.Queue(), context.Queue()
         go = context.Event()

@@ -113,9 +113,15 @@ class BenchStack:
         wait_until(ready, timeout_s, "the worker processes to boot", interval_s=0.05)
 
     # --- our pipeline ---------------------------------------------------------------------------------
-    def start_ours(self, workers: int = 2, clock: bool = True, threads: int = WORKER_THREADS) -> None:
+    def start_ours(self, workers: int = 2, clock: bool = True, threads: int = WORKER_THREADS,
+                   otp_worker: bool = False) -> None:
+        """`otp_worker`: the split deployment (docs/operations.md): one more process that takes only
+        the otp lane, and `workers` processes that take everything else."""
         for i in range(workers):
-            self.workers.append(self.dev.start_worker(f"worker-{i + 1}", threads=threads))
+            self.workers.append(self.dev.start_worker(f"worker-{i + 1}", threads=threads,
+                                                      skip_lanes="otp" if otp_worker else None))
+        if otp_worker:
+            self.workers.append(self.dev.start_worker("worker-otp", threads=threads, lanes="otp"))
         if clock:
             self.clock = self.dev.start_clock()
         self.wait_for_workers()
