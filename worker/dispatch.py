@@ -119,10 +119,11 @@ class Dispatcher:
         handled = 0
         renewed = time.monotonic()
         deadline = renewed + budget_s
+        hand_over = False  # start a successor run once this one has released its slot
         try:
             while not self.stopping():
                 if time.monotonic() > deadline:
-                    self.wake.dispatch(lane)  # more may be waiting: a fresh message carries on
+                    hand_over = True  # more may be waiting: a fresh message carries on
                     break
                 granted, wait_ms = self.limiter.acquire(lane, cfg.batch_size)
                 if not granted:
@@ -147,8 +148,7 @@ class Dispatcher:
                     immediate = self.listen and claim.kind == "empty" and cfg.max_wait_ms == 0
                     if immediate and self._listen(lane, claim.last_id, deadline):
                         continue
-                    if immediate and not self.stopping():
-                        self.wake.dispatch(lane)  # a successor listens on: the lane always has one
+                    hand_over = immediate and not self.stopping()  # the lane always has a listener
                     break
                 if len(claim.entries) == cfg.batch_size:
                     self.wake.dispatch(lane)  # a full batch: likely more behind it, let a sibling help
@@ -160,6 +160,8 @@ class Dispatcher:
                     renewed = time.monotonic()
         finally:
             self.store.release_slot(lane, slot)
+        if hand_over:
+            self.wake.dispatch(lane)  # after the release: the successor must find a slot free
         return handled
 
     def _listen(self, lane: str, after_id: str, deadline: float) -> bool:

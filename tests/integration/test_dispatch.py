@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -266,3 +267,24 @@ def test_a_backlog_of_stale_entries_is_recovered_batch_after_batch(rig: Rig, sbx
     stats = sbx.stats()
     assert stats["messages_accepted"] == 35 and stats["duplicates"] == 0
     assert stats["requests"]["POST /sms/3/messages"] == {"200": 4}
+
+
+def test_a_listening_run_hands_over_to_a_successor_after_releasing_its_slot(
+    redis_url: str, sbx: SandboxProcess, store: Store
+) -> None:
+    """At the end of its budget a quiet otp run asks for a successor, once its slot is free again,
+    so the successor can take it and the lane keeps a listener."""
+    rig = Rig(_settings(redis_url, sbx), store)
+    rig.dispatcher.listen = True
+    slots_taken_at_hand_over: list[int] = []
+
+    def dispatch(lane: str, delay_ms: int = 0) -> bool:
+        slots_taken_at_hand_over.append(int(rig.store.r.zcard(rig.store.dispatchers(lane))))
+        return True
+
+    rig.wake.dispatch = dispatch  # type: ignore[method-assign]
+    started = time.monotonic()
+    assert rig.dispatcher.run("otp", budget_s=0.4) == 0
+    assert time.monotonic() - started >= 0.4  # it listened for its whole budget
+    assert slots_taken_at_hand_over == [0]
+    rig.provider.close()
