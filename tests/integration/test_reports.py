@@ -12,11 +12,13 @@ import httpx
 import orjson
 import pytest
 
+from worker import reports
 from worker.errors import StoreError
 from worker.provider import Provider
 from worker.reports import (
     CONFLICT,
     DRAIN_LEASE,
+    PARKED,
     Drainer,
     Op,
     Processor,
@@ -205,6 +207,27 @@ def test_an_op_whose_message_appeared_since_the_read_is_retried_before_the_ack(
     processor.process()
     assert [e["event_id"] for e in _events(store)] == ["m-1:delivered"]
     assert _raw_left(store) == 0
+
+
+@pytest.mark.parametrize("conflict_first", [True, False])
+def test_apply_calls_acknowledge_the_pages_only_when_no_call_conflicted(
+    store: Store, processor: Processor, monkeypatch: pytest.MonkeyPatch, conflict_first: bool
+) -> None:
+    """A batch goes to Redis in several report_apply calls; the pages are acknowledged and the dead
+    letters written by the last call, and not at all if an earlier call had a conflict."""
+    monkeypatch.setattr(reports, "APPLY_CALL_OPS", 1)
+    entry = _raw(store, _report("m-1"), _report("m-2"))
+    if conflict_first:
+        _message(store, "m-1")  # parking m-1's report now conflicts: the message exists
+    ops = [Op("P", mid, payload=orjson.dumps(_report(mid))) for mid in ("m-1", "m-2")]
+    acked, results = processor.state.apply(ops, ack=[entry], dead=[("", b'{"reason": "test"}')])
+
+    if conflict_first:
+        assert (acked, results) == (False, [CONFLICT, PARKED])
+        assert _raw_left(store) == 1 and store.r.xlen(store.dlq) == 0
+    else:
+        assert (acked, results) == (True, [PARKED, PARKED])
+        assert _raw_left(store) == 0 and store.r.xlen(store.dlq) == 1
 
 
 # --- parking ---------------------------------------------------------------------------------------
