@@ -350,14 +350,11 @@ class ReportState:
         and only if no op of an earlier call conflicted; a crash between calls replays the pages,
         and every op is idempotent."""
         results: list[int] = []
-        starts = range(0, len(ops), APPLY_CALL_OPS) if ops else [0]
         acked = False
-        for start in starts:
-            last = start + APPLY_CALL_OPS >= len(ops)
-            clean = CONFLICT not in results
-            acked, part = self._apply_call(ops[start : start + APPLY_CALL_OPS],
-                                           ack=ack if last and clean else (), dead=dead if last and clean else (),
-                                           now_ms=now_ms)
+        for start in range(0, max(len(ops), 1), APPLY_CALL_OPS):  # one call even with no ops: the ack
+            finish = start + APPLY_CALL_OPS >= len(ops) and CONFLICT not in results
+            acked, part = self._apply_call(ops[start : start + APPLY_CALL_OPS], ack=ack if finish else (),
+                                           dead=dead if finish else (), now_ms=now_ms)
             results += part
         return acked and CONFLICT not in results, results
 

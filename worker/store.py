@@ -363,13 +363,11 @@ class Store:
 
     def _entries(self, lane: str, flat: Sequence[Any]) -> list[Entry]:
         entries = []
-        prefix = self.lane_prefix(lane)
         for i in range(0, len(flat), 2):
             entry_id = flat[i].decode()
             raw = flat[i + 1]
             fields = {raw[j]: raw[j + 1] for j in range(0, len(raw), 2)}
-            mid = fields.get(b"mid")  # entry_message_id, inlined: this runs for every message claimed
-            entries.append(Entry(entry_id, mid.decode() if mid else prefix + entry_id, fields.get(b"job", b"")))
+            entries.append(Entry(entry_id, self.entry_message_id(lane, entry_id, fields), fields.get(b"job", b"")))
         return entries
 
     def retry_in(self, lane: str, consumer: str, entry_ids: Sequence[str], delay_ms: int, lease_ms: int) -> None:

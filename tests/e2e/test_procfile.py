@@ -16,6 +16,7 @@ from typing import IO, Any
 import httpx
 import orjson
 
+from tests.support.system import BASE_ENV
 from worker.devstack import DevStack, free_port, wait_until
 from worker.outbox import Outbox
 from worker.settings import settings_from_env
@@ -25,16 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent  # where `sms-worker` and `honcho` are installed
 API_KEY = "procfile-key-0123456789"
 JOBS = 200
-# Short timeouts as in test_pipeline_e2e.py. The shutdown timeout stays below honcho's own
-# 5 s between the first child exiting and SIGKILL for the rest, so a clean stop is observable.
-ENV = {
-    "LOG_LEVEL": "INFO",
-    "ICOMM_CONNECT_TIMEOUT_S": "0.5", "ICOMM_WRITE_TIMEOUT_S": "0.5", "ICOMM_READ_TIMEOUT_S": "1",
-    "ICOMM_RETRY_BACKOFF_BASE_S": "0.02", "ICOMM_RETRY_BACKOFF_MAX_S": "0.2", "ICOMM_SEND_RETRY_ATTEMPTS": "3",
-    "SMS_LEASE_S": "8", "SMS_RECONCILE_DELAY_S": "0.5", "SMS_OUTAGE_PAUSE_S": "0.5", "SMS_AUTH_PAUSE_S": "1",
-    "SMS_DISPATCH_TICK_MS": "200", "SMS_LOGS_RATE_PER_MIN": "6000", "SMS_REPORTS_DRAIN_INTERVAL_S": "1",
-    "SMS_SHUTDOWN_TIMEOUT_S": "4",
-}
+# The e2e tests' short timeouts. The shutdown timeout stays below honcho's own 5 s between the
+# first child exiting and SIGKILL for the rest, so a clean stop is observable.
+ENV = {**BASE_ENV, "SMS_SHUTDOWN_TIMEOUT_S": "4"}
 
 
 @contextmanager
