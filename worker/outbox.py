@@ -80,7 +80,8 @@ class Outbox:
         """Queue many jobs to one lane, all or nothing: one bad job refuses the whole call.
 
         Every job is validated before anything is written, so a refused call leaves the outbox as
-        it was, and the error lists every problem of every job (`jobs[3].to: ...`).
+        it was, and the error lists every problem of every job (`jobs[3].to: ...`). A Redis failure
+        during the writes (StoreError) leaves the chunks already written queued.
         """
         lane = self._lane(lane)
         encoded = []
