@@ -59,7 +59,7 @@ def measure(stack: BenchStack, n: int) -> dict[str, float]:
     def submit_all() -> None:
         for batch in batches:
             store.submit("bulk", batch, consumer="bench", lease_ms=60_000, state_ttl_s=settings.sms_state_ttl_s,
-                         now_ms=events.now_ms())
+                         fence=f"bench-{len(batch)}-{batch[0].entry_id}", send_window_ms=60_000)
 
     step("submit.lua", submit_all)
 

@@ -349,6 +349,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from worker.provider import Provider
+    from worker.redis_health import inspect
 
     settings = _settings()
     print("configuration: ok")
@@ -358,12 +359,22 @@ def cmd_check(args: argparse.Namespace) -> int:
     with redis_errors():
         store.r.ping()
     print(f"redis: ok ({settings.redis_url.split('@')[-1]})")
+    # Reachable is not enough: a Redis that evicts keys or keeps nothing across a restart loses jobs
+    # silently. One line per problem, naming the setting and its fix; the API is checked anyway.
+    health = inspect(store.r, settings.sms_redis_allow_volatile)
+    print(f"redis config: {health.summary()}")
+    problems = health.blocking()
+    for finding in health.findings:
+        if finding not in problems:
+            print(f"redis {'accepted' if finding.acknowledged else finding.level}: {finding.line()}")
+    for finding in problems:
+        print(f"sms-worker: {finding.line()}", file=sys.stderr)
     settings.require_api_key()
     with Provider(settings) as provider:
         # GET /sms/3/logs is read-only and re-readable; GET /sms/3/reports would consume reports.
         provider.logs(limit=1)
     print(f"icomm API: ok ({settings.icomm_base_url})")
-    return 0
+    return 1 if problems else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -472,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reconcile)
 
-    p = sub.add_parser("check", help="validate settings, reach Redis, verify the API key",
+    p = sub.add_parser("check", help="validate settings, vet Redis (eviction, persistence), verify the API key",
                        epilog="example:\n  sms-worker check", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=cmd_check)
 

@@ -137,7 +137,17 @@ class DevStack:
         data.mkdir(exist_ok=True)
         argv = [binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(data),
                 "--save", "", "--daemonize", "no", "--loglevel", "warning"]
-        argv += ["--appendonly", "yes", "--appendfsync", "always"] if appendonly else ["--appendonly", "no"]
+        if appendonly:
+            argv += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            argv += ["--appendonly", "no"]
+            # Deliberately volatile: a throwaway stack (demo, e2e tests, benchmarks) whose data lives in
+            # a temporary directory that dies with it. Persistence would only cost speed (the
+            # benchmarks measure the worker, not fsync) and protect nothing, so the stack says what an
+            # operator would say, SMS_REDIS_ALLOW_VOLATILE=true: `sms-worker check` passes and the
+            # processes log the risk as accepted. Crash tests pass appendonly=True instead; a test that
+            # wants the check to fail sets the variable to false in the stack's env.
+            self.env.setdefault("SMS_REDIS_ALLOW_VOLATILE", "true")
         proc = self._spawn("redis", argv)
         client = redis.Redis(port=self.redis_port, socket_connect_timeout=0.2)
 

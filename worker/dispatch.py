@@ -8,6 +8,7 @@ says the provider does not have it.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,12 +26,13 @@ from worker.errors import (
     ProviderBadRequest,
     ProviderError,
     ProviderNotActedOn,
+    SendWindowClosed,
 )
 from worker.models import encode_job, plain_job, validate_job
 from worker.provider import Provider, SendResponse, SendResult, wire_message_from_dict, wire_request
 from worker.ratelimit import RateLimiter
 from worker.settings import Settings
-from worker.store import Entry, Outcome, Store
+from worker.store import FENCE_MARGIN_MS, Entry, Outcome, Store, Submitted
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +46,10 @@ RECOVER_EVERY_S = 1.0
 LISTEN_SLICE_MS = 250
 # Provider status groups that mean "the platform took it".
 _ACCEPTED_GROUPS = frozenset({"PENDING", "ACCEPTED", "DELIVERED"})
+# The status groups of the contract; any other is a value the API added since this code was written.
+_KNOWN_GROUPS = _ACCEPTED_GROUPS | {"UNDELIVERABLE", "EXPIRED", "REJECTED"}
+# Outcomes that are our own decisions (not the provider's facts): applied only while we own the message.
+_GUARDED = frozenset({"QUEUED", "AMBIGUOUS", "FAILED"})
 _DUPLICATE = "REJECTED_DUPLICATE_MESSAGE_ID"
 
 
@@ -89,6 +95,7 @@ class Dispatcher:
         stopping: Callable[[], bool] = lambda: False,
         recover_every_s: float = RECOVER_EVERY_S,
         listen: bool = True,
+        fence_margin_ms: int = FENCE_MARGIN_MS,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -103,6 +110,8 @@ class Dispatcher:
         self._last_recover: dict[str, float] = {}
         self._recovering: dict[str, bool] = {}
         self._webhook_url = settings.webhook_delivery_url()
+        self._send_window_ms = int(settings.send_window_s() * 1000)
+        self.fence_margin_ms = fence_margin_ms
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self, lane: str, budget_s: float = RUN_BUDGET_S) -> int:
@@ -192,8 +201,12 @@ class Dispatcher:
 
     # --- one batch -----------------------------------------------------------------------------
     def process(self, lane: str, entries: Sequence[Entry]) -> int:
+        """Send one claimed batch: validate, record SUBMITTING under a fence, POST, settle.
+
+        Messages a previous attempt may have sent (found SUBMITTING/AMBIGUOUS) are reconciled
+        against the provider's logs first, and resent in a POST of their own only on the verdict
+        of absent.lua."""
         started = time.perf_counter()
-        now_ms = events.now_ms()
         stats = BatchStats()
         outcomes: list[Outcome] = []
         jobs: dict[str, dict[str, Any]] = {}
@@ -208,58 +221,81 @@ class Dispatcher:
             live.append(entry)
         live = self._drop_duplicate_ids(lane, live, jobs, outcomes)
 
-        states = self.store.submit(
-            lane, live, consumer=self.consumer, lease_ms=self.lease_ms,
-            state_ttl_s=self.settings.sms_state_ttl_s, now_ms=now_ms,
-        ) if live else []
         to_send: list[Entry] = []
         to_check: list[Entry] = []
+        waiting: list[tuple[Entry, int]] = []
         attempts: dict[str, int] = {}
-        for entry, (state, count) in zip(live, states, strict=True):
-            attempts[entry.message_id] = count
-            if state in ("NEW", "QUEUED"):
+        fence, opened = secrets.token_hex(8), time.monotonic()
+        submitted = self.store.submit(
+            lane, live, consumer=self._checker(), lease_ms=self.lease_ms, state_ttl_s=self.settings.sms_state_ttl_s,
+            fence=fence, send_window_ms=self._send_window_ms, margin_ms=self.fence_margin_ms,
+        ) if live else []
+        for entry, sub in zip(live, submitted, strict=True):
+            attempts[entry.message_id] = sub.attempts
+            if sub.state in ("NEW", "QUEUED"):
                 to_send.append(entry)
-            elif state in ("SUBMITTING", "AMBIGUOUS"):
+            elif sub.state in ("SUBMITTING", "AMBIGUOUS"):
                 to_check.append(entry)
-            elif state != "BUSY":
+            elif sub.state == "WAIT":
+                # Its owner (paused, or slow) may still write the request: nobody looks yet.
+                waiting.append((entry, sub.wait_ms))
+            elif sub.state != "BUSY":
                 # Already settled (a report may have raced ahead): the entry only needs its ack.
                 outcomes.append(Outcome(entry.message_id, entry.entry_id, "ACK", ack=True))
-        resends: set[str] = set()
-        if to_check:
-            found, missing = self._check_logs(lane, to_check, jobs, outcomes, stats)
-            stats.reconciled += found
-            for e in missing:
-                # Not at the provider: resend with the same messageId, counted as an attempt.
-                attempts[e.message_id] += 1
-                if attempts[e.message_id] > self.settings.sms_max_attempts:
-                    outcomes.append(self._failed(lane, e, jobs[e.message_id], "retries_exhausted",
-                                                 "not found at the provider after repeated attempts",
-                                                 attempts[e.message_id]))
-                    stats.failed += 1
-                else:
-                    resends.add(e.message_id)
-                    to_send.append(e)
         if to_send:
-            sent = self._send(lane, to_send, jobs, attempts, resends, stats)
-            for o in sent:
-                if o.message_id in resends:
-                    o.fields = {**(o.fields or {}), "attempts": attempts[o.message_id]}
-            outcomes += sent
+            outcomes += self._send_fenced(lane, to_send, jobs, attempts, stats, fence, opened)
+        if to_check:
+            resend_fence = secrets.token_hex(8)
+            resends, opened = self._reconcile(lane, to_check, jobs, attempts, outcomes, stats, waiting, resend_fence)
+            if resends:
+                outcomes += self._send_fenced(lane, resends, jobs, attempts, stats, resend_fence, opened, resend=True)
         if outcomes:
             applied = self.store.settle(
                 lane, outcomes, now_ms=events.now_ms(), events_maxlen=self.settings.sms_events_stream_maxlen,
                 state_ttl_s=self.settings.sms_state_ttl_s,
             )
             _count(lane, outcomes, applied)
-        for entry_ids, delay_ms in stats.retry_in:
-            self.store.retry_in(lane, self.consumer, entry_ids, delay_ms, self.lease_ms)
+            # A stale owner's decisions were not applied: the entries are their new owner's business.
+            mine = {o.entry_id for o, done in zip(outcomes, applied, strict=True) if done or not o.guard}
+            for entry_ids, delay_ms in stats.retry_in:
+                kept = [eid for eid in entry_ids if eid in mine]
+                self.store.retry_in(lane, self.consumer, kept, delay_ms, self.lease_ms)
+        if waiting:
+            delay_ms = max(wait for _, wait in waiting)
+            self.wake.reconcile(lane, [e.entry_id for e, _ in waiting], delay_ms)
         log.info(
             "bulk_dispatched", lane=lane, messages=len(entries), requests=stats.requests,
             accepted=stats.accepted, rejected=stats.rejected, failed=stats.failed, retry=stats.retry,
-            ambiguous=stats.ambiguous, reconciled=stats.reconciled, bulk_ids=stats.bulk_ids[:4],
+            ambiguous=stats.ambiguous, reconciled=stats.reconciled, waiting=len(waiting), bulk_ids=stats.bulk_ids[:4],
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
         )
         return len(entries)
+
+    def _checker(self) -> str:
+        """Who holds a reconciliation lease: this thread of this process (threads share a consumer)."""
+        return f"{self.consumer}:{threading.get_ident()}"
+
+    def _send_fenced(
+        self, lane: str, entries: list[Entry], jobs: dict[str, dict[str, Any]], attempts: dict[str, int],
+        stats: BatchStats, fence: str, opened: float, *, resend: bool = False,
+    ) -> list[Outcome]:
+        """POST `entries` under `fence`; our own decisions about them are guarded by it.
+
+        The request may be written only before the fence's deadline: the provider calls `alive`
+        right before the first byte of each attempt leaves, and it answers no once the local
+        deadline (taken before the fence was set, so never later than Redis's) has passed or the
+        fence key has expired. A process paused past its window therefore never writes its request;
+        a takeover waits out send_by (submit.lua) before it looks in the logs."""
+        deadline = opened + self._send_window_ms / 1000
+
+        def alive() -> bool:
+            return time.monotonic() < deadline and self.store.fences_alive([fence]) and time.monotonic() < deadline
+
+        sent = self._send(lane, entries, jobs, attempts, stats, alive, resend=resend)
+        for o in sent:
+            if o.state in _GUARDED:
+                o.guard = f"f:{fence}"
+        return sent
 
     def _parse(self, entry: Entry) -> tuple[dict[str, Any], str | None]:
         """The job of an entry, or why it cannot be sent. Every entry is checked, also those written
@@ -304,15 +340,62 @@ class Dispatcher:
         return [e for e in live if e.message_id not in repeats]
 
     # --- reconciliation ------------------------------------------------------------------------
+    def _reconcile(
+        self, lane: str, entries: list[Entry], jobs: dict[str, dict[str, Any]], attempts: dict[str, int],
+        outcomes: list[Outcome], stats: BatchStats, waiting: list[tuple[Entry, int]], fence: str,
+    ) -> tuple[list[Entry], float]:
+        """Check messages a previous attempt may have sent; returns those to resend under `fence`,
+        and the (monotonic) time from before the fence was set.
+
+        Found in the logs: accepted. Missing: absent.lua decides, atomically and only while we
+        still hold the reconciliation lease: resend (absent in enough checks over the window),
+        check again later, or give up past the attempts limit."""
+        found, missing = self._check_logs(lane, entries, jobs, outcomes, stats)
+        stats.reconciled += found
+        if not missing:
+            return [], 0.0
+        opened = time.monotonic()
+        verdicts = self.store.absent(
+            missing, consumer=self._checker(), checks=self.settings.sms_reconcile_checks,
+            window_ms=int(self.settings.sms_reconcile_window_s * 1000), fence=fence,
+            send_window_ms=self._send_window_ms, max_attempts=self.settings.sms_max_attempts,
+        )
+        resends: list[Entry] = []
+        for e, verdict in zip(missing, verdicts, strict=True):
+            attempts[e.message_id] = verdict.attempts
+            metrics.RECONCILE.labels(verdict.state.lower()).inc()
+            if verdict.state == "RESEND":
+                resends.append(e)
+            elif verdict.state == "WAIT":
+                waiting.append((e, verdict.wait_ms))
+            elif verdict.state == "EXHAUSTED":
+                failed = self._failed(lane, e, jobs[e.message_id], "retries_exhausted",
+                                      "not found at the provider after repeated attempts", verdict.attempts)
+                failed.guard = f"c:{self._checker()}"
+                outcomes.append(failed)
+                stats.failed += 1
+            # STALE: another reconciler holds the message now; it is theirs to settle.
+        if len(resends) < len(missing):
+            log.info("reconcile_verdicts", lane=lane, resend=len(resends),
+                     **{v.lower(): n for v, n in _tally(verdicts).items() if v != "RESEND"})
+        return resends, opened
+
     def _check_logs(
         self, lane: str, entries: list[Entry], jobs: dict[str, dict[str, Any]], outcomes: list[Outcome],
         stats: BatchStats,
     ) -> tuple[int, list[Entry]]:
         """Ask GET /sms/3/logs which of these the provider has; returns (found count, missing)."""
         by_id = {e.message_id: e for e in entries}
+        checker = self._checker()
+
+        def before_logs_call() -> None:
+            # The logs endpoint allows ~2 calls/s: a big check can outlast the lease, so keep it alive.
+            self.limiter.wait_for_logs_call()
+            self.store.renew_checks(list(by_id), checker, self.lease_ms)
+
         try:
             found = self.provider.logs_for_message_ids(
-                list(by_id), before_request=self.limiter.wait_for_logs_call, on_rate_limited=self.limiter.penalize
+                list(by_id), before_request=before_logs_call, on_rate_limited=self.limiter.penalize
             )
         except ProviderError as error:
             # No verdict: leave them pending; a later reconcile (or recovery) asks again.
@@ -336,7 +419,7 @@ class Dispatcher:
     # --- sending -------------------------------------------------------------------------------
     def _send(
         self, lane: str, entries: list[Entry], jobs: dict[str, dict[str, Any]], attempts: dict[str, int],
-        resends: set[str], stats: BatchStats,
+        stats: BatchStats, alive: Callable[[], bool], *, resend: bool,
     ) -> list[Outcome]:
         messages = [
             wire_message_from_dict(
@@ -348,28 +431,35 @@ class Dispatcher:
         stats.requests += 1
         metrics.BATCH_SIZE.observe(len(messages))
         try:
-            response = self.provider.send(wire_request(messages), on_rate_limited=self.limiter.penalize)
+            response = self.provider.send(wire_request(messages), on_rate_limited=self.limiter.penalize, fence=alive)
         except ProviderError as error:
-            return self._send_failed(lane, entries, jobs, attempts, resends, stats, error)
-        return self._classify(lane, entries, jobs, response, resends, stats)
+            return self._send_failed(lane, entries, jobs, attempts, stats, error, alive, resend=resend)
+        return self._classify(lane, entries, jobs, response, stats, resend=resend)
 
     def _send_failed(
         self, lane: str, entries: list[Entry], jobs: dict[str, dict[str, Any]], attempts: dict[str, int],
-        resends: set[str], stats: BatchStats, error: ProviderError,
+        stats: BatchStats, error: ProviderError, alive: Callable[[], bool], *, resend: bool,
     ) -> list[Outcome]:
         """The outcome table for a bulk the provider did not answer with 200."""
         if isinstance(error, ProviderBadRequest):
             if len(entries) > 1:
                 # Isolate the bad message(s): each half is sent on its own.
                 half = len(entries) // 2
-                return self._send(lane, entries[:half], jobs, attempts, resends, stats) + self._send(
-                    lane, entries[half:], jobs, attempts, resends, stats
+                return self._send(lane, entries[:half], jobs, attempts, stats, alive, resend=resend) + self._send(
+                    lane, entries[half:], jobs, attempts, stats, alive, resend=resend
                 )
             stats.failed += 1
             detail = "; ".join(f"{v.property}: {v.violation}" for v in error.violations) or str(error)
             e = entries[0]
             return [self._failed(lane, e, jobs[e.message_id], "bad_request", detail, attempts[e.message_id],
                                  answer=error.body)]
+        if isinstance(error, SendWindowClosed):
+            # This process was paused or starved past the batch's send window: nothing was written,
+            # and another worker may own the batch by now. Not an outage: no pause, no attempt counted.
+            log.warning("send_window_closed", lane=lane, messages=len(entries), window_s=self._send_window_ms / 1000)
+            metrics.FENCED.inc(len(entries))
+            stats.retry_in.append(([e.entry_id for e in entries], 0))
+            return self._retry_later(lane, entries, jobs, attempts, error, stats, count_attempt=False)
         if isinstance(error, ProviderAuthError):
             self.store.pause(lane, "auth", self.settings.sms_auth_pause_s)
             log.error("provider_auth_failed", lane=lane, status=error.status_code,
@@ -401,7 +491,7 @@ class Dispatcher:
 
     def _classify(
         self, lane: str, entries: list[Entry], jobs: dict[str, dict[str, Any]], response: SendResponse,
-        resends: set[str], stats: BatchStats,
+        stats: BatchStats, *, resend: bool,
     ) -> list[Outcome]:
         """Per-destination outcomes of a 200."""
         if response.bulk_id:
@@ -409,6 +499,7 @@ class Dispatcher:
         results = {r.message_id: r for r in response.messages}
         outcomes: list[Outcome] = []
         unanswered: list[Entry] = []
+        unknown: list[Entry] = []
         for e in entries:
             result = results.get(e.message_id)
             job = jobs[e.message_id]
@@ -416,7 +507,14 @@ class Dispatcher:
                 unanswered.append(e)
                 continue
             group, name = result.status.group_name, result.status.name
-            if group in _ACCEPTED_GROUPS or (name == _DUPLICATE and e.message_id in resends):
+            if group not in _KNOWN_GROUPS:
+                # A status group this code does not know (the API grew one): never guessed into a
+                # terminal state. The logs settle it like any ambiguous answer.
+                log.warning("provider_unknown_status", lane=lane, message_id=e.message_id, group=group, status=name)
+                metrics.UNKNOWN_PROVIDER_VALUES.labels("send_status_group").inc()
+                unknown.append(e)
+                continue
+            if group in _ACCEPTED_GROUPS or (name == _DUPLICATE and resend):
                 # A resend answered "duplicate" means our earlier attempt got through.
                 outcomes.append(self._accepted(lane, e, job, response.bulk_id, _status_dict(result)))
                 stats.accepted += 1
@@ -428,12 +526,13 @@ class Dispatcher:
                     fields={"bulk_id": response.bulk_id or "", "status": name},
                 ))
                 stats.rejected += 1
-        if unanswered:
-            # A 200 that does not mention a message we sent: we cannot know; reconcile it.
-            stats.ambiguous += len(unanswered)
-            self.wake.reconcile(lane, [e.entry_id for e in unanswered], self._reconcile_delay_ms())
-            outcomes += [Outcome(e.message_id, e.entry_id, "AMBIGUOUS", ack=False,
-                                 fields={"last_error": "missing from the provider's answer"}) for e in unanswered]
+        for lost, why in ((unanswered, "missing from the provider's answer"), (unknown, "unknown status group")):
+            if lost:
+                # A 200 that does not tell what became of a message we sent: we cannot know; reconcile it.
+                stats.ambiguous += len(lost)
+                self.wake.reconcile(lane, [e.entry_id for e in lost], self._reconcile_delay_ms())
+                outcomes += [Outcome(e.message_id, e.entry_id, "AMBIGUOUS", ack=False, fields={"last_error": why})
+                             for e in lost]
         return outcomes
 
     def _retry_later(
@@ -512,6 +611,13 @@ def _count(lane: str, outcomes: Sequence[Outcome], applied: Sequence[bool]) -> N
         metrics.MESSAGES.labels(lane, label).inc(n)
     for kind, n in published.items():
         metrics.EVENTS.labels(kind).inc(n)
+
+
+def _tally(verdicts: Sequence[Submitted]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for v in verdicts:
+        counts[v.state] = counts.get(v.state, 0) + 1
+    return counts
 
 
 def _describe(error: ProviderError) -> str:

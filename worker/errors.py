@@ -4,9 +4,12 @@
     ├── ConfigError              a setting is missing or wrong (raised at start-up)
     ├── JobValidationError       a job was refused at enqueue; `.problems` lists every field
     ├── StoreError               Redis is unreachable or answered an error (store.py maps redis.*)
+    │   └── EnqueueIncomplete    an enqueue call failed part-way; `.queued` says exactly what was written
     └── ProviderError            the icomm API (provider.py maps httpx.* and HTTP statuses)
         ├── ProviderNotActedOn   connect error, 429, 503: the request was not acted on, safe to retry
-        │   └── ProviderRateLimited   429, `.retry_after_s` when the provider said so
+        │   ├── ProviderRateLimited   429, `.retry_after_s` when the provider said so
+        │   └── SendWindowClosed      the batch's send deadline passed before a byte was written:
+        │                             not sent, and never will be by this attempt (fencing)
         ├── ProviderBadRequest   400 for the whole bulk, `.violations` from the ApiError body
         ├── ProviderAuthError    401 / 403: configuration, stop sending
         └── ProviderAmbiguous    read/write timeout, 500/502/504, connection dropped after send:
@@ -51,6 +54,18 @@ class StoreError(SmsWorkerError):
     """Redis could not be reached or refused a command."""
 
 
+class EnqueueIncomplete(StoreError):
+    """An enqueue call failed after part of it was written.
+
+    `queued[i]` is the (message id, newly queued) answer of job i when its chunk was written, or
+    None when nothing of that job was written; a retry of the None jobs (or of every job with a
+    producer id) is safe."""
+
+    def __init__(self, message: str, queued: list[tuple[str, bool] | None]) -> None:
+        super().__init__(message)
+        self.queued = queued
+
+
 class ProviderError(SmsWorkerError):
     """The icomm API answered something other than success, or did not answer."""
 
@@ -77,6 +92,11 @@ class ProviderNotActedOn(ProviderError):
 
 class ProviderRateLimited(ProviderNotActedOn):
     """429 Too Many Requests."""
+
+
+class SendWindowClosed(ProviderNotActedOn):
+    """The request was not written because its send deadline had passed (the process was paused or
+    starved past the batch's fence): certainly not sent. Not an outage: the lane is not paused."""
 
 
 @dataclass(frozen=True)

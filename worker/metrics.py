@@ -29,6 +29,13 @@ PROVIDER_SECONDS = Histogram(
 )
 RETRIES = Counter("sms_provider_retries_total", "Safe retries of requests not acted on", ["endpoint", "error"])
 RECONCILE = Counter("sms_reconcile_total", "Reconciliation verdicts from GET /sms/3/logs", ["verdict"])
+FENCED = Counter(
+    "sms_send_window_closed_total",
+    "Messages whose request was not written because their batch's send window had closed (a paused process)",
+)
+UNKNOWN_PROVIDER_VALUES = Counter(
+    "sms_provider_unknown_values_total", "Provider answers carrying a value this code does not know", ["what"]
+)
 LIMITER_WAIT = Histogram(
     "sms_limiter_wait_seconds", "Time dispatchers waited for rate-limit tokens",
     buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
@@ -174,3 +181,39 @@ def serve_worker_endpoints_forever() -> int:
     store = Store(connect(settings.redis_url), settings.sms_key_prefix, settings.sms_message_id_prefix)
     serve_worker_endpoints(settings, store, settings.sms_metrics_port)
     return 0
+
+
+# --- Redis that evicts or forgets (worker.redis_health) -----------------------------------------------
+# Set by each process from its own inspection of the server (at start, then every 30 s; the web at
+# every /readyz), so in a worker container the live processes' maximum is served.
+from prometheus_client import Gauge  # noqa: E402 -- appended with the metrics it serves
+
+REDIS_CONFIG_RISK = Gauge(
+    "sms_redis_config_risk",
+    "1 while the Redis server can lose our data: eviction (maxmemory-policy not noeviction), no_persistence "
+    "(no AOF, no RDB save points), replica (REDIS_URL is a replica), unknown (CONFIG not allowed, cannot tell)",
+    ["risk"], multiprocess_mode="livemax",
+)
+REDIS_STATE_LOST = Counter(
+    "sms_redis_state_lost_total", "Times a process saw Redis come back without the data it had (instance marker gone)"
+)
+
+# --- delivery reports: what the report path kept or recreated (worker.reports) -------------------------
+REPORT_PAGE_STORE_RETRIES = Counter(
+    "sms_reports_page_store_retries_total",
+    "Attempts to store a fetched reports page that Redis refused (the page is kept in memory until stored)",
+)
+REPORTS_UNKNOWN_STATUS = Counter(
+    "sms_reports_unknown_status_total",
+    "Reports whose status group this code does not know (not final: no event; kept in the dead letters)",
+)
+REPORTS_STATE_RECREATED = Counter(
+    "sms_reports_state_recreated_total",
+    "Redis state the report processor found missing and recreated (e.g. its consumer group after Redis lost its data)",
+    ["what"],
+)
+PROVIDER_POOL_RESETS = Counter(
+    "sms_provider_pool_resets_total",
+    "icomm HTTP clients replaced because their connection pool stopped handing out connections, by reason",
+    ["reason"],
+)

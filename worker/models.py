@@ -24,7 +24,14 @@ _GSM7_BASIC = set(
     "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§"
     "¿abcdefghijklmnopqrstuvwxyzäöñüà"
 )
-_GSM7_EXTENDED = set("^{}\\[~]|€\f")
+_GSM7_EXTENDED = set("^{}\\[~]|€\f")  # escape + character: two septets each
+_GSM7 = frozenset(_GSM7_BASIC | _GSM7_EXTENDED)
+_GSM7_EXTENDED_CHARS = tuple(_GSM7_EXTENDED)
+# A sanity cap on a text's UTF-8 size, far above anything the parts limit lets through: at most
+# 255 parts (SMS_MAX_TEXT_PARTS' maximum) x 153 septets x 2 bytes (a GSM-7 letter such as 'é' is
+# one septet, two bytes) = 78,030 bytes; UCS-2 is at most 255 x 67 units x 3 bytes = 51,255 bytes.
+TEXT_MAX_BYTES = 100_000
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class State(StrEnum):
@@ -46,13 +53,96 @@ TERMINAL_STATES = frozenset(
 )
 
 
+def text_size(text: str) -> tuple[int, str, int]:
+    """(SMS parts, encoding, units) of `text` as the platform bills it.
+
+    GSM-7 when every character is in the default alphabet or its extension table (an extension
+    character is an escape plus the character: two septets): one part of 160 septets, else parts of
+    153. Otherwise UCS-2, counted in UTF-16 code units (a character outside the BMP is a surrogate
+    pair, two units): one part of 70 units, else parts of 67, and a pair is never split between two
+    parts (a part that has one unit left starts the next part with the pair)."""
+    if _GSM7.issuperset(text):
+        septets = len(text) + sum(text.count(ch) for ch in _GSM7_EXTENDED_CHARS)
+        return (1 if septets <= 160 else -(-septets // 153)), "GSM-7", septets
+    if not text or max(text) <= "\uffff":
+        units = len(text)
+        return (1 if units <= 70 else -(-units // 67)), "UCS-2", units
+    units = len(text) + sum(1 for ch in text if ch > "\uffff")
+    if units <= 70:
+        return 1, "UCS-2", units
+    parts, room = 1, 67
+    for ch in text:
+        need = 2 if ch > "\uffff" else 1
+        if need > room:
+            parts, room = parts + 1, 67
+        room -= need
+    return parts, "UCS-2", units
+
+
 def sms_parts(text: str) -> int:
-    """How many SMS parts the platform bills for `text` (GSM-7 160/153, otherwise UCS-2 70/67)."""
-    if all(ch in _GSM7_BASIC or ch in _GSM7_EXTENDED for ch in text):
-        septets = sum(2 if ch in _GSM7_EXTENDED else 1 for ch in text)
-        return 1 if septets <= 160 else -(-septets // 153)
-    units = len(text.encode("utf-16-le")) // 2
-    return 1 if units <= 70 else -(-units // 67)
+    """How many SMS parts the platform bills for `text` (see `text_size`)."""
+    return text_size(text)[0]
+
+
+def text_problem(text: str, max_parts: int) -> str | None:
+    """Why `text` cannot be sent (too many parts, or absurdly large), or None."""
+    # n characters need at most ceil(n / 33) parts (33 surrogate pairs fill a UCS-2 part; GSM-7 and
+    # other UCS-2 parts hold more), and at most one when n <= 35: shorter texts are not counted.
+    if len(text) <= 33 * max_parts or len(text) <= 35:
+        return None
+    # A character is at most 4 bytes in UTF-8, so texts of up to a quarter of the cap skip the encode.
+    if len(text) * 4 > TEXT_MAX_BYTES and (size := len(text.encode("utf-8", "surrogatepass"))) > TEXT_MAX_BYTES:
+        return f"too long: {size:,} bytes as UTF-8, at most {TEXT_MAX_BYTES:,} accepted"
+    parts, encoding, units = text_size(text)
+    if parts <= max_parts:
+        return None
+    unit = "septets" if encoding == "GSM-7" else "UTF-16 code units"
+    per_part = 153 if encoding == "GSM-7" else 67
+    return (f"too long: {parts} SMS parts ({units} {unit} in {encoding}, {per_part} per part), "
+            f"at most {max_parts} allowed (SMS_MAX_TEXT_PARTS)")
+
+
+def _lone_surrogate(value: str) -> str | None:
+    """Where a string holds a lone surrogate (then it has no UTF-8 form), or None."""
+    found = None if value.isascii() else _SURROGATE.search(value)
+    if found is None:
+        return None
+    return f"lone surrogate U+{ord(found.group()):04X} at character {found.start()}"
+
+
+def _surrogate_problems(value: Any, field: str, problems: list[Problem]) -> None:
+    """A problem for every string (and dict key) in `value` that holds a lone surrogate."""
+    if isinstance(value, str):
+        if (what := _lone_surrogate(value)) is not None:
+            problems.append(Problem(field or "(job)", f"not valid Unicode text: {what}"))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            name = str(key)
+            if isinstance(key, str) and (what := _lone_surrogate(key)) is not None:
+                name = ascii(key)
+                problems.append(Problem(field or "(job)", f"key {name} is not valid Unicode text: {what}"))
+            _surrogate_problems(item, f"{field}.{name}" if field else name, problems)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _surrogate_problems(item, f"{field}.{index}" if field else str(index), problems)
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """True when a string (or dict key) anywhere in `value` holds a lone surrogate; the fast path's
+    check (no paths, no messages)."""
+    kind = type(value)
+    if kind is str:
+        return not value.isascii() and _SURROGATE.search(value) is not None
+    if kind is dict:
+        for key, item in value.items():
+            if (type(key) is str and not key.isascii() and _SURROGATE.search(key) is not None) or (
+                    type(item) is not int and _has_lone_surrogate(item)):
+                return True
+    elif kind is list or kind is tuple:
+        for item in value:
+            if type(item) is not int and _has_lone_surrogate(item):
+                return True
+    return False
 
 
 class _Strict(BaseModel):
@@ -202,17 +292,21 @@ def _problems(error: ValidationError) -> list[Problem]:
 
 def validate_job(data: object, *, max_text_parts: int, metadata_max_bytes: int, index: int | None = None) -> Job:
     """Parse one job from a dict (or JSON bytes/str); raise JobValidationError listing every problem."""
+    # A string with a lone surrogate (e.g. "\ud800") has no UTF-8 form: pydantic takes it in a
+    # plain `str` field, and encoding it later would raise UnicodeEncodeError.
+    unicode: list[Problem] = []
+    _surrogate_problems(data, "", unicode)
     try:
         job = Job.model_validate_json(data) if isinstance(data, bytes | str) else Job.model_validate(data)
     except ValidationError as error:
-        raise JobValidationError(_problems(error), index) from None
+        flagged = {p.field for p in unicode}
+        problems = [p for p in _problems(error) if p.field not in flagged]  # pydantic: "not a unicode string"
+        raise JobValidationError(unicode + problems, index) from None
+    if unicode:
+        raise JobValidationError(unicode, index)
     problems = []
-    if job.text is not None:
-        parts = sms_parts(job.text)
-        if parts > max_text_parts or len(job.text.encode()) > 4000:
-            problems.append(
-                Problem("text", f"too long: {parts} SMS parts, the platform accepts at most {max_text_parts}")
-            )
+    if job.text is not None and (problem := text_problem(job.text, max_text_parts)) is not None:
+        problems.append(Problem("text", problem))
     if job.metadata is not None:
         size = len(orjson.dumps(job.metadata))
         if size > metadata_max_bytes:
@@ -237,6 +331,13 @@ def plain_job(data: Any, *, max_text_parts: int, metadata_max_bytes: int, json_s
 
     Producers enqueue and dispatchers check these by the hundred thousand; pydantic costs ~10 us a job.
     """
+    return _plain_job(data, max_text_parts, metadata_max_bytes, json_size, False)
+
+
+def _plain_job(data: Any, max_text_parts: int, metadata_max_bytes: int, json_size: int,
+               utf8_checked: bool) -> dict[str, Any] | None:
+    """plain_job; every string (and metadata key) is checked for lone surrogates unless
+    `utf8_checked` says orjson encoded the job already (it refuses a string holding one)."""
     if type(data) is not dict or not data.keys() <= _FAST_KEYS:
         return None
     to, text = data.get("to"), data.get("text")
@@ -249,8 +350,16 @@ def plain_job(data: Any, *, max_text_parts: int, metadata_max_bytes: int, json_s
         return None
     if data.get("v", 1) != 1:
         return None
-    # 70 characters fit one part in any encoding; longer texts are counted properly.
-    if len(text) > 70 and (sms_parts(text) > max_text_parts or len(text.encode()) > 4000):
+    # A lone surrogate anywhere (no UTF-8 form) is named by validate_job. (JSON parsed by orjson
+    # never holds one, but a producer's dict may.)
+    if not utf8_checked and (
+            (not text.isascii() and _SURROGATE.search(text) is not None)
+            or (producer_id is not None and not producer_id.isascii() and _SURROGATE.search(producer_id) is not None)
+            or (sender is not None and not sender.isascii() and _SURROGATE.search(sender) is not None)
+            or (type(metadata) is dict and _has_lone_surrogate(metadata))):
+        return None
+    # Counting parts costs ~1 us: only texts that may have too many are counted (see text_problem).
+    if len(text) > 33 * max_text_parts and text_problem(text, max_text_parts) is not None:
         return None
     if metadata is not None and type(metadata) is not dict:
         return None
@@ -266,10 +375,9 @@ def encode_plain_job(data: Any, *, max_text_parts: int, metadata_max_bytes: int)
         return None
     try:
         encoded = orjson.dumps(data)
-    except TypeError:
+    except TypeError:  # not JSON, or a string with a lone surrogate: validate_job says which
         return None
-    job = plain_job(data, max_text_parts=max_text_parts, metadata_max_bytes=metadata_max_bytes,
-                    json_size=len(encoded))
+    job = _plain_job(data, max_text_parts, metadata_max_bytes, len(encoded), True)
     if job is None:
         return None
     return encoded if job is data else orjson.dumps(job)

@@ -8,11 +8,12 @@ field `job` holding the job's JSON (see README, "Enqueue from any language"):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from worker.errors import JobValidationError, Problem
+from worker.errors import EnqueueIncomplete, JobValidationError, Problem, StoreError
 from worker.models import Job, encode_job, encode_plain_job, validate_job
 from worker.settings import Settings
 from worker.store import Store
@@ -69,19 +70,26 @@ class Outbox:
         return encode_job(valid), valid.id
 
     def enqueue(self, job: Job | Mapping[str, Any], lane: str | None = None) -> Enqueued:
-        """Queue one job; JobValidationError lists every problem and nothing is written."""
+        """Queue one job; JobValidationError lists every problem and nothing is written.
+
+        EnqueueIncomplete (`.queued == [None]`) means Redis refused it and nothing of it was written;
+        any other StoreError leaves it unknown whether it was written (see `enqueue_many`)."""
         lane = self._lane(lane)
-        [(mid, queued)] = self.store.enqueue(lane, [self._encode(job)], self.settings.sms_idempotency_ttl_s)
-        if queued and self.wake is not None:
-            self.wake(lane)
+        [(mid, queued)] = self._write(lane, [self._encode(job)])
         return Enqueued(mid, lane, queued)
 
     def enqueue_many(self, jobs: Iterable[Job | Mapping[str, Any]], lane: str | None = None) -> list[Enqueued]:
-        """Queue many jobs to one lane, all or nothing: one bad job refuses the whole call.
+        """Queue many jobs to one lane; one bad job refuses the whole call.
 
         Every job is validated before anything is written, so a refused call leaves the outbox as
-        it was, and the error lists every problem of every job (`jobs[3].to: ...`). A Redis failure
-        during the writes (StoreError) leaves the chunks already written queued.
+        it was, and the error lists every problem of every job (`jobs[3].to: ...`).
+
+        The writes go in chunks of 1,000 jobs, each written whole or not at all. When Redis refuses
+        a chunk (out of memory, read-only, no permission...) the call raises EnqueueIncomplete:
+        `.queued[i]` is job i's (message id, queued) answer if its chunk was written, None if
+        nothing of it was; retrying exactly the None jobs is safe, with or without producer ids.
+        Any other StoreError (the connection was lost mid-call) leaves unknown what was written:
+        retrying the call is then safe only for jobs with a producer id.
         """
         lane = self._lane(lane)
         encoded = []
@@ -93,10 +101,18 @@ class Outbox:
                 problems += [Problem(f"jobs[{index}].{p.field}", p.message) for p in error.problems]
         if problems:
             raise JobValidationError(problems)
-        results = [
-            Enqueued(mid, lane, queued)
-            for mid, queued in self.store.enqueue(lane, encoded, self.settings.sms_idempotency_ttl_s)
-        ]
-        if self.wake is not None and any(r.queued for r in results):
+        return [Enqueued(mid, lane, queued) for mid, queued in self._write(lane, encoded)]
+
+    def _write(self, lane: str, encoded: list[tuple[bytes, str | None]]) -> list[tuple[str, bool]]:
+        """Store.enqueue, then wake the lane if anything new was queued, also by a call that failed
+        part-way (EnqueueIncomplete is raised after the wake; a failing wake does not replace it)."""
+        try:
+            answers = self.store.enqueue(lane, encoded, self.settings.sms_idempotency_ttl_s)
+        except EnqueueIncomplete as error:
+            if self.wake is not None and any(answer is not None and answer[1] for answer in error.queued):
+                with contextlib.suppress(StoreError):  # the clock's tick wakes the lane anyway
+                    self.wake(lane)
+            raise
+        if self.wake is not None and any(queued for _, queued in answers):
             self.wake(lane)
-        return results
+        return answers

@@ -17,17 +17,45 @@ Foreign outcomes are mapped into `worker.errors` here and nowhere else:
       500, 502, 504 and every other 5xx
     UnsupportedProtocol, LocalProtocolError,           ProviderError                       no
       any other status (3xx, 4xx)
+    the send fence said no (send only, see below)      SendWindowClosed                    no
 
 Only `ProviderNotActedOn` is retried (tenacity, full-jitter exponential backoff, at least the
-`Retry-After` the provider asked for). Everything else is the caller's decision: an ambiguous send
-is reconciled through `GET /sms/3/logs` before any resend, and an ambiguous `GET /sms/3/reports`
-may have handed out a page that will never be returned again.
+`Retry-After` the provider asked for), never its `SendWindowClosed`. Everything else is the caller's
+decision: an ambiguous send is reconciled through `GET /sms/3/logs` before any resend, and an
+ambiguous `GET /sms/3/reports` may have handed out a page that will never be returned again.
+
+The send fence. `send(..., fence=f)` calls `f()` once per HTTP attempt, at the last moment: from
+httpcore's `trace` extension on `send_request_headers.started`, i.e. after the pool handed out a
+connection and after it connected, immediately before the first byte of the request is written.
+False (or an exception) aborts the attempt there: httpcore writes nothing and closes that connection
+(its request cycle did not complete, so it is never reused), and `send` raises `SendWindowClosed`.
+Before each retry's backoff sleep the fence is asked again, so a retry never sleeps past a closed
+window. Headers and body are two socket writes; if more than `FENCE_WRITE_GRACE_S` passed from the
+fence call to `send_request_body.started` (the process was paused in between), the body is not
+written either: the server got headers announcing a Content-Length and then the end of the
+connection, an incomplete request it cannot act on, and `send` raises `SendWindowClosed`. A
+transport that does not emit trace events (`httpx.MockTransport` in tests) is asked right before the
+request is handed to it instead. Nothing can fence a pause inside a single socket write; the batch
+lease covers the write and read timeouts for that.
+
+Pool healing. httpcore 1.0's sync ConnectionPool leaks a connection slot when a request's pool wait
+times out just as another thread (releasing or dropping a connection) assigns it a NEW connection:
+the request leaves, the connection stays in the pool as "CONNECTING" forever, never connected, never
+idle, never closed (the race described in encode/httpcore#550, still in 1.0.9; process pauses make
+it likely: on resume every waiter's deadline and every connection's fate are decided at once). Once
+max_connections slots have leaked, every request ends in PoolTimeout. The Provider counts the
+requests that really hold a connection (the first trace event of an attempt comes only after the
+pool wait); a PoolTimeout while fewer than max_connections do, or while no request got a connection
+for longer than one whole attempt can last, means the pool is stuck, and the httpx.Client is
+replaced by a fresh one (warning `provider_pool_reset`, metric `sms_provider_pool_resets_total`).
+The old client is closed by the last request still using it, never under a request in flight.
 """
 
 from __future__ import annotations
 
 import email.utils
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +67,13 @@ from typing import Any, Literal, NotRequired, TypedDict
 import httpx
 import orjson
 import structlog
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    wait_random_exponential,
+)
 
 from worker import metrics
 from worker.errors import (
@@ -49,6 +83,7 @@ from worker.errors import (
     ProviderError,
     ProviderNotActedOn,
     ProviderRateLimited,
+    SendWindowClosed,
     Violation,
 )
 from worker.models import Job
@@ -62,6 +97,11 @@ LOGS_PATH = "/sms/3/logs"
 MAX_PAGE_SIZE = 1000  # reports and logs `limit`
 MAX_FILTER_CHARS = 2048  # a comma-joined logs filter (`messageId`, `bulkId`, ...)
 RETRY_WAIT_CEILING_S = 60.0
+# From the fence call to the body write: longer means the process was paused or starved between the
+# header write and the body write, and the body is not written (see the module docstring). The gap
+# is normally microseconds; keep this well below the margin the fence's owner leaves between its own
+# deadline and a takeover (worker.store.FENCE_MARGIN_MS, 1 s).
+FENCE_WRITE_GRACE_S = 0.5
 _SNIPPET_CHARS = 500
 _DUPLICATE = "REJECTED_DUPLICATE_MESSAGE_ID"
 _STATUS_GROUPS = dict(enumerate(["ACCEPTED", "PENDING", "UNDELIVERABLE", "DELIVERED", "EXPIRED", "REJECTED"]))
@@ -746,8 +786,106 @@ def _check_limit(limit: int) -> None:
         raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
 
 
+# Tests replace it to play a pause without sleeping.
+_now = time.monotonic
+
+
+class _FenceClosed(Exception):
+    """Raised from httpcore's trace callback to abort an attempt before (more of) it is written."""
+
+
+def _ask_fence(fence: Callable[[], bool], consequence: str) -> None:
+    """Raise _FenceClosed unless the fence says yes; its own exception is kept as the cause."""
+    try:
+        still_open = fence()
+    except Exception as exc:
+        raise _FenceClosed(f"the send fence failed ({type(exc).__name__}){consequence}") from exc
+    if not still_open:
+        raise _FenceClosed(f"the send window is closed{consequence}")
+
+
+@dataclass(eq=False)
+class _Generation:
+    """One httpx.Client (one connection pool) and the attempts using it; guarded by Provider._lock."""
+
+    client: httpx.Client
+    number: int
+    in_flight: int = 0  # attempts inside client.request, queued for a connection or not
+    holding: int = 0  # attempts past the pool wait: they got a connection
+    last_acquired: float = field(default_factory=lambda: _now())
+    retired: bool = False  # replaced (or being replaced): closed when its last attempt leaves
+    closed: bool = False
+
+
+class _AttemptTrace:
+    """httpcore's `trace` callback for one HTTP attempt.
+
+    httpcore calls it only once the pool handed the request a connection, so its first event marks
+    the attempt as holding one; on `send_request_headers.started` it consults the send fence (once)
+    and on `send_request_body.started` it checks that the fence's answer is still fresh. Raising
+    here aborts the request before that write, and httpcore closes the connection."""
+
+    __slots__ = ("_fence", "_generation", "_provider", "acquired", "fence_asked_at")
+
+    def __init__(self, provider: Provider, generation: _Generation, fence: Callable[[], bool] | None) -> None:
+        self._provider = provider
+        self._generation = generation
+        self._fence = fence
+        self.acquired = False
+        self.fence_asked_at: float | None = None
+
+    def __call__(self, event: str, info: Mapping[str, Any]) -> None:
+        if not self.acquired:
+            self.acquired = True
+            self._provider._holding(self._generation)
+        if event.endswith("send_request_headers.started"):
+            self.admit()
+        elif event.endswith("send_request_body.started"):
+            self.check_fresh("the headers were written, the body was not: the server got an incomplete request")
+
+    def admit(self) -> None:
+        """Ask the fence, once per attempt; a second call (a transport that both takes the request
+        and traces it) only checks that the first answer is still fresh."""
+        if self._fence is None:
+            return
+        if self.fence_asked_at is not None:
+            self.check_fresh("nothing was written")
+            return
+        self.fence_asked_at = _now()
+        _ask_fence(self._fence, "; nothing was written")
+
+    def check_fresh(self, written: str) -> None:
+        if self.fence_asked_at is None:
+            return
+        waited_s = _now() - self.fence_asked_at
+        if waited_s > FENCE_WRITE_GRACE_S:
+            raise _FenceClosed(f"{waited_s:.3f} s passed since the send fence said yes; {written}")
+
+
+class _FenceBeforeTransport(httpx.BaseTransport):
+    """Wraps an injected transport that does not emit httpcore trace events (httpx.MockTransport):
+    the fence is consulted right before the request is handed to it. The real transport consults
+    it at the socket, from the trace callback."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self._inner = inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        trace = request.extensions.get("trace")
+        if isinstance(trace, _AttemptTrace):
+            trace.admit()
+        return self._inner.handle_request(request)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 class Provider:
-    """A thread-safe client for the three endpoints, with one keep-alive connection pool."""
+    """A thread-safe client for the three endpoints, with one keep-alive connection pool.
+
+    The pool is replaced when it stops handing out connections (module docstring: pool healing).
+    An injected `transport` is kept across replacements (it is the injector's, and only close()
+    closes it), so only the default transport's pool is actually renewed."""
 
     def __init__(
         self,
@@ -765,28 +903,54 @@ class Provider:
         # Settings sizes the batch lease with icomm_retry_backoff_max_s per wait: a longer sleep
         # could let another worker take the batch over while this one still means to send it.
         self._wait_ceiling_s = min(RETRY_WAIT_CEILING_S, settings.icomm_retry_backoff_max_s)
-        self._client = httpx.Client(
-            base_url=settings.icomm_base_url,
+        self._base_url = settings.icomm_base_url
+        self._timeout = httpx.Timeout(
+            connect=settings.icomm_connect_timeout_s,
+            read=settings.icomm_read_timeout_s,
+            write=settings.icomm_write_timeout_s,
+            pool=settings.icomm_pool_timeout_s,
+        )
+        self._max_connections = settings.icomm_max_connections
+        # No request got a connection for longer than a whole attempt can take (the pool wait, then
+        # a holder's connect, write and read): the holders are not coming back.
+        self._stuck_after_s = (
+            settings.icomm_pool_timeout_s + settings.icomm_connect_timeout_s
+            + settings.icomm_write_timeout_s + settings.icomm_read_timeout_s
+        )
+        # The default transport (and an injected HTTPTransport) consults the fence at the socket;
+        # any other injected transport is asked just before it gets the request. An injected
+        # transport is shared by every client generation and closed only by close().
+        self._transport: httpx.BaseTransport | None
+        if transport is None or isinstance(transport, httpx.HTTPTransport):
+            self._transport = transport
+        else:
+            self._transport = _FenceBeforeTransport(transport)
+        self._owns_transport = transport is None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._generation = _Generation(self._new_client(), 1)
+
+    def _new_client(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self._base_url,
             headers={
                 "Authorization": f"App {self._key}",
                 "Accept": "application/json",
                 "Content-Type": "application/json",
             },
-            timeout=httpx.Timeout(
-                connect=settings.icomm_connect_timeout_s,
-                read=settings.icomm_read_timeout_s,
-                write=settings.icomm_write_timeout_s,
-                pool=settings.icomm_pool_timeout_s,
-            ),
+            timeout=self._timeout,
             limits=httpx.Limits(
-                max_connections=settings.icomm_max_connections,
-                max_keepalive_connections=settings.icomm_max_connections,
+                max_connections=self._max_connections, max_keepalive_connections=self._max_connections
             ),
-            transport=transport,
+            transport=self._transport,
         )
 
     def close(self) -> None:
-        self._client.close()
+        with self._lock:
+            self._closed = True
+            generation = self._generation
+            generation.closed = True
+        generation.client.close()
 
     def __enter__(self) -> Provider:
         return self
@@ -797,11 +961,22 @@ class Provider:
         self.close()
 
     def send(
-        self, request: WireRequest, *, on_rate_limited: Callable[[float | None], None] | None = None
+        self,
+        request: WireRequest,
+        *,
+        on_rate_limited: Callable[[float | None], None] | None = None,
+        fence: Callable[[], bool] | None = None,
     ) -> SendResponse:
-        """POST one bulk; retried only while the provider certainly did not act on it."""
+        """POST one bulk; retried only while the provider certainly did not act on it.
+
+        `fence`, when given, is called once per HTTP attempt immediately before the request's first
+        byte is written (after the pool wait and the connect), and before each retry's backoff
+        sleep; False or an exception means nothing more of the request is written and
+        SendWindowClosed is raised, never retried (module docstring: the send fence)."""
         endpoint = f"POST {SEND_PATH}"
-        response, elapsed_s = self._call("POST", SEND_PATH, None, orjson.dumps(request), on_rate_limited)
+        response, elapsed_s = self._call(
+            "POST", SEND_PATH, None, orjson.dumps(request), on_rate_limited, fence
+        )
         try:
             return _parse_send(endpoint, response, elapsed_s)
         except ProviderError as error:
@@ -896,17 +1071,35 @@ class Provider:
         params: dict[str, Any] | None,
         content: bytes | None,
         on_rate_limited: Callable[[float | None], None] | None,
+        fence: Callable[[], bool] | None = None,
     ) -> tuple[httpx.Response, float]:
         # A fresh controller per call: tenacity keeps per-run state on it, and threads share self.
+        endpoint = f"{method} {path}"
         retrying = Retrying(
             sleep=self._sleep,
             stop=self._stop,
             wait=self._wait,
-            retry=retry_if_exception_type(ProviderNotActedOn),
-            before_sleep=partial(_log_retry, f"{method} {path}"),
+            # SendWindowClosed is a ProviderNotActedOn (nothing was sent) that must never be resent.
+            retry=retry_if_exception_type(ProviderNotActedOn) & retry_if_not_exception_type(SendWindowClosed),
+            before_sleep=partial(self._before_retry, endpoint, fence),
             reraise=True,
         )
-        return retrying(self._attempt, method, path, params, content, on_rate_limited)
+        return retrying(self._attempt, method, path, params, content, on_rate_limited, fence)
+
+    def _before_retry(self, endpoint: str, fence: Callable[[], bool] | None, state: RetryCallState) -> None:
+        """Before a retry's backoff sleep: a closed fence ends the call now rather than after the sleep."""
+        if fence is not None:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            try:
+                _ask_fence(fence, "")
+            except _FenceClosed as closed:
+                fence_error = closed.__cause__
+                cause = None if fence_error is None or self._key in str(fence_error) else fence_error
+                raise self._scrubbed(SendWindowClosed(
+                    f"{endpoint} was not retried after attempt {state.attempt_number} "
+                    f"({type(exc).__name__}): {closed}"
+                )) from cause
+        _log_retry(endpoint, state)
 
     def _attempt(
         self,
@@ -915,18 +1108,33 @@ class Provider:
         params: dict[str, Any] | None,
         content: bytes | None,
         on_rate_limited: Callable[[float | None], None] | None,
+        fence: Callable[[], bool] | None = None,
     ) -> tuple[httpx.Response, float]:
         endpoint = f"{method} {path}"
         timer = metrics.PROVIDER_SECONDS.labels(path.rsplit("/", 1)[-1], "ok")
+        generation = self._enter()
+        trace = _AttemptTrace(self, generation, fence)
         started = time.perf_counter()
         try:
-            response = self._client.request(method, path, params=params, content=content)
+            response = generation.client.request(
+                method, path, params=params, content=content, extensions={"trace": trace}
+            )
+        except _FenceClosed as closed:
+            fence_error = closed.__cause__
+            cause = None if fence_error is None or self._key in str(fence_error) else fence_error
+            window = self._scrubbed(SendWindowClosed(f"{endpoint} was not sent: {closed}"))
+            _observe(path, window, time.perf_counter() - started)
+            raise window from cause
         except httpx.RequestError as exc:
+            if isinstance(exc, httpx.PoolTimeout):
+                self._pool_timed_out(generation, trace.acquired)
             # Keep the cause for tracebacks unless its own text would carry the key into the logs.
             cause = None if self._key in str(exc) else exc
             mapped = _map_transport_error(endpoint, exc)
             _observe(path, mapped, time.perf_counter() - started)
             raise self._scrubbed(mapped) from cause
+        finally:
+            self._leave(generation, trace.acquired)
         elapsed_s = time.perf_counter() - started
         if response.is_success:
             timer.observe(elapsed_s)
@@ -936,6 +1144,88 @@ class Provider:
         if isinstance(error, ProviderRateLimited) and on_rate_limited is not None:
             on_rate_limited(error.retry_after_s)
         raise error
+
+    # --- the connection pool's health (module docstring: pool healing) --------------------------
+
+    def _enter(self) -> _Generation:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("Cannot send a request, as the Provider has been closed.")
+            generation = self._generation
+            generation.in_flight += 1
+            return generation
+
+    def _holding(self, generation: _Generation) -> None:
+        with self._lock:
+            generation.holding += 1
+            generation.last_acquired = _now()
+
+    def _leave(self, generation: _Generation, acquired: bool) -> None:
+        with self._lock:
+            generation.in_flight -= 1
+            if acquired:
+                generation.holding -= 1
+            close = self._retire_done(generation)
+        if close:
+            self._close_retired(generation)
+
+    def _retire_done(self, generation: _Generation) -> bool:
+        """Under the lock: whether a replaced generation has just lost its last attempt (the caller
+        then closes it, outside the lock)."""
+        if generation.retired and not generation.closed and generation.in_flight == 0 and (
+            generation is not self._generation
+        ):
+            generation.closed = True
+            return True
+        return False
+
+    def _close_retired(self, generation: _Generation) -> None:
+        # An injected transport is shared with the new client: closing the old client would close it.
+        if self._owns_transport:
+            generation.client.close()
+
+    def _pool_timed_out(self, generation: _Generation, acquired: bool) -> None:
+        """A PoolTimeout on `generation`: replace its client if its pool can no longer hand out a
+        connection (fewer holders than slots, or nobody got one for longer than an attempt lasts)."""
+        with self._lock:
+            if generation is not self._generation or generation.retired or self._closed:
+                return  # already replaced, being replaced, or closing
+            holding = generation.holding - (1 if acquired else 0)
+            starved_s = _now() - generation.last_acquired
+            if holding < self._max_connections:
+                reason = "leaked_slots"
+            elif starved_s > self._stuck_after_s:
+                reason = "no_progress"
+            else:
+                return  # every slot is held by a request in flight: a busy pool, not a broken one
+            generation.retired = True  # claims the replacement: one thread builds the new client
+            in_flight = generation.in_flight
+        try:
+            client = self._new_client()  # outside the lock: building the SSL context takes a while
+        except Exception:
+            with self._lock:
+                generation.retired = False
+            log.exception("provider_pool_reset_failed", generation=generation.number)
+            return
+        with self._lock:
+            closing: list[httpx.Client] = []
+            if self._closed:
+                closing.append(client)
+            else:
+                self._generation = _Generation(client, generation.number + 1)
+            close_old = self._retire_done(generation)
+        for stale in closing:
+            stale.close()
+        if close_old:
+            self._close_retired(generation)
+        if closing:
+            return
+        metrics.PROVIDER_POOL_RESETS.labels(reason).inc()
+        log.warning(
+            "provider_pool_reset", reason=reason, generation=generation.number + 1,
+            max_connections=self._max_connections, holding=holding, in_flight=in_flight,
+            starved_s=round(starved_s, 3),
+        )
 
     def _stop(self, state: RetryCallState) -> bool:
         if state.attempt_number >= self._attempts:

@@ -1,7 +1,7 @@
 """Delivery reports: drain + webhook ingestion -> idempotent processing -> events; parking; sweeps.
 
-    GET /sms/3/reports (once-only) --Drainer--> report_append.lua (fenced) --+
-    POST webhook (web.py) ----------ingest_webhook----> XADD ----------------+--> {p}:reports:raw
+    GET /sms/3/reports (once-only) --Drainer--> report_append.lua (fence checked) --+
+    POST webhook (web.py) ----------ingest_webhook----> XADD -----------------------+--> {p}:reports:raw
     {p}:reports:raw --Processor (XREADGROUP / XAUTOCLAIM)--> report_fetch.lua --> events built here
         --> report_apply.lua: states, events, parking, dead letters, XACK+XDEL, in one step
     Sweeper: awaiting deadlines passed -> EXPIRED(no_report); parked reports retried or timed out
@@ -17,20 +17,29 @@ Keys (besides the message hashes, events, dead letters and awaiting set of worke
 Idempotency: a final state never changes again (except EXPIRED with reason no_report, which a
 real report replaces), and the state check and the event write happen in the same Lua call, so a
 report that comes twice (webhook and drain, a replayed page, a recovered page) gives one event.
+
+Nothing a provider handed out is ever given up: a fetched page is kept in memory until Redis takes
+it (and no further page is fetched meanwhile), a page fetched by a drainer that lost its lease is
+stored like any other (idempotency makes that safe), and a report or page that cannot be processed
+goes to the dead letters with its body and the reason, while the rest of its batch flows on.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import re
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, NamedTuple, Protocol
 
 import orjson
+import redis
 import structlog
 
 from worker import events, metrics
@@ -56,9 +65,16 @@ READ_PAGES: Final = 16  # raw entries per XREADGROUP
 # A raw entry pending this long belongs to a processor that died (a batch takes milliseconds).
 CLAIM_IDLE_MS: Final = 10_000
 RUN_BUDGET_S: Final = 2.0
-# Appending a page the provider already handed out is retried through a Redis blip (~3 s in all).
-APPEND_ATTEMPTS: Final = 5
-APPEND_BACKOFF_S: Final = 0.2
+# Storing a page the provider already handed out is retried for as long as Redis refuses it (out
+# of memory, restarting, unreachable), backing off up to STORE_BACKOFF_MAX_S between attempts.
+STORE_BACKOFF_S: Final = 0.05
+STORE_BACKOFF_MAX_S: Final = 1.0
+# Bounds on what any entry may hold (webhook bodies are refused past them, other pages isolated).
+# A report page is 4 levels deep ({results: [{status: {...}}]}); orjson reads 1,024 levels but
+# writes only 254, so a report nested deeper than that could be parsed and never published.
+MAX_DEPTH: Final = 32
+# A full page of 1,000 reports is ~0.6 MB (~5 MB with 4,000-character callbackData on each).
+MAX_PAGE_BYTES: Final = 16 * 1024 * 1024
 APPLY_ATTEMPTS: Final = 4
 SWEEP_CHUNK: Final = 1000
 SWEEP_MAX_CHUNKS: Final = 20
@@ -153,26 +169,90 @@ class Page:
     finals: list[FinalReport] = field(default_factory=list)
     intermediate: int = 0
     dead: list[tuple[str, bytes]] = field(default_factory=list)
+    unknown_status: dict[str, int] = field(default_factory=dict)  # status group -> reports (dead-lettered)
 
 
 def _group_of(status: object) -> str | None:
+    """The status group of a report, if it is one this code knows (final or intermediate).
+
+    The group's name decides when there is one: a name this code does not know (a group added
+    to the API later, e.g. SCHEDULED) is unknown even when its groupId is that of a known group,
+    because a guess could make a report final that is not. Only a status without a name is read by
+    its groupId (the contract's table)."""
     if not isinstance(status, dict):
         return None
     name = status.get("groupName")
-    if isinstance(name, str) and (name in FINAL_GROUPS or name in INTERMEDIATE_GROUPS):
-        return name
+    if name is not None:
+        return name if isinstance(name, str) and (name in FINAL_GROUPS or name in INTERMEDIATE_GROUPS) else None
     group_id = status.get("groupId")
     if isinstance(group_id, int) and not isinstance(group_id, bool):
         return _GROUP_BY_ID.get(group_id)
     return None
 
 
+def _unknown_group(status: object) -> str | None:
+    """The name (or groupId) of a status group that is readable but not known here, else None."""
+    if not isinstance(status, dict) or _group_of(status) is not None:
+        return None
+    name = status.get("groupName")
+    if isinstance(name, str) and name.strip():
+        return name[:64]
+    group_id = status.get("groupId")
+    if name is None and isinstance(group_id, int) and not isinstance(group_id, bool):
+        return f"groupId {group_id}"
+    return None
+
+
+_CONTAINERS: Final = (dict, list)
+
+
+def _too_deep(value: object, limit: int) -> bool:
+    """Whether `value` nests more than `limit` containers deep (a scalar is 0, `{}` is 1)."""
+    # The common report first, without a stack: an object whose objects (price, status, error,
+    # platform) hold scalars only is two levels deep.
+    if limit >= 2 and type(value) is dict:
+        for child in value.values():
+            if type(child) is dict:
+                for grandchild in child.values():
+                    if type(grandchild) in _CONTAINERS:
+                        break
+                else:
+                    continue
+            elif type(child) is not list:
+                continue
+            break  # a list, or an object holding containers: walk it below
+        else:
+            return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if type(node) not in _CONTAINERS:
+            continue
+        if depth > limit:
+            return True
+        children = node.values() if type(node) is dict else node
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _clip(value: Any, depth: int = MAX_DEPTH) -> Any:
+    """A copy of `value` cut at `depth` levels, for dead letters of bodies orjson cannot write whole."""
+    if type(value) not in _CONTAINERS:
+        return value
+    if depth <= 0:
+        return f"<cut: nested deeper than {MAX_DEPTH} levels>"
+    if type(value) is dict:
+        return {key: _clip(child, depth - 1) for key, child in value.items()}
+    return [_clip(child, depth - 1) for child in value]
+
+
 def _dead_letter(reason: str, detail: str, source: str, entry_id: str, **extra: Any) -> bytes:
-    return orjson.dumps(
-        {"kind": "report", "reason": reason, "detail": detail, "source": source, "raw_entry": entry_id,
-         "at": events.now_iso(), "lane": "", "job": "", **extra},
-        default=str,
-    )
+    entry = {"kind": "report", "reason": reason, "detail": detail, "source": source, "raw_entry": entry_id,
+             "at": events.now_iso(), "lane": "", "job": "", **extra}
+    try:
+        return orjson.dumps(entry, default=str)
+    except TypeError:  # orjson.JSONEncodeError: nested deeper than orjson writes (254 levels)
+        return orjson.dumps({**entry, **{k: _clip(v) for k, v in extra.items()}}, default=str)
 
 
 def parse_page(entry_id: str, fields: dict[bytes, bytes] | None) -> Page:
@@ -180,6 +260,9 @@ def parse_page(entry_id: str, fields: dict[bytes, bytes] | None) -> Page:
 
     Deliberately leaner than worker.provider.parse_reports (which builds a typed object per report,
     ~13 us each): the processor only needs the messageId and the status group, at 50k reports/s.
+    Every page is held to the same bounds as a webhook body whatever its source (drain, webhook,
+    logs, a plain XADD): a report nested deeper than MAX_DEPTH is dead-lettered alone (~2 us per
+    report to check), a page larger than MAX_PAGE_BYTES whole, unparsed.
     """
     fields = fields or {}
     source = fields.get(b"src", b"?").decode("ascii", "replace")
@@ -188,6 +271,10 @@ def parse_page(entry_id: str, fields: dict[bytes, bytes] | None) -> Page:
     if raw is None:
         page.dead.append(("", _dead_letter("report_page_malformed", "raw entry has no page field", source,
                                            entry_id, page=None)))
+        return page
+    if len(raw) > MAX_PAGE_BYTES:
+        page.dead.append(("", _dead_letter("report_page_too_large", f"{len(raw)} bytes, at most {MAX_PAGE_BYTES}",
+                                           source, entry_id, page=raw.decode("utf-8", "replace"))))
         return page
     try:
         data = orjson.loads(raw)
@@ -201,7 +288,13 @@ def parse_page(entry_id: str, fields: dict[bytes, bytes] | None) -> Page:
                                            page=raw.decode("utf-8", "replace"))))
         return page
     finals = page.finals
+    item_depth = MAX_DEPTH - 2  # the page's object and its results list are two levels
     for item in results:
+        if _too_deep(item, item_depth):
+            message_id = item.get("messageId") if type(item) is dict else None
+            page.dead.append((message_id if type(message_id) is str else "", _dead_letter(
+                "report_too_deep", f"nested deeper than {MAX_DEPTH} levels", source, entry_id, item=item)))
+            continue
         # The common case first, with as few calls as possible: this loop runs 50k times a second.
         if type(item) is dict:
             message_id = item.get("messageId")
@@ -216,6 +309,17 @@ def parse_page(entry_id: str, fields: dict[bytes, bytes] | None) -> Page:
                     continue
                 if group is not None:
                     page.intermediate += 1  # PENDING/ACCEPTED change nothing: the send already said so
+                    continue
+                unknown = _unknown_group(status)
+                if unknown is not None:
+                    # Not final, so it changes nothing and publishes nothing: the message waits for its
+                    # final report (or the no-report sweep). Kept in the dead letters rather than parked:
+                    # parking is for reports whose message is not known yet, and retrying would not
+                    # make this group known. An operator sees it there (`sms-worker dlq list`).
+                    page.unknown_status[unknown] = page.unknown_status.get(unknown, 0) + 1
+                    page.dead.append((message_id, _dead_letter(
+                        "report_unknown_status", f"status group {unknown!r} is not known: not final, nothing changed",
+                        source, entry_id, item=item)))
                     continue
         problem, message_id = _problem(item)
         page.dead.append((message_id, _dead_letter("report_malformed", problem, source, entry_id, item=item)))
@@ -240,6 +344,9 @@ def validate_webhook_body(body: bytes) -> int:
         raise WebhookBodyError(f"body is not JSON: {error}") from None
     if not isinstance(data, dict):
         raise WebhookBodyError("body must be a JSON object {\"results\": [...]}")
+    # Refused here rather than dead-lettered later: the caller is told, and nothing is stored.
+    if _too_deep(data, MAX_DEPTH):
+        raise WebhookBodyError(f"body is nested deeper than {MAX_DEPTH} levels")
     results = data.get("results")
     if not isinstance(results, list):
         raise WebhookBodyError("'results' must be a list of delivery reports")
@@ -385,7 +492,7 @@ class ReportState:
 
 @dataclass(frozen=True, slots=True)
 class DrainResult:
-    outcome: str  # drained, page_limit, busy, lease_lost, fenced, auth_error, provider_error
+    outcome: str  # drained, page_limit, busy, lease_lost, fenced (page stored), auth_error, provider_error
     pages: int = 0
     reports: int = 0
 
@@ -410,18 +517,49 @@ def _count_results(raw: bytes) -> int:
     return raw.count(b'"messageId"')
 
 
+@dataclass(slots=True)
+class _Held:
+    """A page the provider handed out that is not in Redis yet: it lives only in this process."""
+
+    page: bytes
+    reports: int
+    holder: str  # the drain lease's holder id of the drain that fetched it
+    token: int
+    since: float = field(default_factory=time.monotonic)
+
+
+# The drainers of this process, for the last words of one that exits with a page unstored (its
+# reports are then only in the provider's logs, which the no-report sweep asks).
+_DRAINERS: weakref.WeakSet[Drainer] = weakref.WeakSet()
+
+
+def _last_words() -> None:
+    for drainer in list(_DRAINERS):
+        if drainer._held is not None:
+            log.error("reports_page_unstored", reports=drainer._held.reports, reason="process exiting",
+                      detail="a fetched page never reached Redis; the no-report sweep recovers its reports "
+                             "from GET /sms/3/logs once their deadline passes")
+
+
+# threading's exit hooks run however a Python process ends normally, Dramatiq's forked worker
+# processes included (multiprocessing leaves them with os._exit, which skips atexit).
+getattr(threading, "_register_atexit", atexit.register)(_last_words)
+
+
 class Drainer:
-    """One drain of the once-only reports endpoint under the `reports-drain` lease."""
+    """Drains of the once-only reports endpoint under the `reports-drain` lease (one per process)."""
 
     def __init__(
         self, settings: Settings, store: Store, provider: ReportSource, wake: Wake | None = None,
-        *, max_pages: int = MAX_PAGES_PER_DRAIN,
+        *, max_pages: int = MAX_PAGES_PER_DRAIN, stopping: Callable[[], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.provider = provider
         self.wake = wake
         self.max_pages = max_pages
+        # True once the process is shutting down: a page still unstored is then given up, loudly.
+        self.stopping = stopping or (lambda: False)
         self.keys = ReportKeys.of(store)
         # The lease outlives the longest reports GET (SMS_LEASE_S is validated against the request
         # timeouts), and it is renewed before each page.
@@ -431,34 +569,93 @@ class Drainer:
             "application_id": settings.sms_reports_application_id,
             "campaign_reference_id": settings.sms_reports_campaign_reference_id,
         }
+        self._held: _Held | None = None
+        self._draining = threading.Lock()
+        _DRAINERS.add(self)
 
     def append(self, page: bytes, token: int) -> bool:
-        """Write one raw page if `token` is still the current fencing token (else dead-letter it)."""
-        keys = [self.keys.raw, self.store.key("fence", DRAIN_LEASE), self.store.dlq]
-        for attempt in range(APPEND_ATTEMPTS):
-            try:
-                stored, _ = self.store.run("report_append", keys, [token, page, events.now_iso()])
-                return bool(stored)
-            except StoreError as error:
-                # The provider will never return this page again: a Redis blip must not cost it.
-                if attempt == APPEND_ATTEMPTS - 1:
-                    log.error("reports_page_lost", reports=_count_results(page), error=str(error))
-                    raise
-                log.warning("reports_page_append_retry", attempt=attempt + 1, error=str(error))
-                time.sleep(APPEND_BACKOFF_S * 2**attempt)
-        raise AssertionError("unreachable")
+        """Write one raw page; returns whether `token` is still the current fencing token.
+
+        The page is written either way: the provider handed it out once and for all, and
+        processing is idempotent, so a page fetched by a drainer that lost its lease during the GET
+        is applied like any other (it used to be dead-lettered as drain_fenced, where nothing read
+        it). A stale token only tells this drainer to stop fetching."""
+        keys = [self.keys.raw, self.store.key("fence", DRAIN_LEASE)]
+        current, _ = self.store.run("report_append", keys, [token, page])
+        return bool(current)
+
+    def _store(self, held: _Held) -> bool:
+        """Write the fetched page `held`, retrying for as long as Redis refuses it; returns whether
+        its token is still current.
+
+        Until it is written the page is kept in self._held, and the caller fetches no further page,
+        so at most one page per process is ever at risk. Between attempts the lease is renewed
+        (PEXPIRE is allowed even out of memory), so no other drainer fetches meanwhile either. Only a
+        process that stops gives it up, loudly; an interrupted call (Dramatiq's time limit) leaves it
+        held, and this process's next drain writes it before fetching anything."""
+        self._held = held
+        attempt = 0
+        try:
+            while True:
+                try:
+                    current = self.append(held.page, held.token)
+                    break
+                except StoreError as error:
+                    attempt += 1
+                    metrics.REPORT_PAGE_STORE_RETRIES.inc()
+                    held_s = round(time.monotonic() - held.since, 1)
+                    if self.stopping():
+                        log.error("reports_page_unstored", reports=held.reports, reason="process stopping",
+                                  held_s=held_s, error=str(error))
+                        raise
+                    log.warning("reports_page_store_retry", reports=held.reports, attempt=attempt, held_s=held_s,
+                                error=str(error), detail="kept in memory; no page is fetched until it is stored")
+                    time.sleep(min(STORE_BACKOFF_MAX_S, STORE_BACKOFF_S * 2 ** min(attempt, 10)))
+                    with contextlib.suppress(StoreError):
+                        token = self.store.lease(DRAIN_LEASE, held.holder, self.lease_ms)
+                        held.token = token or held.token
+        except BaseException as error:
+            if not isinstance(error, StoreError):
+                log.error("reports_page_unstored", reports=held.reports, reason=type(error).__name__,
+                          detail="interrupted; kept in memory, the next drain of this process stores it first")
+            raise
+        self._held = None
+        if attempt:
+            log.warning("reports_page_stored", reports=held.reports, attempts=attempt + 1,
+                        held_s=round(time.monotonic() - held.since, 1))
+        return current
 
     def drain(self) -> DrainResult:
+        # One drain at a time in a process: a held page is this process's alone to store first.
+        if not self._draining.acquire(blocking=False):
+            return DrainResult("busy")
+        try:
+            return self._drain()
+        finally:
+            self._draining.release()
+
+    def _drain(self) -> DrainResult:
         started = time.perf_counter()
-        holder = f"{consumer_name()}:{uuid.uuid4().hex[:12]}"
+        held = self._held
+        holder = held.holder if held else f"{consumer_name()}:{uuid.uuid4().hex[:12]}"
         token = self.store.lease(DRAIN_LEASE, holder, self.lease_ms)
-        if not token:
+        if not token and held is None:
             log.debug("reports_drain_skipped", reason="another drainer holds the lease")
             return DrainResult("busy")
         pages = reports = 0
         outcome = "page_limit"
         try:
-            while pages < self.max_pages:
+            if held is not None:
+                # Fetched by an earlier drain of this process that could not store it: first of all,
+                # whoever holds the lease now.
+                held.token = token or held.token
+                stored_current = self._store(held)
+                pages, reports = 1, held.reports
+                if self.wake is not None:
+                    self.wake.process_reports()
+                if not token or not stored_current:
+                    outcome = "lease_lost"
+            while outcome == "page_limit" and pages < self.max_pages:
                 token = self.store.lease(DRAIN_LEASE, holder, self.lease_ms)
                 if not token:
                     outcome = "lease_lost"
@@ -480,14 +677,15 @@ class Drainer:
                     outcome = "drained"
                     break
                 # Durable first: only then is the page parsed (here, just counted).
-                stored = self.append(raw, token)
-                pages += 1
                 count = _count_results(raw)
+                current = self._store(_Held(raw, count, holder, token))
+                pages += 1
                 reports += count
-                if not stored:
+                if not current:
                     outcome = "fenced"
-                    log.error("reports_page_fenced", reports=count, token=token,
-                              detail="lease taken over during the GET; page kept in dead letters")
+                    log.error("reports_drain_lease_lost", reports=count, token=token,
+                              detail="the lease was taken over during the GET (a pause?): the page is stored "
+                                     "and will be applied; this drainer fetches no further page")
                     break
                 if self.wake is not None:
                     self.wake.process_reports()  # processing overlaps the next GET (kicks are de-duplicated)
@@ -495,7 +693,10 @@ class Drainer:
                     outcome = "drained"
                     break
         finally:
-            self.store.release_lease(DRAIN_LEASE, holder)
+            if self._held is None:
+                # (With a page still held the lease is kept until it expires: nobody fetches meanwhile.)
+                with contextlib.suppress(StoreError):
+                    self.store.release_lease(DRAIN_LEASE, holder)
             if self.wake is not None and outcome == "page_limit":
                 self.wake.send(DRAIN_REPORTS)  # more may be waiting: a fresh message carries on
             log.info("reports_drained", pages=pages, reports=reports, outcome=outcome,
@@ -530,6 +731,35 @@ class Tally:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
+def _parse(entry_id: str, fields: dict[bytes, bytes] | None) -> Page:
+    """parse_page, and should it ever raise, the whole entry as a dead letter with its body."""
+    try:
+        return parse_page(entry_id, fields)
+    except Exception as error:  # noqa: BLE001 -- a page that breaks the parser must not block the others
+        source = (fields or {}).get(b"src", b"?").decode("ascii", "replace")
+        raw = (fields or {}).get(b"page") or b""
+        detail = f"{type(error).__name__}: {error}"[:1000]
+        log.error("report_page_unparsable", source=source, error=detail)
+        return Page(entry_id, source, dead=[("", _dead_letter("report_page_unprocessable", detail, source, entry_id,
+                                                              page=raw.decode("utf-8", "replace")))])
+
+
+# Error codes of a Redis that cannot serve now (memory, loading, a failover, a lost group...): the
+# batch is retried later. Any other error reply (a script refusing its arguments, a runtime error)
+# is about what the call carried.
+_REDIS_STATE_ERRORS: Final = ("OOM", "LOADING", "BUSY", "READONLY", "MASTERDOWN", "MISCONF", "NOGROUP", "NOSCRIPT",
+                              "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "NOAUTH", "NOPERM", "WRONGPASS", "EXECABORT")
+
+
+def _caused_by_entries(error: Exception) -> bool:
+    """Whether a batch failed because of what it holds (isolate it) rather than Redis (retry it)."""
+    if not isinstance(error, StoreError):
+        return True
+    cause = error.__cause__
+    # redis-py gives the error replies it recognises (OOM, LOADING, READONLY...) their own subclasses.
+    return type(cause) is redis.ResponseError and not str(cause).startswith(_REDIS_STATE_ERRORS)
+
+
 class Processor:
     """Reads raw pages with a consumer group and applies them, one fetch and one apply per batch."""
 
@@ -548,9 +778,7 @@ class Processor:
         self._group_ready = False
 
     # --- reading the raw stream ----------------------------------------------------------------
-    def _ensure_group(self) -> None:
-        if self._group_ready:
-            return
+    def _create_group(self) -> None:
         try:
             with redis_errors():
                 # From the start of the stream: pages written before any processor ran count too.
@@ -558,26 +786,59 @@ class Processor:
         except StoreError as error:
             if "BUSYGROUP" not in str(error):
                 raise
-        self._group_ready = True
+
+    def _ensure_group(self) -> None:
+        if not self._group_ready:
+            self._create_group()
+            self._group_ready = True
+
+    def _grouped(self, call: Callable[[], Any]) -> Any:
+        """Run a read of the consumer group; if the group is gone, recreate it and retry once.
+
+        It disappears when Redis lost its data (restarted without persistence, flushed, failed over
+        to an empty replica): every read then fails with NOGROUP until someone recreates it, so the
+        group made once at start-up is not enough. Said loudly, because everything else Redis held
+        (unprocessed pages, message states, parked reports) is gone too."""
+        try:
+            return call()
+        except StoreError as error:
+            if "NOGROUP" not in str(error):
+                raise
+        with redis_errors():
+            stream_exists = bool(self.store.r.exists(self.keys.raw))
+        log.error("redis_state_lost", missing=f"consumer group {RAW_GROUP!r} of {self.keys.raw}",
+                  stream_missing=not stream_exists, action="recreated; reading on",
+                  detail="Redis lost its data (restarted without persistence?): reports, states and events "
+                         "it held are gone")
+        metrics.REPORTS_STATE_RECREATED.labels("reports_group").inc()
+        self._create_group()
+        return call()
 
     def _read(self, count: int) -> list[tuple[str, dict[bytes, bytes] | None]]:
-        with redis_errors():
-            reply = self.store.r.xreadgroup(RAW_GROUP, self.consumer, {self.keys.raw: ">"}, count=count)
+        def read() -> Any:
+            with redis_errors():
+                return self.store.r.xreadgroup(RAW_GROUP, self.consumer, {self.keys.raw: ">"}, count=count)
+
+        reply = self._grouped(read)
         return [(eid.decode(), fields) for _, entries in reply or [] for eid, fields in entries]
 
     def _claim_stale(self, limit: int = 100) -> list[tuple[str, dict[bytes, bytes] | None]]:
         """Entries a dead processor read but never acknowledged (XAUTOCLAIM), oldest first."""
-        claimed: list[tuple[str, dict[bytes, bytes] | None]] = []
-        start = "0-0"
-        with redis_errors():
-            while len(claimed) < limit:
-                reply = self.store.r.xautoclaim(self.keys.raw, RAW_GROUP, self.consumer, self.claim_idle_ms,
-                                                start_id=start, count=limit)
-                start = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-                claimed += [(eid.decode(), fields) for eid, fields in reply[1]]
-                if start == "0-0":
-                    break
-        return claimed
+        def claim() -> list[tuple[str, dict[bytes, bytes] | None]]:
+            claimed: list[tuple[str, dict[bytes, bytes] | None]] = []
+            start = "0-0"
+            with redis_errors():
+                while len(claimed) < limit:
+                    reply = self.store.r.xautoclaim(self.keys.raw, RAW_GROUP, self.consumer, self.claim_idle_ms,
+                                                    start_id=start, count=limit)
+                    start = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+                    claimed += [(eid.decode(), fields) for eid, fields in reply[1]]
+                    if start == "0-0":
+                        break
+            return claimed
+
+        result: list[tuple[str, dict[bytes, bytes] | None]] = self._grouped(claim)
+        return result
 
     def process(self, budget_s: float = RUN_BUDGET_S) -> Tally:
         """Apply raw pages until the stream is empty or the budget is spent (then wake a successor)."""
@@ -608,31 +869,79 @@ class Processor:
         batch: list[Page] = []
         size = 0
         for entry_id, fields in entries:
-            page = parse_page(entry_id, fields)
+            page = _parse(entry_id, fields)
             batch.append(page)
             size += len(page.finals)
             if size >= self.batch_reports:
-                total.add(self._apply_pages(batch))
+                total.add(self._apply_isolating(batch))
                 batch, size = [], 0
         if batch:
-            total.add(self._apply_pages(batch))
+            total.add(self._apply_isolating(batch))
         return total
 
-    def _apply_pages(self, pages: list[Page]) -> Tally:
+    def _apply_isolating(self, pages: list[Page]) -> Tally:
+        """Apply a batch; if it fails because of what it holds, apply its pages one by one, and a
+        failing page report by report, so one bad entry never holds back the rest.
+
+        A failure of Redis itself (unreachable, out of memory, loading) is raised instead: the
+        pages stay pending and are taken up again (XAUTOCLAIM), nothing is dead-lettered."""
+        try:
+            return self._apply_pages(pages)
+        except Exception as error:  # whatever an entry makes fail must not block the others
+            if not _caused_by_entries(error):
+                raise
+            log.error("reports_batch_failed", pages=len(pages), error_class=type(error).__name__,
+                      error=str(error)[:500], isolating="pages" if len(pages) > 1 else "reports")
+        if len(pages) > 1:
+            total = Tally()
+            for page in pages:
+                total.add(self._apply_isolating([page]))
+            return total
+        return self._apply_one_by_one(pages[0])
+
+    def _apply_one_by_one(self, page: Page) -> Tally:
+        """A page that failed to apply: each final report alone; one that fails goes to the dead
+        letters with its report and the reason; then the page is acknowledged with them."""
+        total = Tally()
+        dead = list(page.dead)
+        for final in page.finals:
+            try:
+                one = self._apply_pages([Page(page.entry_id, page.source, [final])], ack=False)
+            except Exception as error:  # see _apply_isolating
+                if not _caused_by_entries(error):
+                    raise
+                dead.append((final.message_id, _dead_letter(
+                    "report_unprocessable", f"{type(error).__name__}: {error}"[:1000], page.source, page.entry_id,
+                    item=final.item)))
+                continue
+            total.add(one)
+            if one.unacked:  # a conflict that did not settle: the whole page is retried later
+                total.unacked = 1
+                return total
+        rest = Page(page.entry_id, page.source, intermediate=page.intermediate, dead=dead,
+                    unknown_status=page.unknown_status)
+        total.add(self._apply_pages([rest]))
+        return total
+
+    def _apply_pages(self, pages: list[Page], *, ack: bool = True) -> Tally:
+        """Apply the final reports of `pages`, and (with `ack`) write their dead letters and
+        acknowledge them in the same last call. Without `ack` only the reports are applied (the
+        ops are idempotent): the caller acknowledges the pages afterwards."""
         started = time.perf_counter()
         at = events.now_iso()
-        ack = [p.entry_id for p in pages]
-        dead = [d for p in pages for d in p.dead]
+        acks = [p.entry_id for p in pages] if ack else []
+        dead = [d for p in pages for d in p.dead] if ack else []
         todo = [f for p in pages for f in p.finals]
-        tally = Tally(pages=len(pages), reports=len(todo) + sum(p.intermediate for p in pages) + len(dead),
-                      intermediate=sum(p.intermediate for p in pages))
+        intermediate = sum(p.intermediate for p in pages) if ack else 0
+        tally = Tally(pages=len(pages) if ack else 0, reports=len(todo) + intermediate + len(dead),
+                      intermediate=intermediate)
         acked = False
         now = time.time()
         for _ in range(APPLY_ATTEMPTS):
             rows = self.state.fetch(list(dict.fromkeys(f.message_id for f in todo)))
             ops, sources, duplicates = self._plan(todo, rows, at)
             tally.duplicates += duplicates
-            acked, results = self.state.apply(ops, ack=ack, dead=dead)
+            acked, results = self.state.apply(ops, ack=acks, dead=dead)
             todo = []
             for result, final in zip(results, sources, strict=True):
                 if result == APPLIED:
@@ -657,12 +966,18 @@ class Processor:
                 detail = orjson.loads(entry)
                 log.warning("report_dead_lettered", reason=detail["reason"], detail=detail["detail"],
                             source=detail["source"])
+        for page in pages if acked and ack else ():
+            for group, n in page.unknown_status.items():
+                log.warning("report_unknown_status", group=group, reports=n, source=page.source,
+                            detail="not a final status: no event, no state change; kept in the dead letters")
+                metrics.REPORTS_UNKNOWN_STATUS.inc(n)
         for name in ("applied", "duplicates", "intermediate", "parked", "dead_letters"):
             if getattr(tally, name):
                 metrics.REPORTS.labels("all", name).inc(getattr(tally, name))
         if tally.applied:
             metrics.EVENTS.labels("report").inc(tally.applied)
-        log.info("reports_processed", pages=tally.pages, reports=tally.reports, applied=tally.applied,
+        (log.info if ack else log.debug)(
+                 "reports_processed", pages=tally.pages, reports=tally.reports, applied=tally.applied,
                  duplicates=tally.duplicates, intermediate=tally.intermediate, parked=tally.parked,
                  dead_letters=tally.dead_letters, conflicts=tally.conflicts,
                  sources=sorted({p.source for p in pages}),

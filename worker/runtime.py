@@ -19,7 +19,7 @@ import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
 
-from worker import metrics
+from worker import metrics, redis_health
 from worker.dispatch import Dispatcher
 from worker.errors import StoreError
 from worker.events import EventRelay
@@ -68,7 +68,7 @@ def build_runtime(settings: Settings, broker: dramatiq.Broker) -> Runtime:
     processor = Processor(settings, store, triggers)
     return Runtime(
         settings, client, store, provider, triggers, dispatcher, stopping,
-        drainer=Drainer(settings, store, provider, triggers), processor=processor,
+        drainer=Drainer(settings, store, provider, triggers, stopping=stopping.is_set), processor=processor,
         sweeper=Sweeper(settings, store, processor, provider=provider,
                         before_logs_call=dispatcher.limiter.wait_for_logs_call),
         relay=EventRelay(store, broker, settings.sms_events_dramatiq_queue, settings.sms_events_dramatiq_actor)
@@ -82,6 +82,13 @@ class Resources(dramatiq.Middleware):
     It also keeps the process's heartbeat (Redis, for `sms-worker status`; a local file, for the
     container's /healthz) and, with SMS_METRICS_PORT set, has Dramatiq fork the process that
     serves /metrics and /healthz for all worker processes of the container.
+
+    And it watches the Redis server (worker.redis_health): a worker process says at boot what the
+    server will do with our data (an error for an eviction policy, a warning for no persistence)
+    and checks at every heartbeat that the server did not forget it (`redis_state_lost`). Every
+    other process holding this broker (the clock, the web, producers) does the same whenever it
+    wakes the workers through it (`after_enqueue`, at most every few seconds): for the clock that
+    is its first tick and then every tick.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -97,6 +104,7 @@ class Resources(dramatiq.Middleware):
         # Before the worker threads start, so no message ever runs without its resources.
         self.settings.require_api_key()
         self.runtime = build_runtime(self.settings, broker)
+        redis_health.watch(self.settings, self.runtime.redis).tick(force=True)  # never raises
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         assert self.runtime is not None
@@ -104,12 +112,21 @@ class Resources(dramatiq.Middleware):
 
     def _heartbeat(self, runtime: Runtime) -> None:
         consumer = consumer_name()
+        watch = redis_health.watch(self.settings, runtime.redis)
         while not self._beating.is_set():
             metrics.touch_local_heartbeat()
             # Redis down: the dispatchers say so loudly; the local heartbeat still beats.
             with contextlib.suppress(StoreError):
                 heartbeat(runtime.store, consumer)
+            watch.tick(force=True)  # marker each beat, configuration every INSPECT_EVERY_S; never raises
             self._beating.wait(HEARTBEAT_EVERY_S)
+
+    def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        # The clock enqueues every tick; producers and the web when they wake workers. A look is
+        # due at most every redis_health.CHECK_EVERY_S, so almost every call returns at once.
+        client = getattr(broker, "client", None)
+        if client is not None:
+            redis_health.watch(self.settings, client).tick()
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         self._beating.set()

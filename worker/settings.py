@@ -61,6 +61,7 @@ EXAMPLES: dict[str, str] = {
     "ICOMM_RETRY_BACKOFF_MAX_S": "5",
     "REDIS_URL": "redis://127.0.0.1:6379/0",
     "SMS_KEY_PREFIX": "sms",
+    "SMS_REDIS_ALLOW_VOLATILE": "false",
     "SMS_MESSAGE_ID_PREFIX": "sw",
     "SMS_LANES": '{"otp":{"batch_size":100,"max_wait_ms":0},"bulk":{"batch_size":1000,"max_wait_ms":250}}',
     "SMS_DEFAULT_LANE": "bulk",
@@ -72,6 +73,9 @@ EXAMPLES: dict[str, str] = {
     "SMS_MAX_ATTEMPTS": "10",
     "SMS_RETRY_HORIZON_S": "21600",
     "SMS_RECONCILE_DELAY_S": "5",
+    "SMS_RECONCILE_CHECKS": "3",
+    "SMS_RECONCILE_WINDOW_S": "60",
+    "SMS_SEND_WINDOW_S": "150",
     "SMS_AUTH_PAUSE_S": "30",
     "SMS_OUTAGE_PAUSE_S": "10",
     "SMS_LOGS_RATE_PER_MIN": "120",
@@ -123,6 +127,10 @@ class Settings(BaseSettings):
     # --- Redis -----------------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
     sms_key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] = "sms"
+    # A Redis without persistence (no AOF, no RDB save points) loses every queued job when it restarts:
+    # `sms-worker check` fails on one unless this says the operator accepts that (throwaway stacks).
+    # An eviction policy other than noeviction is never accepted (worker/redis_health.py).
+    sms_redis_allow_volatile: bool = False
 
     # --- sending -----------------------------------------------------------------------------
     sms_message_id_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")] = "sw"
@@ -136,6 +144,14 @@ class Settings(BaseSettings):
     sms_max_attempts: Annotated[int, Field(ge=1, le=1000)] = 10
     sms_retry_horizon_s: Annotated[float, Field(gt=0)] = 6 * 3600.0
     sms_reconcile_delay_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
+    # Fencing: a batch's request may only be written within this long of its SUBMITTING record
+    # (checked against Redis and the local clock right before the first byte leaves); a takeover
+    # waits it out before looking in the logs. Unset: the longest a send can take (see send_window_s).
+    sms_send_window_s: Annotated[float, Field(gt=0, le=3600)] | None = None
+    # A message missing from the provider's logs is resent only once it was missing in at least
+    # SMS_RECONCILE_CHECKS checks spread over SMS_RECONCILE_WINDOW_S (the logs may lag a send).
+    sms_reconcile_window_s: Annotated[float, Field(ge=0, le=86_400)] = 60.0
+    sms_reconcile_checks: Annotated[int, Field(ge=1, le=20)] = 3
     # A 401/403 pauses the lane this long, then one batch tries again (a fixed key resumes it).
     sms_auth_pause_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
     # The provider did not act on a request even after tenacity's retries: pause the lane.
@@ -215,9 +231,25 @@ class Settings(BaseSettings):
                 f"({worst_post_s:g} s from the ICOMM_*_TIMEOUT_S and retry settings), or a batch "
                 "still in flight could be taken over and sent twice"
             )
+        if self.sms_reconcile_window_s < self.icomm_read_timeout_s:
+            raise ValueError(
+                f"SMS_RECONCILE_WINDOW_S={self.sms_reconcile_window_s:g} must be at least ICOMM_READ_TIMEOUT_S="
+                f"{self.icomm_read_timeout_s:g}: a provider may act on a request after our read timeout, so "
+                "absence from its logs only counts once it held for longer than that"
+            )
         if (self.sms_events_dramatiq_queue is None) != (self.sms_events_dramatiq_actor is None):
             raise ValueError("SMS_EVENTS_DRAMATIQ_QUEUE and SMS_EVENTS_DRAMATIQ_ACTOR go together")
         return self
+
+    def worst_send_s(self) -> float:
+        """The longest one bulk POST can take, tenacity's retries and pool waits included."""
+        per_attempt = (self.icomm_pool_timeout_s + self.icomm_connect_timeout_s + self.icomm_write_timeout_s
+                       + self.icomm_read_timeout_s)
+        return (per_attempt + self.icomm_retry_backoff_max_s) * self.icomm_send_retry_attempts
+
+    def send_window_s(self) -> float:
+        """How long after its SUBMITTING record a batch's request may still be written."""
+        return self.sms_send_window_s if self.sms_send_window_s is not None else self.worst_send_s()
 
     def require_api_key(self) -> str:
         """The API key, for the processes that call the provider; a clear error when it is unset."""

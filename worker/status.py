@@ -8,6 +8,7 @@ from typing import Any
 
 import redis
 
+from worker import redis_health
 from worker.settings import Settings
 from worker.store import DISPATCH_GROUP, Store, redis_errors
 
@@ -35,6 +36,9 @@ class SystemStatus:
     limiter: dict[str, Any]
     last_drain: dict[str, Any] | None
     workers: list[dict[str, Any]] = field(default_factory=list)
+    # What the server will do with our data (worker.redis_health): its configuration, the findings
+    # (eviction, no persistence, replica, unknown) and since when it holds this data set (marker).
+    redis: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,7 +67,9 @@ def collect(settings: Settings, store: Store) -> SystemStatus:
         pipe.hgetall(store.key("heartbeats"))
         pipe.hgetall(store.key("reports", "last_drain"))
         pipe.get(store.bucket("mps"))
+        pipe.get(redis_health.marker_key(store))
         replies = pipe.execute()
+        marker = replies.pop()
         pending = []
         for lane in lanes:
             try:
@@ -71,6 +77,8 @@ def collect(settings: Settings, store: Store) -> SystemStatus:
             except redis.ResponseError:  # NOGROUP before the first dispatch: nothing pending
                 pending.append(0)
         ambiguous = _count_ambiguous(store, lanes)
+    health = redis_health.inspect(r, settings.sms_redis_allow_volatile)
+    redis_info = {**health.as_dict(), "data_since": redis_health.marker_since(marker)}
     statuses = []
     for i, lane in enumerate(lanes):
         depth, head, paused = replies[3 * i : 3 * i + 3]
@@ -91,7 +99,8 @@ def collect(settings: Settings, store: Store) -> SystemStatus:
         "booked_ahead_ms": max(0.0, round((int(tat) / 1e6 - now) * 1000, 1)) if tat else 0.0,
     }
     drain = {k.decode(): v.decode() for k, v in last_drain.items()} or None
-    return SystemStatus(statuses, ambiguous, int(awaiting), int(dlq), int(parked), int(events), limiter, drain, workers)
+    return SystemStatus(statuses, ambiguous, int(awaiting), int(dlq), int(parked), int(events), limiter, drain, workers,
+                        redis=redis_info)
 
 
 def _count_ambiguous(store: Store, lanes: list[str]) -> int:
@@ -143,4 +152,20 @@ def render(status: SystemStatus) -> str:
     ]
     lines += [f"  {w['consumer']}  seen {w['last_seen_s']}s ago  {'alive' if w['alive'] else 'STALE'}"
               for w in status.workers] or ["  (none)"]
+    lines += _render_redis(status.redis)
     return "\n".join(lines)
+
+
+def _render_redis(info: dict[str, Any]) -> list[str]:
+    if not info:
+        return []
+    policy = info.get("maxmemory_policy") or "unknown"
+    since = info.get("data_since")
+    lines = [f"redis: {info.get('version') or '?'} {info.get('role') or '?'}, maxmemory-policy {policy}, "
+             f"persistence {info.get('persistence')}"
+             + ("" if info.get("config_readable") else " (CONFIG not allowed: read from INFO)")
+             + (f", data set since {since}" if since else ", no instance marker yet (no worker ran)")]
+    for finding in info.get("findings", []):
+        level = "accepted" if finding["acknowledged"] else finding["level"].upper()
+        lines.append(f"  {level:<8} {finding['message']}")
+    return lines

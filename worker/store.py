@@ -11,6 +11,7 @@ Keys (prefix `sms` by default):
     {p}:dispatchers:{lane}   sorted set, dispatcher slots by lease expiry (ms)
     {p}:kick:{lane}          de-duplicates dispatch kicks
     {p}:pause:{lane}         set while a lane is paused (value: the reason); expires by itself
+    {p}:fence:{token}        lives while a batch may still write its request (TTL: the send window)
     {p}:reports:*            raw report pages, parked reports, drain lease (see reports.py)
 Redis Cluster is not supported: scripts touch keys of several slots in one call.
 """
@@ -26,18 +27,22 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 import redis
 from redis.commands.core import Script
 
-from worker.errors import StoreError
+from worker.errors import EnqueueIncomplete, StoreError
 
 DISPATCH_GROUP = "dispatch"
 # Messages per script call: a 1000-message settle in one call held Redis for 20-100 ms, and every
 # otp send waited behind it; 100 keeps each call near 2 ms.
 SCRIPT_CHUNK = 100
+# A takeover waits this long past a SUBMITTING message's send_by before reconciling it: a request
+# written just before the deadline is on its way, and a batch's submit calls (one per SCRIPT_CHUNK)
+# set its fence a few ms apart.
+FENCE_MARGIN_MS = 1000
 # Jobs per round trip when enqueueing; two chunks are in flight at a time.
 ENQUEUE_CHUNK = 1000
 
@@ -93,6 +98,11 @@ def _check(replies: list[Any]) -> list[Any]:
     return replies
 
 
+def _is_nogroup(error: Exception) -> bool:
+    """Redis's answer for a stream or consumer group that does not exist (any more)."""
+    return str(error).startswith("NOGROUP")
+
+
 def _bulk(value: bytes) -> bytes:
     """One RESP bulk string; cheaper than packing a whole command when most of it is fixed."""
     return b"$%d\r\n%s\r\n" % (len(value), value)
@@ -123,9 +133,22 @@ class Claim:
     last_id: str = "0-0"  # for "empty": the outbox's last id, to wait for what comes after it
 
 
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """submit.lua's / absent.lua's answer for one message: a state or verdict, attempts, a wait."""
+
+    state: str
+    attempts: int
+    wait_ms: int = 0
+
+
 @dataclass(slots=True)
 class Outcome:
-    """What settle.lua records for one message."""
+    """What settle.lua records for one message.
+
+    `guard` makes an outcome that is our own decision (not sent, ambiguous, given up) conditional on
+    still owning the message: "f:<fence>" (the batch's fence is still the message's) or "c:<consumer>"
+    (we still hold its reconciliation lease); "" for the provider's facts (accepted, rejected)."""
 
     message_id: str
     entry_id: str
@@ -135,6 +158,7 @@ class Outcome:
     deadline_ms: int | None = None
     fields: dict[str, str | int] | None = None
     dead_letter: bytes = b""
+    guard: str = ""
 
 
 class Store:
@@ -184,6 +208,9 @@ class Store:
     def pause_key(self, lane: str) -> str:
         return f"{self.p}:pause:{lane}"
 
+    def fence_key(self, token: str) -> str:
+        return f"{self.p}:fence:{token}"
+
     def key(self, *parts: str) -> str:
         """Any other key of the namespace (reports, leases, heartbeats)."""
         return ":".join((self.p, *parts))
@@ -227,26 +254,42 @@ class Store:
 
         Plain commands, no script (a script costs ~8 us a job inside Redis), in chunks of `chunk`
         jobs on one connection with two chunks in flight: Python packs chunk k+1 while Redis runs
-        chunk k. A job without a producer id is a plain XADD; its message id is derived from the
-        entry id. A job with one gets its message id here, is appended with it, and then claims the
-        producer id with SET NX GET. A repeat (the id was claimed earlier) gets the earlier message
-        id back and its entry is deleted again. Appending first is what makes a crash harmless:
-        an entry whose claim never happened is claimed by the dispatcher before sending
-        (Dispatcher._drop_duplicate_ids), so a job is never lost and a repeat never sent.
+        chunk k. Each chunk is one MULTI/EXEC transaction, written whole or not at all: Redis
+        discards the whole transaction (EXECABORT) when it refused a command while queueing it (out
+        of memory under `noeviction`, MISCONF, READONLY...) or is out of memory at EXEC. (As
+        independent commands, an out-of-memory Redis refused an XADD and then applied the claim of
+        its producer id, so a retry was told "duplicate" for a job that was never written.)
+
+        A job without a producer id is a plain XADD; its message id is derived from the entry id.
+        A job with one gets its message id here, is appended with it, and claims the producer id
+        with SET NX GET in the same transaction. A repeat (the id was claimed earlier) gets the
+        earlier message id back and its entry is deleted afterwards with XDEL (an entry left by a
+        producer that died before that is dropped by the dispatcher, which claims every producer id
+        again before sending: Dispatcher._drop_duplicate_ids).
+
+        Raises EnqueueIncomplete when Redis refused part of the call: `.queued[i]` is job i's answer,
+        or None when nothing of it was written (its chunk was refused, or never sent because an
+        earlier chunk was refused; with two chunks in flight the one after a refused chunk may
+        still have been written, and is reported as such). Any other StoreError (the connection was
+        lost with a chunk in flight) leaves the outcome unknown: only a retry with producer ids is
+        safe then.
         """
         outbox, prefix = self.outbox(lane), self.lane_prefix(lane)
         xadd = b"".join(_bulk(part) for part in (b"XADD", outbox.encode(), b"*", b"job"))
         idem = self.idem("")
         set_head = b"*7\r\n" + _bulk(b"SET")
         set_options = b"".join(_bulk(part) for part in (b"NX", b"GET", b"EX", b"%d" % idempotency_ttl_s))
-        results: list[tuple[str, bool]] = []
-        repeats: list[bytes] = []
+        results: list[tuple[str, bool] | None] = []
+        repeats: list[bytes] = []  # entries of repeats: deleted, their answer stands
+        undo_entries: list[bytes] = []  # entries appended without their claim: deleted, reported None
+        undo_claims: list[tuple[str, str]] = []  # (key, message id) of claims made without their entry
+        failure: hiredis.ReplyError | None = None  # the first error that kept a job from being written
         with self._connection() as (conn, reader):
-            in_flight: list[tuple[list[str | None], int]] = []
+            in_flight: list[tuple[int, list[str | None], int]] = []
             for start in range(0, len(jobs), chunk):
                 mid_base = f"{prefix}{int(time.time() * 1000)}-p{self._tag}"
                 mids: list[str | None] = []
-                parts: list[bytes] = []
+                parts: list[bytes] = [b"*1\r\n$5\r\nMULTI\r\n"]
                 for job, producer_id in jobs[start : start + chunk]:
                     if producer_id is None:
                         mids.append(None)
@@ -257,36 +300,98 @@ class Store:
                         mid_bulk = _bulk(mid.encode())
                         parts.append(b"*7\r\n" + xadd + _bulk(job) + b"$3\r\nmid\r\n" + mid_bulk)
                         parts.append(set_head + _bulk((idem + producer_id).encode()) + mid_bulk + set_options)
+                parts.append(b"*1\r\n$4\r\nEXEC\r\n")
                 conn.send_packed_command([b"".join(parts)])
-                in_flight.append((mids, len(parts)))
+                in_flight.append((start, mids, len(parts)))
                 if len(in_flight) == 2:
-                    self._enqueued(conn, reader, prefix, *in_flight.pop(0), results, repeats)
-            for mids, count in in_flight:
-                self._enqueued(conn, reader, prefix, mids, count, results, repeats)
-            if repeats:
-                xdel: tuple[Any, ...] = (b"XDEL", outbox, *repeats)
-                conn.send_packed_command([hiredis.pack_command(xdel)])
-                _check(_read_replies(conn, reader, 1))
-        return results
+                    error = self._enqueued(conn, reader, prefix, idem, jobs, *in_flight.pop(0), results, repeats,
+                                           undo_entries, undo_claims)
+                    failure = failure or error
+                    if failure is not None:
+                        break  # send no more; the chunk in flight is still read and reported
+            for item in in_flight:
+                error = self._enqueued(conn, reader, prefix, idem, jobs, *item, results, repeats, undo_entries,
+                                       undo_claims)
+                failure = failure or error
+            if repeats or undo_entries or undo_claims:
+                # Plain commands (XDEL and DEL are allowed when Redis is out of memory, also inside a
+                # failed call; queued in a MULTI they would not be). If this round trip is lost, a
+                # plain StoreError says the outcome is unknown.
+                commands: list[tuple[Any, ...]] = []
+                if repeats or undo_entries:
+                    commands.append((b"XDEL", outbox, *repeats, *undo_entries))
+                if undo_claims:
+                    commands.append((b"DEL", *(key for key, _ in undo_claims)))
+                conn.send_packed_command([b"".join([hiredis.pack_command(c) for c in commands])])
+                _check(_read_replies(conn, reader, len(commands)))
+        if undo_claims:
+            # A later job of this call with the same producer id was told it repeats a claim now
+            # undone; its entry is deleted as a repeat's, so nothing of it is written either.
+            undone = {mid for _, mid in undo_claims}
+            results = [None if answer is not None and answer[0] in undone else answer for answer in results]
+        if failure is None:
+            return cast(list[tuple[str, bool]], results)  # every job has its answer
+        results += [None] * (len(jobs) - len(results))
+        written = sum(1 for answer in results if answer is not None)
+        raise EnqueueIncomplete(
+            f"Redis: {failure} ({written} of {len(jobs)} jobs answered, nothing written of the other "
+            f"{len(jobs) - written})",
+            results,
+        ) from redis.ResponseError(str(failure))
 
     @staticmethod
     def _enqueued(
-        conn: Any, reader: hiredis.Reader, prefix: str, mids: list[str | None], count: int,
-        results: list[tuple[str, bool]], repeats: list[bytes],
-    ) -> None:
-        """Read one chunk's replies: (message id, queued) per job, and the entry ids of repeats."""
-        replies = iter(_check(_read_replies(conn, reader, count)))
-        for mid in mids:
-            entry_id = next(replies)
+        conn: Any, reader: hiredis.Reader, prefix: str, idem: str, jobs: Sequence[tuple[bytes, str | None]],
+        start: int, mids: list[str | None], count: int, results: list[tuple[str, bool] | None],
+        repeats: list[bytes], undo_entries: list[bytes], undo_claims: list[tuple[str, str]],
+    ) -> hiredis.ReplyError | None:
+        """Read one chunk's `count` replies (MULTI's +OK, one +QUEUED per command, EXEC's array)
+        and append each job's answer to `results`: (message id, queued), or None if nothing of it
+        was written. Returns the first error that kept a job of the chunk from being written.
+
+        Entry ids of repeats go to `repeats`. A job Redis half wrote (possible only when a command
+        fails inside EXEC, e.g. WRONGTYPE, or when MULTI itself was refused and the commands ran one
+        by one) has that half listed in `undo_entries` / `undo_claims` and is reported as None."""
+        replies = _read_replies(conn, reader, count)
+        executed = replies[-1]
+        if isinstance(replies[0], hiredis.ReplyError):
+            executed = replies[1:-1]  # no transaction: each command's reply is its result
+        elif not isinstance(executed, list):
+            # EXECABORT: a command was refused while queueing (its error says why), or EXEC itself
+            # was refused (out of memory). Nothing of the chunk was written.
+            results.extend([None] * len(mids))
+            reason = next((r for r in replies[1:-1] if isinstance(r, hiredis.ReplyError)), executed)
+            return reason if isinstance(reason, hiredis.ReplyError) else hiredis.ReplyError(f"EXEC: {reason!r}")
+        failure = None
+        answers = iter(executed)
+        for i, mid in enumerate(mids):
+            entry_id = next(answers)
+            appended = type(entry_id) is bytes
             if mid is None:
-                results.append((prefix + entry_id.decode(), True))
+                if appended:
+                    results.append((prefix + entry_id.decode(), True))
+                else:
+                    results.append(None)
+                    failure = failure or entry_id
                 continue
-            earlier = next(replies)
-            if earlier is None:
+            earlier = next(answers)
+            if appended and earlier is None:
                 results.append((mid, True))
-            else:
+            elif type(earlier) is bytes:
+                # A repeat: the producer id is queued as `earlier`, whatever became of this entry.
                 results.append((earlier.decode(), False))
-                repeats.append(entry_id)
+                if appended:
+                    repeats.append(entry_id)
+                else:
+                    failure = failure or entry_id
+            else:
+                results.append(None)
+                failure = failure or (earlier if appended else entry_id)
+                if appended:  # appended, claim refused
+                    undo_entries.append(entry_id)
+                elif earlier is None:  # claimed, append refused
+                    undo_claims.append((idem + str(jobs[start + i][1]), mid))
+        return failure
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[tuple[Any, hiredis.Reader]]:
@@ -348,7 +453,14 @@ class Store:
         if not entry_ids:
             return []
         with redis_errors():
-            reply = self.r.xclaim(self.outbox(lane), DISPATCH_GROUP, consumer, 0, list(entry_ids))
+            try:
+                reply = self.r.xclaim(self.outbox(lane), DISPATCH_GROUP, consumer, 0, list(entry_ids))
+            except redis.ResponseError as error:
+                if not _is_nogroup(error):
+                    raise
+                # The group is gone (Redis restarted empty or was flushed): nothing is pending, and
+                # claim.lua recreates the group on the next claim.
+                return []
         flat: list[Any] = []
         for entry_id, fields in reply:
             if fields:
@@ -378,8 +490,13 @@ class Store:
         """
         if entry_ids:
             idle = max(0, lease_ms - delay_ms)
-            self.pipeline([(b"XCLAIM", self.outbox(lane), DISPATCH_GROUP, consumer, 0, *entry_ids,
-                            b"IDLE", idle, b"JUSTID")])
+            try:
+                self.pipeline([(b"XCLAIM", self.outbox(lane), DISPATCH_GROUP, consumer, 0, *entry_ids,
+                                b"IDLE", idle, b"JUSTID")])
+            except StoreError as error:
+                # A vanished group has nothing pending to bring back (see claim_entries).
+                if not isinstance(error.__cause__, redis.ResponseError) or not _is_nogroup(error.__cause__):
+                    raise
 
     def claim_producer_ids(self, pairs: Sequence[tuple[str, str]], ttl_s: int) -> list[str]:
         """(producer id, message id) pairs -> the message id that owns each producer id.
@@ -395,17 +512,45 @@ class Store:
         return [mid if prev is None else prev.decode() for prev, (_, mid) in zip(earlier, pairs, strict=True)]
 
     def submit(
-        self, lane: str, items: Sequence[Entry], *, consumer: str, lease_ms: int, state_ttl_s: int, now_ms: int
-    ) -> list[tuple[str, int]]:
-        """Mark messages SUBMITTING before their POST; returns (previous state, attempts) each."""
+        self, lane: str, items: Sequence[Entry], *, consumer: str, lease_ms: int, state_ttl_s: int, fence: str,
+        send_window_ms: int, margin_ms: int = FENCE_MARGIN_MS,
+    ) -> list[Submitted]:
+        """Mark messages SUBMITTING under the batch's fence before their POST (submit.lua)."""
         calls = []
         for start in range(0, len(items), SCRIPT_CHUNK):
             chunk = items[start : start + SCRIPT_CHUNK]
-            args: list[Any] = [now_ms, state_ttl_s, consumer, lease_ms]
+            args: list[Any] = [state_ttl_s, consumer, lease_ms, fence, send_window_ms, margin_ms]
             for e in chunk:
                 args += [lane, e.entry_id, e.job]
-            calls.append(([self.msg(e.message_id) for e in chunk], args))
-        return [(state.decode(), int(n)) for reply in self.run_many("submit", calls) for state, n in reply]
+            calls.append(([self.fence_key(fence), *(self.msg(e.message_id) for e in chunk)], args))
+        return [Submitted(state.decode(), int(n), int(wait)) for reply in self.run_many("submit", calls)
+                for state, n, wait in reply]
+
+    def fences_alive(self, fences: Sequence[str]) -> bool:
+        """True while every one of these fences still lives: their batches may still write requests."""
+        keys = {self.fence_key(f) for f in fences}
+        with redis_errors():
+            return int(self.r.exists(*keys)) == len(keys)
+
+    def absent(
+        self, items: Sequence[Entry], *, consumer: str, checks: int, window_ms: int, fence: str, send_window_ms: int,
+        max_attempts: int,
+    ) -> list[Submitted]:
+        """The verdict on messages missing from the provider's logs (absent.lua): RESEND (under the
+        new fence), WAIT, EXHAUSTED or STALE, with attempts and the wait."""
+        calls = []
+        for start in range(0, len(items), SCRIPT_CHUNK):
+            chunk = items[start : start + SCRIPT_CHUNK]
+            calls.append(([self.fence_key(fence), *(self.msg(e.message_id) for e in chunk)],
+                          [consumer, checks, window_ms, fence, send_window_ms, max_attempts]))
+        return [Submitted(state.decode(), int(n), int(wait)) for reply in self.run_many("absent", calls)
+                for state, n, wait in reply]
+
+    def renew_checks(self, message_ids: Sequence[str], consumer: str, lease_ms: int) -> int:
+        """Extend this consumer's reconciliation leases on these messages; how many it still held."""
+        calls = [([self.msg(m) for m in message_ids[start : start + SCRIPT_CHUNK]], [consumer, lease_ms])
+                 for start in range(0, len(message_ids), SCRIPT_CHUNK)]
+        return sum(int(n) for n in self.run_many("check_renew", calls)) if calls else 0
 
     def settle(self, lane: str, outcomes: Sequence[Outcome], *, now_ms: int, events_maxlen: int,
                state_ttl_s: int) -> list[bool]:
@@ -419,7 +564,7 @@ class Store:
                 fields = o.fields or {}
                 args += [
                     o.message_id, o.entry_id, o.state, "1" if o.ack else "0", o.event,
-                    "" if o.deadline_ms is None else o.deadline_ms, o.dead_letter, len(fields),
+                    "" if o.deadline_ms is None else o.deadline_ms, o.dead_letter, o.guard, len(fields),
                 ]
                 for name, value in fields.items():
                     args += [name, value]

@@ -7,7 +7,9 @@
 
 A webhook call is answered 200 only once its body is in the raw reports stream (the provider
 retries anything else), so every refusal stores nothing: 503 no secret configured or Redis down,
-401 unauthenticated, 415 not JSON, 413 too big, 400 not `{results: [DeliveryReport...]}`.
+401 unauthenticated, 415 not JSON, 413 too big (SMS_WEBHOOK_MAX_BODY_BYTES), 400 not
+`{results: [DeliveryReport...]}` or nested deeper than 32 levels (worker.reports.MAX_DEPTH: orjson
+reads 1,024 levels but writes only 254, so a deeper body accepted here could never be published).
 Nothing here reads or changes jobs. The secret is compared in constant time and never logged
 (uvicorn's access log is off: in `path` mode the URL itself is the secret).
 """
@@ -29,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from worker import metrics
+from worker import metrics, redis_health
 from worker.errors import SmsWorkerError, StoreError
 from worker.reports import WebhookBodyError, ingest_webhook
 from worker.settings import Settings
@@ -176,13 +178,18 @@ def create_app(
             with redis_errors():
                 store.r.ping()
             paused = {lane: store.paused(lane) for lane in settings.sms_lanes}
+            # A Redis that may evict keys (or a replica) is not ready; no persistence is only reported.
+            config_ok, config, config_error = redis_health.readiness(settings, store.r)
         except StoreError:
             return False, {"redis": "unreachable"}
         auth = sorted(lane for lane, reason in paused.items() if reason == "auth")
-        detail: dict[str, object] = {"redis": "ok", "paused": {k: v for k, v in paused.items() if v}}
+        detail: dict[str, object] = {"redis": "ok", "paused": {k: v for k, v in paused.items() if v},
+                                     "redis_config": config}
         if auth:
             detail["error"] = f"lane(s) paused by a provider auth failure: {', '.join(auth)}"
-        return not auth, detail
+        elif config_error:
+            detail["error"] = config_error
+        return not auth and config_ok, detail
 
     async def readyz(request: Request) -> Response:
         ready, detail = await run_in_threadpool(readiness)

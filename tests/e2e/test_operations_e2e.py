@@ -50,6 +50,10 @@ def test_cli_metrics_and_health_against_a_running_system(tmp_path: Path) -> None
         wait_until(lambda: orjson.loads(_cli(system, "status", "--json").stdout)["last_drain"] is not None,
                    15, "a reports drain to be recorded")
         assert "dead letters:" in _cli(system, "status").stdout
+        # The devstack's Redis is volatile on purpose (SMS_REDIS_ALLOW_VOLATILE=true): said, accepted.
+        assert status["redis"]["persistence"] == "none" and status["redis"]["data_since"] is not None
+        assert [(f["risk"], f["acknowledged"]) for f in status["redis"]["findings"]] == [("no_persistence", True)]
+        assert "accepted" in _cli(system, "status").stdout
 
         listed = orjson.loads(_cli(system, "dlq", "list", "--json").stdout)
         assert sorted(d["reason"] for d in listed) == ["invalid_job", "invalid_job"]
@@ -72,7 +76,9 @@ def test_cli_metrics_and_health_against_a_running_system(tmp_path: Path) -> None
         reconciled = orjson.loads(_cli(system, "reconcile", "--message-id", queued[1].message_id, "--json").stdout)
         assert reconciled["already_settled"] == 1
 
-        assert "icomm API: ok" in _cli(system, "check").stdout
+        checked = _cli(system, "check").stdout
+        assert "icomm API: ok" in checked and "maxmemory-policy noeviction" in checked
+        assert "redis accepted: Redis persistence is off" in checked
         assert "queued:" in _cli(system, "enqueue", "--to", "41793026727", "--text", "hi", "--lane", "otp").stdout
         csv_file = tmp_path / "people.csv"
         csv_file.write_text("to,name\n41790000001,Ana\n12,Bob\n41790000003,\n")
@@ -84,7 +90,9 @@ def test_cli_metrics_and_health_against_a_running_system(tmp_path: Path) -> None
         for series in ("sms_messages_total", "sms_batch_size", "sms_provider_request_seconds",
                        "sms_dead_letters_total", "sms_events_published_total", "sms_outbox_depth",
                        "sms_outbox_oldest_age_seconds", "sms_parked_reports", "sms_redis_up",
-                       "sms_limiter_wait_seconds", "sms_report_lag_seconds", "sms_lane_paused"):
+                       "sms_limiter_wait_seconds", "sms_report_lag_seconds", "sms_lane_paused",
+                       'sms_redis_config_risk{risk="no_persistence"} 1.0',
+                       'sms_redis_config_risk{risk="eviction"} 0.0'):
             assert series in metrics, series
         accepted = [
             line for line in metrics.splitlines()

@@ -195,16 +195,40 @@ def test_accept_then_timeout_is_reconciled_not_resent(rig: Rig, sbx: SandboxProc
     assert stats["messages_accepted"] == 50 and stats["duplicates"] == 0
 
 
-def test_a_crash_before_the_post_is_resent_after_reconciliation(rig: Rig, sbx: SandboxProcess) -> None:
-    """Messages left SUBMITTING by a dead worker are checked in the logs, then sent once."""
+def test_a_crash_before_the_post_is_resent_after_reconciliation(
+    redis_url: str, sbx: SandboxProcess, store: Store
+) -> None:
+    """Messages left SUBMITTING by a dead worker are checked in the logs, then sent once: only after
+    its send window, and only once they stayed absent over the reconcile window."""
+    rig = Rig(_settings(redis_url, sbx, sms_reconcile_window_s=0.5, sms_reconcile_checks=2), store)
+    rig.dispatcher.fence_margin_ms = 0
     rig.outbox.enqueue_many(_jobs(30), "bulk")
     claim = rig.store.claim("bulk", "dead-worker", 30, lease_ms=0, max_wait_ms=0, recover=False)
-    rig.store.submit("bulk", claim.entries, consumer="dead-worker", lease_ms=0, state_ttl_s=3600, now_ms=1)
-    rig.dispatcher.lease_ms = 0
-    rig.dispatcher.run("bulk")
-    assert len(rig.types()) == 30 and set(rig.types().values()) == {"accepted"}
+    rig.store.submit("bulk", claim.entries, consumer="dead-worker", lease_ms=0, state_ttl_s=3600, fence="dead",
+                     send_window_ms=300)
+    rig.dispatcher.lease_ms = 100  # recovery takes the entries over after 100 ms
+
+    def taken_over() -> bool:
+        rig.dispatcher.run("bulk")
+        return bool(rig.wake.reconciles)
+
+    wait_until(taken_over, 5, "the dead worker's batch to be taken over", interval_s=0.02)
+    # The dead worker's window is still open: nobody may look at the logs, let alone resend.
+    assert rig.types() == {} and sbx.stats()["messages_accepted"] == 0
+    assert [(lane, len(ids)) for lane, ids, _ in rig.wake.reconciles] == [("bulk", 30)]
+    assert 0 < rig.wake.reconciles[0][2] <= 300
+
+    def settled() -> bool:
+        lane, entry_ids, _ = rig.wake.reconciles[-1]
+        rig.dispatcher.reconcile(lane, entry_ids)
+        return len(rig.types()) == 30
+
+    wait_until(settled, 10, "the taken-over batch to be resent", interval_s=0.1)
+    assert set(rig.types().values()) == {"accepted"}
     stats = sbx.stats()
     assert stats["messages_accepted"] == 30 and stats["duplicates"] == 0
+    assert {rig.store.message(e.message_id)["attempts"] for e in claim.entries} == {"2"}
+    rig.provider.close()
 
 
 def test_provider_outage_keeps_jobs_and_retries_them_after_the_pause(

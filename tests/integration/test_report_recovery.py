@@ -48,3 +48,28 @@ def test_a_report_lost_after_the_get_is_recovered_from_the_logs(redis_url: str, 
     assert again["recovered_from_logs"] == 0 and again["expired_no_report"] == 0
     assert types == {"lost-0": ("delivered", None), "lost-1": ("delivered", None), "lost-2": ("delivered", None),
                      "never-sent": ("expired", "no_report")}
+
+
+def test_a_status_in_the_logs_whose_group_is_unknown_is_not_taken_for_a_final_one(settings: Settings,
+                                                                                  store: Store) -> None:
+    """The sweep's logs lookup applies final statuses only: a group it does not know (here SCHEDULED,
+    with the groupId DELIVERED has) is not guessed into `delivered`."""
+    scheduled = {"groupId": 3, "groupName": "SCHEDULED", "id": 99, "name": "SCHEDULED_ACCEPTED",
+                 "description": "Message accepted and scheduled"}
+
+    def logs(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/sms/3/logs"
+        return httpx.Response(200, json={"results": [{"messageId": "m-1", "destination": "41790000001",
+                                                      "status": scheduled}]})
+
+    job = orjson.dumps({"to": "41790000001", "text": "x", "id": "m-1"})
+    store.r.hset(store.msg("m-1"), mapping={"state": "ACCEPTED", "lane": "bulk", "job": job})
+    store.r.zadd(store.awaiting, {"m-1": 1})  # its report deadline is long past
+    with Provider(settings, transport=httpx.MockTransport(logs)) as provider:
+        processor = Processor(settings, store)
+        result = Sweeper(settings, store, processor, provider=provider).sweep()
+        processor.process()
+
+    types = [orjson.loads(f[b"event"])["type"] for _, f in store.r.xrange(store.events)]
+    assert result["recovered_from_logs"] == 0
+    assert "delivered" not in types

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
-from worker import reports
+from tests.support.redis_server import RedisServer
+from worker import events, reports
 from worker.errors import StoreError
 from worker.provider import Provider
 from worker.reports import (
@@ -28,7 +31,7 @@ from worker.reports import (
 from worker.sandbox.config import SandboxConfig
 from worker.sandbox.process import SandboxProcess
 from worker.settings import Settings
-from worker.store import Store
+from worker.store import Store, connect
 
 API_KEY = "reports-test-key-0123"
 STATUSES = {
@@ -183,13 +186,13 @@ def test_malformed_pages_and_items_are_dead_lettered_without_blocking(store: Sto
     keys = ReportKeys.of(store)
     store.r.xadd(keys.raw, {"page": b"<html>502</html>", "src": "drain"})
     store.r.xadd(keys.raw, {"page": b'{"results": "nope"}', "src": "drain"})
-    _raw(store, _report("good"), {"status": STATUSES["DELIVERED"]}, {"messageId": "x", "status": {"groupName": "?"}},
-         "not an object")
+    _raw(store, _report("good"), {"status": STATUSES["DELIVERED"]}, {"messageId": "x", "status": {"groupName": 7}},
+         {"messageId": "y", "status": {"groupName": "?"}}, "not an object")
     processor.process()
 
     assert [e["event_id"] for e in _events(store)] == ["good:delivered"]
     reasons = Counter(d["reason"] for d in _dead(store))
-    assert reasons == {"report_page_malformed": 2, "report_malformed": 3}
+    assert reasons == {"report_page_malformed": 2, "report_malformed": 3, "report_unknown_status": 1}
     assert any(d.get("page") == "<html>502</html>" for d in _dead(store))
     assert _raw_left(store) == 0
 
@@ -402,28 +405,36 @@ def test_a_processor_that_dies_after_the_get_loses_no_report(
     assert store.r.xpending(ReportKeys.of(store).raw, "reports")["pending"] == 0
 
 
-def test_a_drainer_whose_lease_was_taken_over_cannot_append(settings: Settings, store: Store) -> None:
-    """A drainer that paused past its lease during the GET is fenced off: its page goes to dead letters."""
-    page = orjson.dumps({"results": [_report("m-1")]})
+def test_a_drainer_whose_lease_was_taken_over_stores_its_page_and_stops(settings: Settings, store: Store) -> None:
+    """A drainer that paused past its lease during the GET stores the page it was handed (processing
+    is idempotent, and the provider never hands it out again), then fetches nothing more."""
+    page = orjson.dumps({"results": [_report(f"m-{i}", n=i) for i in range(reports.PAGE_SIZE)]})  # a full page
+    gets = []
 
     def handler(request: httpx.Request) -> httpx.Response:
+        gets.append(request.url.path)
         # The GET takes so long that the lease expires and another drainer takes it over.
         store.r.delete(store.key("lease", DRAIN_LEASE))
         assert store.lease(DRAIN_LEASE, "the-new-drainer", 60_000) > 0
         return httpx.Response(200, content=page)
 
-    with Provider(settings, transport=httpx.MockTransport(handler)) as provider:
+    with capture_logs() as logs, Provider(settings, transport=httpx.MockTransport(handler)) as provider:
         result = Drainer(settings, store, provider).drain()
 
-    assert result.outcome == "fenced"
-    assert _raw_left(store) == 0
-    [dead] = _dead(store)
-    assert dead["reason"] == "drain_fenced" and orjson.loads(dead["page"]) == orjson.loads(page)
+    assert (result.outcome, result.pages, gets) == ("fenced", 1, ["/sms/3/reports"])  # no further page
+    [(_, fields)] = store.r.xrange(ReportKeys.of(store).raw)
+    assert fields[b"page"] == page and fields[b"src"] == b"drain"
+    assert _dead(store) == []
     assert store.r.get(store.key("lease", DRAIN_LEASE)) == b"the-new-drainer"  # not released by the loser
+    assert [e["log_level"] for e in logs if e["event"] == "reports_drain_lease_lost"] == ["error"]
+    for n in range(reports.PAGE_SIZE):
+        _message(store, f"m-{n}", n=n)
+    Processor(settings, store).process()
+    assert len({e["event_id"] for e in _events(store)}) == reports.PAGE_SIZE
 
 
-def test_append_refuses_a_stale_fencing_token(settings: Settings, store: Store) -> None:
-    """report_append.lua writes only with the current token."""
+def test_append_stores_with_a_stale_fencing_token_and_says_it_is_stale(settings: Settings, store: Store) -> None:
+    """report_append.lua writes every page; only the answer tells a stale token from the current one."""
     with Provider(settings) as provider:
         drainer = Drainer(settings, store, provider)
         old = store.lease(DRAIN_LEASE, "a", 60_000)
@@ -431,7 +442,9 @@ def test_append_refuses_a_stale_fencing_token(settings: Settings, store: Store) 
         new = store.lease(DRAIN_LEASE, "b", 60_000)
         assert drainer.append(b'{"results":[]}', new) is True
         assert drainer.append(b'{"results":[]}', old) is False
-    assert _raw_left(store) == 1
+    fences = [f[b"fence"] for _, f in store.r.xrange(ReportKeys.of(store).raw)]
+    assert fences == [str(new).encode(), str(old).encode()]
+    assert _dead(store) == []
 
 
 def test_a_second_drainer_does_not_fetch_while_the_lease_is_held(
@@ -550,3 +563,348 @@ def test_a_malformed_apply_call_is_refused_before_any_write(store: Store, proces
     with pytest.raises(StoreError, match="unknown op code"):
         processor.state.apply(ops)
     assert store.message("m-1")["state"] == "ACCEPTED" and _events(store) == []
+
+
+# --- a fetched page is never given up (finding 5) --------------------------------------------------
+
+
+class Recorded:
+    """A reports endpoint (httpx.MockTransport) that hands out `pages` once each, then empty pages."""
+
+    def __init__(self, *pages: bytes) -> None:
+        self.pages = list(pages)
+        self.gets = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.gets += 1
+        return httpx.Response(200, content=self.pages.pop(0) if self.pages else b'{"results": []}')
+
+
+class Refusing(Store):
+    """A Store whose report_append calls fail while `refuse()` says so; `seen` records what the
+    endpoint had handed out at each refusal."""
+
+    def __init__(self, store: Store, refuse: Callable[[int], BaseException | None], endpoint: Recorded) -> None:
+        super().__init__(store.r, store.p, store.mid_prefix)
+        self.refuse = refuse
+        self.endpoint = endpoint
+        self.calls = 0
+        self.seen: list[int] = []
+
+    def run(self, name: str, keys: Any, args: Any) -> Any:
+        if name == "report_append":
+            self.calls += 1
+            error = self.refuse(self.calls)
+            if error is not None:
+                self.seen.append(self.endpoint.gets)
+                raise error
+        return super().run(name, keys, args)
+
+
+@pytest.fixture
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reports, "STORE_BACKOFF_S", 0.001, raising=False)
+    monkeypatch.setattr(reports, "STORE_BACKOFF_MAX_S", 0.005, raising=False)
+
+
+def _page(*mids: str) -> bytes:
+    return orjson.dumps({"results": [_report(mid, n=i) for i, mid in enumerate(mids)]})
+
+
+def test_a_fetched_page_is_retried_until_stored_and_nothing_more_is_fetched_meanwhile(
+    settings: Settings, store: Store, fast_retries: None
+) -> None:
+    """Redis refusing the write far longer than a blip: the page is kept and retried, and the drain
+    asks for no further page until it is stored (a full page, so the drain goes on afterwards)."""
+    full = _page(*[f"m-{i}" for i in range(reports.PAGE_SIZE)])
+    endpoint = Recorded(full, _page("m-last"))
+    refusing = Refusing(store, lambda n: StoreError("Redis: OOM command not allowed") if n <= 30 else None, endpoint)
+    with capture_logs() as logs, Provider(settings, transport=httpx.MockTransport(endpoint)) as provider:
+        result = Drainer(settings, refusing, provider).drain()
+
+    assert (result.outcome, result.pages, result.reports) == ("drained", 2, reports.PAGE_SIZE + 1)
+    assert refusing.seen == [1] * 30  # every refusal came while only the first page had been fetched
+    stored = [orjson.loads(f[b"page"])["results"][-1]["messageId"] for _, f in store.r.xrange(ReportKeys.of(store).raw)]
+    assert stored == [f"m-{reports.PAGE_SIZE - 1}", "m-last"]
+    retries = [e for e in logs if e["event"] == "reports_page_store_retry"]
+    assert len(retries) == 30 and all(e["reports"] == reports.PAGE_SIZE for e in retries)
+    assert [e["attempts"] for e in logs if e["event"] == "reports_page_stored"] == [31]
+
+
+def test_a_page_an_out_of_memory_redis_refuses_is_stored_once_memory_is_back(
+    settings: Settings, store: Store, fast_retries: None
+) -> None:
+    """The real thing: redis-server at maxmemory with noeviction refuses the page; it is kept (the
+    lease renewed meanwhile), stored when the limit is lifted, and processed."""
+    _message(store, "m-1")
+    endpoint = Recorded(_page("m-1"))
+    retried = threading.Event()
+    outcome: list[Any] = []
+
+    def get_while_memory_runs_out(request: httpx.Request) -> httpx.Response:
+        if endpoint.gets == 0:
+            store.r.config_set("maxmemory", 1)  # Redis fills up while the page is on its way
+        return endpoint(request)
+
+    def drain() -> None:
+        try:
+            with Provider(settings, transport=httpx.MockTransport(get_while_memory_runs_out)) as provider:
+                outcome.append(Drainer(settings, store, provider).drain())
+        except BaseException as error:  # noqa: BLE001 -- reported by the assertion below
+            outcome.append(error)
+        retried.set()
+
+    def on_log(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if event["event"] == "reports_page_store_retry" and event["attempt"] >= 20:
+            retried.set()
+        return event
+
+    with capture_logs(processors=[on_log]) as logs:
+        store.r.config_set("maxmemory-policy", "noeviction")
+        try:
+            thread = threading.Thread(target=drain, daemon=True)
+            thread.start()
+            assert retried.wait(20), "the drain never retried the refused page"
+            assert int(store.r.xlen(ReportKeys.of(store).raw)) == 0 and endpoint.gets == 1
+            assert store.r.get(store.key("lease", DRAIN_LEASE)) is not None  # still held: nobody else fetches
+        finally:
+            store.r.config_set("maxmemory", 0)
+        thread.join(20)
+
+    assert [getattr(o, "outcome", o) for o in outcome] == ["drained"]
+    assert any(e["event"] == "reports_page_stored" for e in logs)
+    Processor(settings, store).process()
+    assert [e["event_id"] for e in _events(store)] == ["m-1:delivered"]
+
+
+def test_a_drain_that_must_stop_with_its_page_unstored_says_so_loudly(
+    settings: Settings, store: Store, fast_retries: None
+) -> None:
+    """The process is stopping and Redis still refuses the page: an error with the count, no numbers."""
+    endpoint = Recorded(_page("m-1", "m-2", "m-3"))
+    stopping = threading.Event()
+
+    def refuse_then_stop(n: int) -> BaseException:
+        if n == 3:
+            stopping.set()  # the worker is told to shut down while Redis still refuses the page
+        return StoreError("Redis: ConnectionError: refused")
+
+    refusing = Refusing(store, refuse_then_stop, endpoint)
+    with capture_logs() as logs, Provider(settings, transport=httpx.MockTransport(endpoint)) as provider:
+        drainer = Drainer(settings, refusing, provider, stopping=stopping.is_set)
+        with pytest.raises(StoreError):
+            drainer.drain()
+
+    [last] = [e for e in logs if e["event"] == "reports_page_unstored"]
+    assert last["log_level"] == "error" and last["reports"] == 3 and last["reason"] == "process stopping"
+    assert "4179" not in repr(logs)  # never the phone numbers of the page
+    assert endpoint.gets == 1
+
+
+def test_a_drain_interrupted_while_storing_leaves_the_page_to_its_next_drain(settings: Settings, store: Store) -> None:
+    """Dramatiq's time limit interrupting the retries: the page stays in the process, and the next
+    drain stores it before it fetches anything."""
+    from dramatiq.middleware.time_limit import TimeLimitExceeded
+
+    endpoint = Recorded(_page("m-1"))
+    refusing = Refusing(store, lambda n: TimeLimitExceeded() if n == 1 else None, endpoint)
+    with capture_logs() as logs, Provider(settings, transport=httpx.MockTransport(endpoint)) as provider:
+        drainer = Drainer(settings, refusing, provider)
+        with pytest.raises(TimeLimitExceeded):
+            drainer.drain()
+        assert _raw_left(store) == 0 and endpoint.gets == 1
+        store.r.delete(store.key("lease", DRAIN_LEASE))  # long enough later: the lease expired
+        result = drainer.drain()
+
+    assert (result.outcome, result.pages, result.reports) == ("drained", 1, 1)
+    [(_, fields)] = store.r.xrange(ReportKeys.of(store).raw)
+    assert orjson.loads(fields[b"page"])["results"][0]["messageId"] == "m-1"
+    assert endpoint.gets == 2  # the held page was stored first, then the endpoint asked again
+    assert [e["log_level"] for e in logs if e["event"] == "reports_page_unstored"] == ["error"]
+
+
+# --- state Redis lost (finding 7) ------------------------------------------------------------------
+
+
+def test_the_processor_recreates_its_group_after_redis_restarted_empty(settings: Settings) -> None:
+    """Redis restarted without persistence: the group the processor made at start is gone; it says
+    so loudly, recreates it and processes the new pages (it failed every read with NOGROUP)."""
+    server = RedisServer().start()
+    try:
+        settings = _with(settings, redis_url=server.url)
+        store = Store(connect(server.url))
+        processor = Processor(settings, store)
+        _message(store, "before")
+        _raw(store, _report("before"))
+        assert processor.process().applied == 1
+
+        server.stop()
+        server.start()  # same port, no AOF, no RDB: empty
+        _message(store, "after")
+        _raw(store, _report("after"))
+        with capture_logs() as logs:
+            applied: list[int] = []
+
+            def processed() -> bool:
+                try:
+                    applied.append(processor.process().applied)
+                except StoreError:  # the first call after a restart may meet a dead pooled connection
+                    return False
+                return sum(applied) >= 1
+
+            _poll(processed, 10, "the report sent after the restart to be processed")
+        assert [e["event_id"] for e in _events(store)] == ["after:delivered"]
+        [lost] = [e for e in logs if e["event"] == "redis_state_lost"]
+        assert lost["log_level"] == "error" and "reports" in lost["missing"]
+        store.r.close()
+    finally:
+        server.cleanup()
+
+
+def test_the_processor_recreates_a_group_deleted_under_it(store: Store, processor: Processor) -> None:
+    """The group destroyed between two runs (an operator, a failover to an empty replica): recreated."""
+    _message(store, "m-1")
+    _raw(store, _report("m-1"))
+    processor.process()
+    store.r.xgroup_destroy(ReportKeys.of(store).raw, "reports")
+    _message(store, "m-2")
+    _raw(store, _report("m-2"))
+
+    with capture_logs() as logs:
+        assert processor.process().applied == 1
+    assert [e["event_id"] for e in _events(store)] == ["m-1:delivered", "m-2:delivered"]
+    assert [e["stream_missing"] for e in logs if e["event"] == "redis_state_lost"] == [False]
+
+
+# --- one bad entry never blocks the rest (finding 8) -----------------------------------------------
+
+
+def _nested(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+def test_a_report_too_deep_to_publish_is_dead_lettered_and_the_pages_behind_it_flow(
+    store: Store, processor: Processor
+) -> None:
+    """orjson reads 1,024 levels but writes 254: a 300-deep price used to fail every batch it was in,
+    forever. It is dead-lettered (cut, with its messageId) and the 15 good pages behind it applied."""
+    _message(store, "known")
+    deep = {**_report("known"), "price": _nested(300)}
+    not_an_object: Any = [1]
+    for _ in range(300):
+        not_an_object = [not_an_object]
+    # orjson cannot write these (that is the point): the stdlib can.
+    page = json.dumps({"results": [deep, {**_report("stranger"), "error": _nested(300)}, not_an_object]})
+    store.r.xadd(ReportKeys.of(store).raw, {"page": page, "src": "drain"})
+    for n in range(15):
+        _message(store, f"good-{n}", n=n)
+        _raw(store, _report(f"good-{n}", n=n))
+
+    tally = processor.process()
+
+    assert tally.applied == 15
+    assert sorted(e["message_id"] for e in _events(store)) == sorted(f"good-{n}" for n in range(15))
+    dead = _dead(store)
+    assert [d["reason"] for d in dead] == ["report_too_deep"] * 3
+    assert dead[0]["item"]["messageId"] == "known" and "<cut" in orjson.dumps(dead[0]["item"]).decode()
+    assert store.message("known")["state"] == "ACCEPTED"
+    assert _raw_left(store) == 0 and store.r.xpending(ReportKeys.of(store).raw, "reports")["pending"] == 0
+
+
+def test_a_report_that_fails_for_any_other_reason_is_isolated(
+    store: Store, processor: Processor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever makes one report fail (here: building its event raises), it alone goes to the dead
+    letters, with its report and the reason; its page and the others are applied and acknowledged."""
+    real_build = events.build
+
+    def build(kind: str, message_id: str, *args: Any, **kwargs: Any) -> bytes:
+        if message_id == "cursed":
+            raise RuntimeError("a bug that only this report triggers")
+        return real_build(kind, message_id, *args, **kwargs)
+
+    monkeypatch.setattr(events, "build", build)
+    for mid in ("a", "cursed", "b", "c"):
+        _message(store, mid)
+    _raw(store, _report("a"), _report("cursed"), _report("b"), {"messageId": "x"})
+    _raw(store, _report("c"))
+
+    processor.process()
+
+    assert sorted(e["message_id"] for e in _events(store)) == ["a", "b", "c"]
+    by_reason = {d["reason"]: d for d in _dead(store)}
+    assert set(by_reason) == {"report_unprocessable", "report_malformed"}
+    assert by_reason["report_unprocessable"]["item"] == _report("cursed")
+    assert "RuntimeError: a bug that only this report triggers" in by_reason["report_unprocessable"]["detail"]
+    assert store.message("cursed")["state"] == "ACCEPTED"
+    assert _raw_left(store) == 0 and store.r.xpending(ReportKeys.of(store).raw, "reports")["pending"] == 0
+
+
+def test_a_page_too_large_is_dead_lettered_whole_and_the_others_flow(
+    store: Store, processor: Processor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page over MAX_PAGE_BYTES is not parsed: it goes to the dead letters with its body."""
+    monkeypatch.setattr(reports, "MAX_PAGE_BYTES", 4096, raising=False)
+    _message(store, "small")
+    _raw(store, {**_report("huge"), "callbackData": "x" * 5000})
+    _raw(store, _report("small"))
+
+    processor.process()
+
+    assert [e["event_id"] for e in _events(store)] == ["small:delivered"]
+    [dead] = _dead(store)
+    assert dead["reason"] == "report_page_too_large" and '"huge"' in dead["page"]
+    assert _raw_left(store) == 0
+
+
+def test_a_redis_out_of_memory_is_waited_out_not_dead_lettered(store: Store, processor: Processor) -> None:
+    """Redis refusing writes is not the page's fault: the batch stays pending, and applies later."""
+    processor.process()  # its group exists
+    _message(store, "m-1")
+    _raw(store, _report("m-1"))
+    store.r.config_set("maxmemory-policy", "noeviction")
+    store.r.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(StoreError, match="OOM command not allowed"):  # report_apply.lua's first write
+            processor.process()
+    finally:
+        store.r.config_set("maxmemory", 0)
+    assert _dead(store) == [] and _raw_left(store) == 1
+
+    Processor(processor.settings, store, claim_idle_ms=0).process()
+    assert [e["event_id"] for e in _events(store)] == ["m-1:delivered"] and _raw_left(store) == 0
+
+
+# --- unknown status groups (finding 9) ---------------------------------------------------------------
+
+
+def test_an_unknown_status_group_is_never_taken_for_a_final_one(store: Store, processor: Processor) -> None:
+    """A group this code does not know (SCHEDULED, with an id that collides with DELIVERED's, or only a
+    new id) publishes nothing and leaves the message open; it is kept, logged and counted."""
+    from worker import metrics
+
+    before = metrics.REPORTS_UNKNOWN_STATUS._value.get()
+    _message(store, "m-1")
+    _message(store, "m-2")
+    scheduled = {**_report("m-1"), "status": {"groupId": 3, "groupName": "SCHEDULED", "id": 99,
+                                              "name": "SCHEDULED_ACCEPTED", "description": "scheduled"}}
+    new_id = {**_report("m-2"), "status": {"groupId": 7, "id": 99, "name": "SOMETHING_NEW"}}
+    _raw(store, scheduled, new_id)
+
+    with capture_logs() as logs:
+        processor.process()
+
+    assert _events(store) == []
+    assert store.message("m-1")["state"] == store.message("m-2")["state"] == "ACCEPTED"
+    assert [(d["reason"], d["item"]["messageId"]) for d in _dead(store)] == [
+        ("report_unknown_status", "m-1"), ("report_unknown_status", "m-2")]
+    warned = {e["group"]: e["reports"] for e in logs if e["event"] == "report_unknown_status"}
+    assert warned == {"SCHEDULED": 1, "groupId 7": 1}
+    assert metrics.REPORTS_UNKNOWN_STATUS._value.get() - before == 2
+    # The real final report still settles them, once.
+    _raw(store, _report("m-1"), _report("m-2", "UNDELIVERABLE"))
+    processor.process()
+    assert sorted(e["event_id"] for e in _events(store)) == ["m-1:delivered", "m-2:undeliverable"]

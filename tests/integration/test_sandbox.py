@@ -21,6 +21,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from worker.sandbox import SandboxConfig, SandboxProcess
+from worker.sandbox.validation import parse_datetime
 
 API_KEY = "integration-key"
 FORBIDDEN_KEY = "forbidden-key"
@@ -38,9 +39,16 @@ BASELINE: dict[str, Any] = {
     "accept_then_timeout_rate": 0,
     "timeout_delay_ms": 30000,
     "drop_rate": 0,
+    "html_body_rate": 0,
+    "truncated_body_rate": 0,
+    "partial_results_rate": 0,
+    "unknown_status_rate": 0,
+    "late_accept_rate": 0,
+    "late_accept_delay_ms": 30000,
     "request_rate_limit": 0,
     "down": False,
     "logs_rate_per_min": 10000,
+    "logs_lag_ms": 0,
     "reject_duplicate_ids": True,
     "webhook_max_attempts": 6,
     "webhook_retry_base_ms": 50,
@@ -113,8 +121,14 @@ def _send(client: httpx.Client, *destinations: dict[str, Any], **extra: Any) -> 
 @pytest.fixture(scope="module")
 def sandbox() -> Iterator[SandboxProcess]:
     config = SandboxConfig(forbidden_keys=(FORBIDDEN_KEY,))
-    with SandboxProcess(api_key=API_KEY, config=config) as process:
+    process = SandboxProcess(api_key=API_KEY, config=config)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LOG_FORMAT", "json")  # its warning lines are parsed (test_webhook_failures_are_logged)
+        process.start()
+    try:
         yield process
+    finally:
+        process.stop()
 
 
 @pytest.fixture
@@ -122,6 +136,13 @@ def api(sandbox: SandboxProcess) -> Iterator[httpx.Client]:
     sandbox.configure(**BASELINE)
     sandbox.reset()
     with _client(sandbox.url) as client:
+        yield client
+
+
+@pytest.fixture
+def raw(sandbox: SandboxProcess, api: httpx.Client) -> Iterator[httpx.Client]:
+    """Like `api` but without the schema hook: for the faults whose 200 breaks the schema on purpose."""
+    with httpx.Client(base_url=sandbox.url, headers=sandbox.auth_header, trust_env=False) as client:
         yield client
 
 
@@ -362,6 +383,44 @@ def test_webhook_push_with_basic_auth_and_retry(sandbox: SandboxProcess, api: ht
     assert (webhooks["attempts"], webhooks["failures"]) == (2, 1)
 
 
+def test_webhook_failures_are_logged(sandbox: SandboxProcess, api: httpx.Client) -> None:
+    """Each failed push and each dropped report gives a structured warning without numbers or credentials."""
+    sandbox.configure(webhook_max_attempts=2)
+    with Receiver(fail_first=1000) as receiver:
+        url = f"http://hook:s3cret@127.0.0.1:{receiver.port}/dlr-logged?token=t0ps3cret"
+        _send(
+            api,
+            {"to": "41793026727", "messageId": "wf1"},
+            {"to": "41793026728", "messageId": "wf2"},
+            webhooks={"delivery": {"url": url}},
+        )
+        _send(api, {"to": "41793026729", "messageId": "wf3"}, webhooks={"delivery": {"url": "http://192.0.2.10/x"}})
+        _wait_for(lambda: sandbox.stats()["webhooks"]["dropped"] == 2)
+    assert sandbox.stats()["webhooks"]["refused"] == 1
+
+    def warnings() -> list[dict[str, Any]]:
+        found = []
+        for line in sandbox.output().splitlines():
+            if line.startswith("{") and "sandbox_webhook" in line and ('"wf' in line or "/dlr-logged" in line):
+                found.append(json.loads(line))
+        return found
+
+    lines = _wait_for(lambda: (found := warnings()) and len(found) == 4 and found)
+    failed = [line for line in lines if line["event"] == "sandbox_webhook_push_failed"]
+    dropped = {line["target"]: line for line in lines if line["event"] == "sandbox_webhook_reports_dropped"}
+    assert {line["level"] for line in lines} == {"warning"}
+    assert [(f["attempt"], f["reason"], f["reports"]) for f in failed] == [(1, "HTTP 500", 2), (2, "HTTP 500", 2)]
+    assert failed[0]["url"] == f"http://127.0.0.1:{receiver.port}/dlr-logged"
+    assert (failed[0]["retry_in_ms"], failed[1]["retry_in_ms"]) == (50, None)
+    gave_up, refused = dropped[failed[0]["url"]], dropped["192.0.2.10"]
+    assert (sorted(gave_up["message_ids"]), gave_up["attempts"]) == (["wf1", "wf2"], 2)
+    assert gave_up["reason"] == "gave up after 2 attempts (last: HTTP 500)"
+    assert (refused["message_ids"], refused["reason"]) == (["wf3"], "not a loopback http(s) URL")
+    text = json.dumps(lines)
+    for secret in ("4179302672", "s3cret", "t0ps3cret", API_KEY):
+        assert secret not in text
+
+
 def test_webhook_to_other_hosts_is_refused(sandbox: SandboxProcess, api: httpx.Client) -> None:
     """A non-loopback webhook URL is never contacted; its reports are dropped and counted."""
     _send(api, {"to": "41793026727"}, webhooks={"delivery": {"url": "http://192.0.2.10/dlr"}})
@@ -497,6 +556,170 @@ def test_drop_fault(sandbox: SandboxProcess, api: httpx.Client) -> None:
     stats = sandbox.stats()
     assert stats["faults"]["drop"] == 1
     assert stats["messages_accepted"] == 1
+
+
+def _logged_ids(api: httpx.Client, *message_ids: str) -> list[str]:
+    response = api.get("/sms/3/logs", params={"messageId": ",".join(message_ids)})
+    assert response.status_code == 200, response.text
+    return sorted(log["messageId"] for log in response.json()["results"])
+
+
+def _reported_ids(sandbox: SandboxProcess, api: httpx.Client, count: int) -> list[str]:
+    """Wait until `count` reports were generated, then pull them all (each comes once)."""
+    _wait_for(lambda: sandbox.stats()["reports"]["generated"] == count)
+    return sorted(r["messageId"] for r in api.get("/sms/3/reports", params={"limit": 1000}).json()["results"])
+
+
+def test_html_body_fault(sandbox: SandboxProcess, api: httpx.Client) -> None:
+    """A 200 carrying a proxy's HTML page instead of JSON, yet the messages were accepted."""
+    sandbox.configure(html_body_rate=1)
+    response = _send(api, {"to": "41793026727", "messageId": "h1"}, {"to": "41793026728", "messageId": "h2"})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html"
+    assert response.text.startswith("<!DOCTYPE html>")
+    with pytest.raises(json.JSONDecodeError):
+        response.json()
+    assert _logged_ids(api, "h1", "h2") == ["h1", "h2"]
+    assert _reported_ids(sandbox, api, 2) == ["h1", "h2"]
+    stats = sandbox.stats()
+    assert stats["faults"] == {"html_body": 1}
+    assert stats["messages_accepted"] == 2
+    assert stats["requests"]["POST /sms/3/messages"] == {"200": 1}
+
+
+def test_truncated_body_fault(sandbox: SandboxProcess, api: httpx.Client, raw: httpx.Client) -> None:
+    """A complete 200 whose JSON stops half-way (Content-Length matches), yet the messages were accepted."""
+    sandbox.configure(truncated_body_rate=1)
+    response = _send(raw, {"to": "41793026727", "messageId": "t1"}, {"to": "41793026728", "messageId": "t2"})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert response.content.startswith(b'{"bulkId":')
+    with pytest.raises(json.JSONDecodeError):
+        response.json()
+    assert _logged_ids(api, "t1", "t2") == ["t1", "t2"]
+    stats = sandbox.stats()
+    assert stats["faults"] == {"truncated_body": 1}
+    assert stats["messages_accepted"] == 2
+
+
+def test_partial_results_fault(sandbox: SandboxProcess, api: httpx.Client) -> None:
+    """The 200 lists fewer results than destinations sent; the left-out ones are accepted, logged and reported."""
+    sandbox.configure(partial_results_rate=1)
+    ids = [f"p{i}" for i in range(10)]
+
+    def send_all() -> list[str]:
+        response = _send(api, *({"to": f"4179302670{i}", "messageId": mid} for i, mid in enumerate(ids)))
+        assert response.status_code == 200
+        listed = [result["messageId"] for result in response.json()["messages"]]
+        assert len(listed) < len(ids) and set(listed) <= set(ids)
+        return listed
+
+    listed = send_all()
+    assert _logged_ids(api, *ids) == sorted(ids)
+    assert _reported_ids(sandbox, api, 10) == sorted(ids)
+    stats = sandbox.stats()
+    assert stats["messages_accepted"] == 10
+    assert stats["faults"] == {"partial_results": 1, "partial_results_dropped": 10 - len(listed)}
+    sandbox.reset()  # same seed, same traffic: the same results are left out
+    assert send_all() == listed
+
+
+def test_unknown_status_fault(sandbox: SandboxProcess, api: httpx.Client, raw: httpx.Client) -> None:
+    """Accepted destinations answered with a status group the client does not know still get their reports."""
+    sandbox.configure(unknown_status_rate=0.5)
+    ids = [f"u{i}" for i in range(20)]
+    destinations = [{"to": f"417930267{i:02d}", "messageId": mid} for i, mid in enumerate(ids)]
+    destinations.append({"to": "12345", "messageId": "u-bad"})  # rejected: its status stays REJECTED
+
+    def send_all() -> list[str]:
+        results = _send(raw, *destinations).json()["messages"]
+        assert results[-1]["status"]["groupName"] == "REJECTED"
+        assert {r["status"]["groupName"] for r in results[:-1]} == {"PENDING", "SCHEDULED"}
+        unknown = [r for r in results if r["status"]["groupName"] == "SCHEDULED"]
+        assert unknown[0]["status"] == {
+            "groupId": 7,
+            "groupName": "SCHEDULED",
+            "id": 99,
+            "name": "SCHEDULED_ACCEPTED",
+            "description": "Message accepted and scheduled",
+        }
+        return [r["messageId"] for r in unknown]
+
+    unknown = send_all()
+    # The unknown-status ones are reported like the others (outcome mix: all delivered).
+    assert _reported_ids(sandbox, api, 20) == sorted(ids)
+    stats = sandbox.stats()
+    assert stats["messages_accepted"] == 20
+    assert stats["faults"] == {"unknown_status": len(unknown)}
+    sandbox.reset()  # same seed, same traffic: the same destinations get the unknown status
+    assert send_all() == unknown
+
+
+def test_late_accept_fault(sandbox: SandboxProcess, api: httpx.Client) -> None:
+    """The send is held past the client's read timeout and accepted at the end of the hold, client gone or not."""
+    sandbox.configure(late_accept_rate=1, late_accept_delay_ms=1500)
+    started = time.time()
+    with _client(sandbox.url, timeout=httpx.Timeout(5.0, read=0.3)) as impatient, pytest.raises(httpx.ReadTimeout):
+        _send(impatient, {"to": "41793026727", "messageId": "late"})
+    # The client has given up and closed its connection; nothing is accepted yet.
+    stats = sandbox.stats()
+    assert (stats["faults"], stats["messages_accepted"]) == ({"late_accept": 1}, 0)
+    assert _logged_ids(api, "late") == []
+    _wait_for(lambda: sandbox.stats()["messages_accepted"] == 1)
+    log = api.get("/sms/3/logs", params={"messageId": "late"}).json()["results"][0]
+    assert parse_datetime(log["sentAt"]) >= started + 1.4  # accepted at the end of the hold
+    assert _reported_ids(sandbox, api, 1) == ["late"]
+    # A client that waits long enough gets the ordinary answer.
+    sandbox.configure(late_accept_delay_ms=300)
+    began = time.monotonic()
+    response = _send(api, {"to": "41793026727", "messageId": "late-2"})
+    assert time.monotonic() - began >= 0.3
+    assert response.json()["messages"][0]["status"]["name"] == "PENDING_ACCEPTED"
+    assert sandbox.stats()["faults"] == {"late_accept": 2}
+
+
+def test_logs_lag_fault(sandbox: SandboxProcess, api: httpx.Client) -> None:
+    """An accepted message shows in the logs only logs_lag_ms after acceptance; reports are not delayed."""
+    sandbox.configure(logs_lag_ms=1500)
+    began = time.monotonic()
+    assert _send(api, {"to": "41793026727", "messageId": "lagging"}).status_code == 200
+    assert _logged_ids(api, "lagging") == []
+    assert api.get("/sms/3/logs").json()["results"] == []
+    assert _reported_ids(sandbox, api, 1) == ["lagging"]  # the report is already out
+    lagged = sandbox.stats()["faults"]["logs_lag"]
+    assert lagged >= 2  # one entry held back from each logs answer so far
+    _wait_for(lambda: _logged_ids(api, "lagging") == ["lagging"])
+    assert time.monotonic() - began >= 1.45
+    assert sandbox.stats()["faults"]["logs_lag"] >= lagged
+
+
+def test_new_fault_flags_on_the_command_line() -> None:
+    """Each new knob has a flag; a sandbox started with them has them on from the first request."""
+    flags = [
+        "--seed", "5",
+        "--html-body-rate", "1",
+        "--truncated-body-rate", "0.25",
+        "--partial-results-rate", "0.5",
+        "--unknown-status-rate", "0.125",
+        "--late-accept-rate", "0.75",
+        "--late-accept-delay-ms", "10",
+        "--logs-lag-ms", "250",
+    ]  # fmt: skip
+    with SandboxProcess(api_key=API_KEY, extra_args=flags) as process, _client(process.url) as api:
+        config = process.config()
+        expected = {
+            "html_body_rate": 1.0,
+            "truncated_body_rate": 0.25,
+            "partial_results_rate": 0.5,
+            "unknown_status_rate": 0.125,
+            "late_accept_rate": 0.75,
+            "late_accept_delay_ms": 10.0,
+            "logs_lag_ms": 250.0,
+        }
+        assert {name: config[name] for name in expected} == expected
+        assert _send(api, {"to": "41793026727"}).headers["content-type"] == "text/html"
+        assert process.stats()["faults"]["html_body"] == 1
 
 
 def test_request_rate_limit(sandbox: SandboxProcess, api: httpx.Client) -> None:

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import orjson
+import pytest
+import redis
 
-from worker.store import Outcome, Store
+from tests.support.redis_server import RedisServer
+from worker.errors import EnqueueIncomplete, StoreError
+from worker.outbox import Outbox
+from worker.settings import Settings
+from worker.store import Outcome, Store, Submitted, connect
 
 
 def _jobs(n: int, start: int = 0) -> list[tuple[bytes, str | None]]:
@@ -90,10 +98,12 @@ def test_submit_then_settle_moves_state_and_publishes_once(store: Store) -> None
     """Settle applies an allowed transition once, writes one event, and acks the entry."""
     store.enqueue("bulk", _jobs(1))
     entry = store.claim("bulk", "c1", 1, lease_ms=60_000, max_wait_ms=0, recover=False).entries[0]
-    kw = {"consumer": "c1", "lease_ms": 1000, "state_ttl_s": 3600}
-    assert store.submit("bulk", [entry], now_ms=1, **kw) == [("NEW", 1)]
-    assert store.submit("bulk", [entry], now_ms=2, **kw) == [("SUBMITTING", 1)]
-    assert store.submit("bulk", [entry], now_ms=3, **{**kw, "consumer": "c2"}) == [("BUSY", 1)]
+    kw: dict[str, Any] = {"consumer": "c1", "lease_ms": 1000, "state_ttl_s": 3600, "fence": "f1",
+                          "send_window_ms": 1, "margin_ms": 0}
+    assert store.submit("bulk", [entry], **kw) == [Submitted("NEW", 1)]
+    time.sleep(0.002)  # past the 1 ms send window: the record may be reconciled now
+    assert store.submit("bulk", [entry], **kw) == [Submitted("SUBMITTING", 1)]
+    assert store.submit("bulk", [entry], **{**kw, "consumer": "c2"}) == [Submitted("BUSY", 1)]
     outcome = Outcome(entry.message_id, entry.entry_id, "ACCEPTED", True, b'{"type":"accepted"}', 10**13,
                       {"bulk_id": "b1"})
     kwargs = {"now_ms": 3, "events_maxlen": 1000, "state_ttl_s": 3600}
@@ -141,3 +151,144 @@ def test_slots_bound_concurrent_dispatchers(store: Store) -> None:
     assert store.acquire_slot("bulk", "a", 2, 10_000)  # renewal
     store.release_slot("bulk", "a")
     assert store.acquire_slot("bulk", "c", 2, 10_000)
+
+
+# --- enqueue when Redis refuses part of a call ----------------------------------------------------
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test alone: these tests change its users and memory limit."""
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+def _restricted_store(server: RedisServer, *key_patterns: str, commands: tuple[str, ...] = ("+@all",)) -> Store:
+    """A Store logged in as a user that may touch only keys matching `key_patterns`: Redis refuses
+    a command on any other key with NOPERM while queueing it, like a command refused for memory."""
+    admin = redis.Redis.from_url(server.url)
+    admin.acl_setuser("producer", enabled=True, passwords=["+producer-pw"], keys=list(key_patterns),
+                      commands=list(commands))
+    admin.close()
+    return Store(connect(f"redis://producer:producer-pw@127.0.0.1:{server.port}/0"))
+
+
+def _id_jobs(n: int, name: Callable[[int], str] = lambda i: f"ok-{i}") -> list[tuple[bytes, str | None]]:
+    return [(orjson.dumps({"to": f"4179{i:07d}", "text": f"t{i}", "id": name(i)}), name(i)) for i in range(n)]
+
+
+def _outbox_and_claims(store: Store) -> tuple[dict[str, str], dict[str, str]]:
+    """(message id -> producer id) of every outbox entry, (producer id -> message id) of every claim."""
+    entries = {fields[b"mid"].decode(): orjson.loads(fields[b"job"])["id"]
+               for _, fields in store.r.xrange(store.outbox("bulk"))}
+    claims = {key.decode().removeprefix(store.idem("")): store.r.get(key).decode()
+              for key in store.r.scan_iter(store.idem("*"))}
+    return entries, claims
+
+
+def test_a_refused_append_leaves_its_producer_id_unclaimed(private_redis: RedisServer) -> None:
+    """Redis refuses the XADD but would run the SET of its producer id (independent commands): the
+    chunk is one transaction, so nothing is claimed, and the retry is queued, not a "duplicate"."""
+    admin = Store(connect(private_redis.url))
+    refused = _restricted_store(private_redis, "sms:idem:*")  # may claim, may not append
+    jobs = _id_jobs(5)
+    with pytest.raises(StoreError) as caught:
+        refused.enqueue("bulk", jobs, chunk=2)
+    assert _outbox_and_claims(admin) == ({}, {})
+
+    retried = admin.enqueue("bulk", jobs, chunk=2)
+    assert all(queued for _, queued in retried), "a job never written was reported as a duplicate"
+    entries, claims = _outbox_and_claims(admin)
+    assert entries == {mid: f"ok-{i}" for i, (mid, _) in enumerate(retried)}
+    assert claims == {f"ok-{i}": mid for i, (mid, _) in enumerate(retried)}
+    assert isinstance(caught.value, EnqueueIncomplete) and caught.value.queued == [None] * 5
+    assert "NOPERM" in str(caught.value)
+
+
+def test_a_chunk_refused_mid_call_is_reported_exactly(private_redis: RedisServer) -> None:
+    """Chunk 2 of 4 is refused while chunk 3 is already in flight: EnqueueIncomplete says chunks 1
+    and 3 are queued, chunks 2 and 4 left nothing behind; retrying exactly those is safe."""
+    admin = Store(connect(private_redis.url))
+    store = _restricted_store(private_redis, "sms:outbox:*", "sms:idem:ok-*")
+    jobs = _id_jobs(8, lambda i: "bad-3" if i == 3 else f"ok-{i}")  # chunks of 2: the second is refused
+    jobs[6] = (b'{"to":"41790000006","text":"t6"}', None)  # a job without a producer id in the unsent chunk
+    with pytest.raises(EnqueueIncomplete) as caught:
+        store.enqueue("bulk", jobs, chunk=2)
+    queued = caught.value.queued
+    assert [answer is not None for answer in queued] == [True, True, False, False, True, True, False, False]
+    assert all(answer[1] for answer in queued if answer is not None)
+    entries, claims = _outbox_and_claims(admin)
+    assert entries == {answer[0]: jobs[i][1] for i, answer in enumerate(queued) if answer is not None}
+    assert claims == {jobs[i][1]: answer[0] for i, answer in enumerate(queued) if answer is not None}
+
+    again = [i for i, answer in enumerate(queued) if answer is None]
+    retried = admin.enqueue("bulk", [jobs[i] for i in again], chunk=2)
+    assert all(queued for _, queued in retried)
+    assert admin.r.xlen(admin.outbox("bulk")) == len(jobs)
+
+
+def test_enqueue_when_redis_is_out_of_memory_writes_nothing(private_redis: RedisServer) -> None:
+    """maxmemory reached under noeviction: every chunk is refused whole, EnqueueIncomplete says so,
+    no producer id is claimed, and once there is memory again the retry is queued."""
+    admin = Store(connect(private_redis.url))
+    admin.r.config_set("maxmemory-policy", "noeviction")
+    admin.r.config_set("maxmemory", 1)
+    jobs = [*_id_jobs(3), *_jobs(2)]
+    with pytest.raises(EnqueueIncomplete) as caught:
+        admin.enqueue("bulk", jobs, chunk=2)
+    assert caught.value.queued == [None] * 5
+    assert "OOM" in str(caught.value)
+    admin.r.config_set("maxmemory", 0)
+    assert _outbox_and_claims(admin) == ({}, {})
+    assert all(queued for _, queued in admin.enqueue("bulk", jobs, chunk=2))
+
+
+def test_a_command_failing_inside_the_transaction_is_undone(store: Store) -> None:
+    """A command that fails only when EXEC runs it (WRONGTYPE) does not stop the rest of the
+    transaction: the other half of that job is deleted again and the job reported as not written."""
+    store.r.hset(store.idem("ok-1"), "not", "a string")  # job 1: appended, then its claim fails
+    with pytest.raises(EnqueueIncomplete) as caught:
+        store.enqueue("bulk", _id_jobs(3))
+    queued = caught.value.queued
+    assert queued[1] is None and queued[0] is not None and queued[2] is not None
+    entries = [orjson.loads(fields[b"job"])["id"] for _, fields in store.r.xrange(store.outbox("bulk"))]
+    assert entries == ["ok-0", "ok-2"]
+    assert [store.r.get(store.idem(pid)).decode() for pid in ("ok-0", "ok-2")] == [queued[0][0], queued[2][0]]
+
+    store.r.flushall()
+    store.r.set(store.outbox("bulk"), "not a stream")  # every append fails, every claim succeeds
+    with pytest.raises(EnqueueIncomplete) as caught:
+        store.enqueue("bulk", _id_jobs(3))
+    assert caught.value.queued == [None] * 3
+    assert list(store.r.scan_iter(store.idem("*"))) == []
+
+
+def test_when_multi_itself_is_refused_the_halves_written_are_undone(private_redis: RedisServer) -> None:
+    """MULTI refused (here by an ACL): the commands run one by one, so each job's append may
+    succeed while its claim is refused; the appends are deleted again and the jobs reported as not written."""
+    admin = Store(connect(private_redis.url))
+    store = _restricted_store(private_redis, "sms:outbox:*", commands=("+@all", "-multi"))
+    with pytest.raises(EnqueueIncomplete) as caught:
+        store.enqueue("bulk", _id_jobs(3))
+    assert caught.value.queued == [None] * 3
+    assert _outbox_and_claims(admin) == ({}, {})
+    assert [mid.startswith("sw-bulk-") for mid, _ in store.enqueue("bulk", _jobs(2))] == [True, True]
+
+
+def test_outbox_passes_a_partial_failure_through_and_wakes_the_lane(private_redis: RedisServer,
+                                                                    settings: Settings) -> None:
+    """Outbox.enqueue_many raises EnqueueIncomplete as it is, after waking the lane for what was queued."""
+    store = _restricted_store(private_redis, "sms:outbox:*", "sms:idem:ok-*")
+    woken: list[str] = []
+    outbox = Outbox(settings, store, wake=woken.append)
+    jobs = [{"to": f"4179{i:07d}", "text": "hi", "id": "bad-1500" if i == 1500 else f"ok-{i}"} for i in range(2500)]
+    with pytest.raises(EnqueueIncomplete) as caught:
+        outbox.enqueue_many(jobs, "bulk")
+    # The second chunk refused, the third already in flight and written.
+    assert [answer is not None for answer in caught.value.queued] == [True] * 1000 + [False] * 1000 + [True] * 500
+    assert woken == ["bulk"]
+    with pytest.raises(EnqueueIncomplete) as caught:
+        outbox.enqueue({"to": "41790000001", "text": "hi", "id": "bad-1"}, "bulk")
+    assert caught.value.queued == [None]
+    assert woken == ["bulk"]

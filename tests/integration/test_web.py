@@ -190,6 +190,48 @@ def test_malformed_bodies_get_400_and_store_nothing(
     assert _stored(store) == 0 and wakes.count == 0
 
 
+def _nested_body(depth: int, field: str = "price", opener: bytes = b'{"a": ', closer: bytes = b"}") -> bytes:
+    """A webhook body exactly `depth` levels deep: {results: [{..., field: <depth - 3 levels>}]}."""
+    levels = depth - 3
+    inner = opener * levels + b"1" + closer * levels
+    report = orjson.dumps({**REPORT, field: None})
+    return b'{"results": [' + report.replace(f'"{field}":null'.encode(), f'"{field}":'.encode() + inner) + b"]}"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _nested_body(33),
+        _nested_body(300),  # valid JSON that orjson reads (1,024 levels) but cannot write (254)
+        _nested_body(300, "extra", b"[", b"]"),
+        _nested_body(2000),  # deeper than orjson reads at all
+    ],
+    ids=["price-33", "price-300", "list-300", "price-2000"],
+)
+def test_bodies_nested_too_deep_get_400_and_store_nothing(
+    client_for: Callable[..., httpx.Client], store: Store, wakes: Wakes, body: bytes
+) -> None:
+    """A body nested deeper than 32 levels is refused at the door: stored, it could never be published."""
+    response = client_for().post(PATH, content=body, headers={**JSON, "x-webhook-secret": SECRET})
+    assert response.status_code == 400, response.text
+    assert _stored(store) == 0 and wakes.count == 0
+
+
+def test_a_body_nested_32_deep_is_accepted_and_processed(
+    client_for: Callable[..., httpx.Client], settings: Settings, store: Store
+) -> None:
+    """The bound is 32 levels: a body exactly that deep is a delivery report like any other."""
+    store.r.hset(store.msg("m-1"), mapping={"state": "ACCEPTED", "lane": "otp", "job": b'{"to":"41793026727"}'})
+    body = _nested_body(32)
+    response = client_for().post(PATH, content=body, headers={**JSON, "x-webhook-secret": SECRET})
+    assert response.status_code == 200 and _stored(store) == 1
+
+    Processor(settings, store).process()
+
+    [event] = [orjson.loads(f[b"event"]) for _, f in store.r.xrange(store.events)]
+    assert event["event_id"] == "m-1:delivered" and event["price"] == orjson.loads(body)["results"][0]["price"]
+
+
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/xml"])
 def test_a_body_that_is_not_json_by_content_type_gets_415(
     client_for: Callable[..., httpx.Client], store: Store, content_type: str | None

@@ -32,6 +32,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """One test item per crash trial, so each has its own timeout and result."""
     if "trial" in metafunc.fixturenames:
         metafunc.parametrize("trial", range(_size().crash_trials), ids=lambda t: f"trial{t + 1}")
+    if "pause_trial" in metafunc.fixturenames:
+        metafunc.parametrize("pause_trial", range(_size().pause_trials), ids=lambda t: f"trial{t + 1}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -15,6 +15,7 @@ worker` and `clock`, optionally `web`), injects its faults, waits with bounded p
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import signal
 import time
@@ -46,14 +47,18 @@ LANES = {
 }
 BATCH = LANES["bulk"]["batch_size"]
 # Short timeouts and lease, so recovery and reconciliation happen within a test. The lease must
-# exceed the longest send: (0.3 + 0.3 + 0.8) s x 2 attempts + 0.1 s x 2 backoffs = 3.0 s.
+# exceed the longest send: (0.3 + 0.3 + 0.8) s x 2 attempts + 0.1 s x 2 backoffs = 3.0 s; the send
+# window adds the pool waits: (0.3 + 0.3 + 0.3 + 0.8 + 0.1) s x 2 = 3.6 s.
 READ_TIMEOUT_S = 0.8
 BASE_ENV = {
     "LOG_LEVEL": "INFO",
     "LOG_FORMAT": "json",
     "ICOMM_CONNECT_TIMEOUT_S": "0.3", "ICOMM_WRITE_TIMEOUT_S": "0.3", "ICOMM_READ_TIMEOUT_S": str(READ_TIMEOUT_S),
     "ICOMM_RETRY_BACKOFF_BASE_S": "0.02", "ICOMM_RETRY_BACKOFF_MAX_S": "0.1", "ICOMM_SEND_RETRY_ATTEMPTS": "2",
+    "ICOMM_POOL_TIMEOUT_S": "0.3",
     "SMS_LEASE_S": "3.2", "SMS_RECONCILE_DELAY_S": "0.5", "SMS_OUTAGE_PAUSE_S": "0.5", "SMS_AUTH_PAUSE_S": "1",
+    # A resend needs the message absent from the logs in 3 checks over 2 s (the logs may lag).
+    "SMS_RECONCILE_WINDOW_S": "2", "SMS_RECONCILE_CHECKS": "3",
     "SMS_DISPATCH_TICK_MS": "200", "SMS_LOGS_RATE_PER_MIN": "6000", "SMS_REPORTS_DRAIN_INTERVAL_S": "1",
     "SMS_LANES": orjson.dumps(LANES).decode(),
 }
@@ -81,6 +86,10 @@ class Size:
     outage_sms: int
     bad_normal_sms: int
     security_sms: int
+    pause_trials: int
+    pause_sms: int
+    pause_rate: int
+    pause_rounds: int  # SIGSTOP/SIGCONT rounds per trial (the moments cycle)
     test_timeout_s: int
 
     def wait_s(self, sms: int, rate: int) -> float:
@@ -90,10 +99,13 @@ class Size:
 
 SHORT = Size(mode="short", seed=7, crash_trials=2, crash_sms=2000, crash_rate=500, restart_sms=1500,
              restart_rate=500, restart_down_s=1.0, storm_sms=1000, storm_rate=600, outage_s=8.0, outage_sms=1000,
-             bad_normal_sms=600, security_sms=600, test_timeout_s=300)
+             bad_normal_sms=600, security_sms=600, pause_trials=1, pause_sms=3000, pause_rate=400,
+             pause_rounds=3,
+             test_timeout_s=300)
 FULL = Size(mode="full", seed=7, crash_trials=20, crash_sms=20_000, crash_rate=1500, restart_sms=20_000,
             restart_rate=1500, restart_down_s=3.0, storm_sms=20_000, storm_rate=1000, outage_s=120.0,
-            outage_sms=20_000, bad_normal_sms=10_000, security_sms=5000, test_timeout_s=3600)
+            outage_sms=20_000, bad_normal_sms=10_000, security_sms=5000, pause_trials=5, pause_sms=15_000,
+            pause_rate=250, pause_rounds=12, test_timeout_s=3600)
 
 
 def size_from_env(env: Mapping[str, str]) -> Size:
@@ -208,8 +220,12 @@ def running(
     env: dict[str, str] | None = None, sandbox_flags: Iterable[str] = (), *, workers: int = 2, web: bool = False,
     appendonly: bool = False, seed: int = 7, log_dir: Path | None = None, clock: bool = True,
 ) -> Iterator[System]:
-    """Start redis, the sandbox, `workers` worker processes, the clock (and web); stop them all after."""
-    full_env = {**BASE_ENV, **(env or {})}
+    """Start redis, the sandbox, `workers` worker processes, the clock (and web); stop them all after.
+
+    SMS_RELIABILITY_ENV (a JSON object of settings) overrides the suite's own, to measure what a
+    setting costs, e.g. SMS_RELIABILITY_ENV='{"SMS_RECONCILE_WINDOW_S": "0.8"}'."""
+    overrides = orjson.loads(os.environ.get("SMS_RELIABILITY_ENV") or "{}")
+    full_env = {**BASE_ENV, **(env or {}), **{str(k): str(v) for k, v in overrides.items()}}
     web_port = free_port() if web else None
     if web:
         full_env.setdefault("SMS_WEBHOOK_SECRET", secrets.token_hex(16))

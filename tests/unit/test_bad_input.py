@@ -6,12 +6,14 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from worker.dispatch import Dispatcher
 from worker.errors import JobValidationError, ProviderError
-from worker.models import encode_plain_job, validate_job
+from worker.models import encode_plain_job, plain_job, validate_job
+from worker.outbox import Outbox
 from worker.provider import Provider, parse_reports, wire_message_from_dict, wire_request
 from worker.settings import Settings
 from worker.store import Entry
@@ -110,3 +112,48 @@ def test_any_provider_answer_to_a_send_is_a_result_or_a_typed_error(status: int,
         assert isinstance(response.messages, list)
     finally:
         provider.close()
+
+
+# A string with a lone surrogate (half of a UTF-16 pair, e.g. "\ud800"): a valid Python str with no UTF-8 form.
+lone_surrogate = st.integers(0xD800, 0xDFFF).map(chr)
+# At most 51 characters: within every field's length limit, so the surrogate is the only problem.
+broken_text = st.builds(lambda a, s, b: a + s + b, st.text(max_size=25), lone_surrogate, st.text(max_size=25))
+plain_base = {"to": "41793026727", "text": "hello", "id": "order-1", "sender": "Shop", "metadata": {"k": "v"}}
+where = st.sampled_from(["text", "id", "sender", "campaign_reference_id", "callback_data", "metadata value",
+                         "metadata key", "nested metadata value", "regional.south_korea.title"])
+
+
+def _with_broken_string(place: str, bad: str) -> tuple[dict[str, Any], str]:
+    """A valid job with `bad` put at `place`, and the field a problem must name."""
+    job: dict[str, Any] = {**plain_base, "metadata": {"k": "v"}}
+    if place == "metadata value":
+        job["metadata"] = {"k": bad}
+        return job, "metadata.k"
+    if place == "metadata key":
+        job["metadata"] = {bad: 1}
+        return job, "metadata"
+    if place == "nested metadata value":
+        job["metadata"] = {"k": [1, {"deep": bad}]}
+        return job, "metadata.k.1.deep"
+    if place == "regional.south_korea.title":
+        job["regional"] = {"south_korea": {"title": bad}}
+        return job, place
+    job[place] = bad
+    return job, place
+
+
+@settings(max_examples=300, deadline=None)
+@given(where, broken_text)
+def test_a_lone_surrogate_in_any_string_is_refused_naming_its_field(place: str, text: str) -> None:
+    """Every string of a job (and every metadata key) is checked: a lone surrogate is a
+    JobValidationError naming the field, on the fast path and the full one, never a UnicodeEncodeError."""
+    job, field = _with_broken_string(place, text)
+    assert encode_plain_job(job, **LIMITS) is None
+    assert plain_job(job, **LIMITS, json_size=100) is None
+    with pytest.raises(JobValidationError) as caught:
+        validate_job(job, **LIMITS)
+    assert any(p.field == field and "lone surrogate" in p.message for p in caught.value.problems), caught.value
+    outbox = Outbox(SETTINGS, None)  # type: ignore[arg-type]  # refused before anything is written
+    with pytest.raises(JobValidationError) as caught:
+        outbox.enqueue_many([plain_base, job], "bulk")
+    assert any(p.field == f"jobs[1].{field}" for p in caught.value.problems), caught.value

@@ -1,12 +1,21 @@
-"""`sms-worker worker --lanes/--skip-lanes`: which lanes and Dramatiq queues a worker process takes."""
+"""`sms-worker worker --lanes/--skip-lanes`: which lanes and Dramatiq queues a worker process takes; and
+`sms-worker check` on a Redis that evicts or forgets (against a real redis-server and the sandbox)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
 import pytest
+import redis
 
 from worker.cli import _worker_queues
+from worker.devstack import DevStack
 from worker.errors import SmsWorkerError
-from worker.settings import load_settings
+from worker.sandbox.process import SandboxProcess
+from worker.settings import Settings, load_settings
 
 SETTINGS = load_settings(
     icomm_api_key="k" * 20,
@@ -34,3 +43,58 @@ def test_skip_lanes_takes_the_shared_queue_and_every_other_lane() -> None:
 def test_mistakes_are_refused_with_a_clear_message(only: str | None, skip: str | None, message: str) -> None:
     with pytest.raises(SmsWorkerError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _worker_queues(SETTINGS, only, skip)
+
+
+# --- `sms-worker check`: a Redis that evicts or forgets fails it, one line per problem -----------------
+
+
+@pytest.fixture(scope="module")
+def check_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A private redis-server (reconfigured per test) and the sandbox as the API."""
+    with DevStack(log_dir=tmp_path_factory.mktemp("check")) as stack, SandboxProcess(api_key="k" * 20) as sandbox:
+        stack.start_redis()
+        yield {"REDIS_URL": stack.env["REDIS_URL"], "ICOMM_BASE_URL": sandbox.url, "ICOMM_API_KEY": "k" * 20}
+
+
+def _check(env: dict[str, str], redis_config: dict[str, str], **extra: str) -> subprocess.CompletedProcess[str]:
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    try:
+        for name, value in {"maxmemory-policy": "noeviction", "save": "", **redis_config}.items():
+            client.config_set(name, value)
+        clean = {k: v for k, v in os.environ.items() if k.upper() not in {n.upper() for n in Settings.model_fields}}
+        return subprocess.run([sys.executable, "-m", "worker.cli", "check"], env={**clean, **env, **extra},
+                              capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        client.close()
+
+
+def test_check_passes_on_a_persistent_noeviction_redis(check_env: dict[str, str]) -> None:
+    done = _check(check_env, {"save": "3600 1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "persistence rdb" in done.stdout and "icomm API: ok" in done.stdout and done.stderr == ""
+
+
+def test_check_fails_on_no_persistence_unless_accepted(check_env: dict[str, str]) -> None:
+    done = _check(check_env, {})
+    assert done.returncode == 1, done.stdout
+    [line] = done.stderr.splitlines()
+    assert "persistence is off" in line and "CONFIG SET appendonly yes" in line and "SMS_REDIS_ALLOW_VOLATILE" in line
+    assert "icomm API: ok" in done.stdout, "the API is still checked"
+    accepted = _check(check_env, {}, SMS_REDIS_ALLOW_VOLATILE="true")
+    assert accepted.returncode == 0, accepted.stderr
+    assert "redis accepted: Redis persistence is off" in accepted.stdout
+
+
+def test_check_fails_on_eviction_even_when_volatility_is_accepted(check_env: dict[str, str]) -> None:
+    done = _check(check_env, {"maxmemory-policy": "allkeys-lru"}, SMS_REDIS_ALLOW_VOLATILE="true")
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith("sms-worker: Redis maxmemory-policy is allkeys-lru")
+    assert "CONFIG SET maxmemory-policy noeviction" in line and "Traceback" not in done.stderr
+
+
+def test_check_names_each_problem_on_its_own_line(check_env: dict[str, str]) -> None:
+    done = _check(check_env, {"maxmemory-policy": "volatile-lru"})
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and "maxmemory-policy is volatile-lru" in lines[0] and "persistence is off" in lines[1]

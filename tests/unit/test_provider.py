@@ -19,8 +19,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
+from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
+import worker.provider as provider_module
 from worker.errors import (
     ConfigError,
     ProviderAmbiguous,
@@ -29,11 +31,13 @@ from worker.errors import (
     ProviderError,
     ProviderNotActedOn,
     ProviderRateLimited,
+    SendWindowClosed,
     Violation,
 )
 from worker.models import Job, encode_job
 from worker.provider import (
     MAX_FILTER_CHARS,
+    REPORTS_PATH,
     ConversionTracking,
     MessageStatus,
     Provider,
@@ -682,6 +686,180 @@ def test_one_provider_serves_many_threads(make: Callable[..., Harness]) -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         got = list(pool.map(send, range(200)))
     assert got == [f"sw-{n}" for n in range(200)]
+
+
+# --- the send fence (MockTransport: asked right before the transport gets the request) --------------
+
+
+class Fence:
+    """A scripted fence: answers in order (the last one repeats), noting how many requests the Api
+    had received at each call."""
+
+    def __init__(self, api: Api, *answers: bool | Exception) -> None:
+        self.api = api
+        self.answers = list(answers)
+        self.seen: list[int] = []
+
+    def __call__(self) -> bool:
+        self.seen.append(self.api.calls)
+        answer = self.answers[min(len(self.seen), len(self.answers)) - 1]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def test_open_fence_is_asked_once_per_attempt_and_before_each_retry(make: Callable[..., Harness]) -> None:
+    """Two 503s then a 200: the fence is asked right before each of the 3 requests, and once more
+    before each of the 2 backoff sleeps; the send succeeds."""
+    h = make(api_error(503), api_error(503), accepted("sw-1"))
+    fence = Fence(h.api, True)
+    assert h.provider.send(one_request(), fence=fence).messages[0].message_id == "sw-1"
+    # attempt 1 (0 requests so far), before sleep 1 and attempt 2 (1), before sleep 2 and attempt 3 (2)
+    assert fence.seen == [0, 1, 1, 2, 2]
+    assert (h.api.calls, len(h.sleeps)) == (3, 2)
+
+
+def test_closed_fence_sends_nothing_and_is_not_retried(make: Callable[..., Harness]) -> None:
+    """A fence that says no: nothing reaches the transport, SendWindowClosed, no retry, no sleep."""
+    h = make(accepted("sw-1"))
+    fence = Fence(h.api, False)
+    with capture_logs() as logs, pytest.raises(SendWindowClosed) as caught:
+        h.provider.send(one_request(), fence=fence)
+    assert isinstance(caught.value, ProviderNotActedOn)
+    assert "was not sent" in str(caught.value)
+    assert "nothing was written" in str(caught.value)
+    assert (fence.seen, h.api.calls, h.sleeps) == ([0], 0, [])
+    assert not [entry for entry in logs if entry["event"] == "provider_retry"]
+
+
+def test_fence_that_raises_counts_as_closed_and_keeps_no_secret(make: Callable[..., Harness]) -> None:
+    """A fence that fails (e.g. Redis unreachable) is a closed fence; its error is the cause unless
+    its text carries the API key."""
+    h = make(accepted("sw-1"))
+    failure = ConnectionError("redis down")
+    with pytest.raises(SendWindowClosed) as caught:
+        h.provider.send(one_request(), fence=Fence(h.api, failure))
+    assert caught.value.__cause__ is failure
+    assert "ConnectionError" in str(caught.value)
+    leaky = RuntimeError(f"fence saw App {API_KEY}")
+    with pytest.raises(SendWindowClosed) as caught:
+        h.provider.send(one_request(), fence=Fence(h.api, leaky))
+    assert caught.value.__cause__ is None
+    assert API_KEY not in str(caught.value)
+    assert API_KEY not in repr(caught.value)
+    assert h.api.calls == 0
+
+
+def test_fence_closed_before_a_retry_stops_without_sleeping(make: Callable[..., Harness]) -> None:
+    """After a 503 the fence is asked before the backoff sleep: closed, the call ends at once with
+    SendWindowClosed (not the 503) and never sleeps through the deadline."""
+    h = make(api_error(503, retry_after="3"), accepted("sw-1"))
+    fence = Fence(h.api, True, False)
+    with pytest.raises(SendWindowClosed, match=r"not retried after attempt 1 \(ProviderNotActedOn\)"):
+        h.provider.send(one_request(), fence=fence)
+    assert (fence.seen, h.api.calls, h.sleeps) == ([0, 1], 1, [])
+
+
+def test_fence_closing_during_the_sleep_stops_the_next_attempt(make: Callable[..., Harness]) -> None:
+    """Open before the sleep, closed after it: the retry's own check stops it before the transport."""
+    h = make(httpx.ConnectError("refused"), accepted("sw-1"))
+    fence = Fence(h.api, True, True, False)
+    with pytest.raises(SendWindowClosed, match="was not sent"):
+        h.provider.send(one_request(), fence=fence)
+    assert (fence.seen, h.api.calls, len(h.sleeps)) == ([0, 1, 1], 1, 1)
+
+
+def test_fence_is_not_asked_for_an_attempt_that_never_gets_to_write(make: Callable[..., Harness]) -> None:
+    """Rate limited twice with a Retry-After beyond the ceiling: one request, one fence call, and the
+    caller gets the ProviderRateLimited (the fence was open, the provider said later)."""
+    h = make(api_error(429, retry_after="120"))
+    fence = Fence(h.api, True)
+    with pytest.raises(ProviderRateLimited):
+        h.provider.send(one_request(), fence=fence)
+    assert (fence.seen, h.api.calls) == ([0], 1)
+
+
+def test_concurrent_fenced_sends_each_ask_their_own_fence(make: Callable[..., Harness]) -> None:
+    """Threads sharing one Provider: each send asks its own fence exactly once."""
+    h = make(accepted("sw-1"))
+    asked: list[int] = []
+    lock = threading.Lock()
+
+    def send(n: int) -> None:
+        def fence() -> bool:
+            with lock:
+                asked.append(n)
+            return n % 3 != 0
+
+        try:
+            h.provider.send(one_request(), fence=fence)
+        except SendWindowClosed:
+            assert n % 3 == 0
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(send, range(60)))
+    assert sorted(asked) == list(range(60))
+    assert h.api.calls == 40
+
+
+# --- pool healing with an injected transport ------------------------------------------------------
+
+
+def _resets(reason: str) -> float:
+    return REGISTRY.get_sample_value("sms_provider_pool_resets_total", {"reason": reason}) or 0.0
+
+
+def test_pool_timeout_with_no_holder_replaces_the_client(make: Callable[..., Harness]) -> None:
+    """A PoolTimeout while no request holds a connection means leaked slots: the client is replaced
+    (warning and metric), the retry goes through the new client, the injected transport is kept."""
+    h = make(httpx.PoolTimeout("busy"), accepted("sw-1"))
+    old = h.provider._generation.client
+    before = _resets("leaked_slots")
+    with capture_logs() as logs:
+        assert h.provider.send(one_request()).messages[0].message_id == "sw-1"
+    resets = [entry for entry in logs if entry["event"] == "provider_pool_reset"]
+    assert [(r["log_level"], r["reason"], r["generation"], r["holding"]) for r in resets] == [
+        ("warning", "leaked_slots", 2, 0),
+    ]
+    assert _resets("leaked_slots") == before + 1
+    assert h.provider._generation.client is not old
+    assert h.api.calls == 2
+    assert API_KEY not in repr(logs)
+
+
+def test_busy_pool_is_not_reset_until_nobody_gets_a_connection_for_too_long(
+    make: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every slot held by a request in flight is a busy pool: PoolTimeouts then are not a reason to
+    reset. Only when no request got a connection for longer than a whole attempt can take (pool +
+    connect + write + read timeouts) is the client replaced (`no_progress`)."""
+    now = [1000.0]
+    monkeypatch.setattr(provider_module, "_now", lambda: now[0])
+    release = threading.Event()
+    holder_in = threading.Event()
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        if request.url.path == REPORTS_PATH:
+            request.extensions["trace"]("connection.connect_tcp.started", {})  # as httpcore would
+            holder_in.set()
+            assert release.wait(10)
+            return ok({"results": []})
+        raise httpx.PoolTimeout("busy")
+
+    h = make(reply, icomm_max_connections=1, icomm_send_retry_attempts=1)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        holder = pool.submit(h.provider.reports_raw)
+        assert holder_in.wait(10)
+        with pytest.raises(ProviderNotActedOn):
+            h.provider.send(one_request())
+        assert h.provider._generation.number == 1  # busy, not broken
+        now[0] += 5.0 + 3.0 + 10.0 + 15.0 + 0.1  # the default pool, connect, write and read timeouts
+        with capture_logs() as logs, pytest.raises(ProviderNotActedOn):
+            h.provider.send(one_request())
+        assert [e["reason"] for e in logs if e["event"] == "provider_pool_reset"] == ["no_progress"]
+        assert h.provider._generation.number == 2
+        release.set()
+        assert holder.result() == b'{"results":[]}'  # the request in flight on the old client finished
 
 
 # --- reports --------------------------------------------------------------------------------------

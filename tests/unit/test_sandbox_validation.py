@@ -299,6 +299,15 @@ def test_text_too_long_limits() -> None:
     assert text_too_long("ж" * 2001, 1)
 
 
+def test_the_byte_limit_counts_the_sms_encoding_not_utf8() -> None:
+    """25 parts of euro signs (3,824 septets, 5,736 bytes of UTF-8) or of CJK (1,675 UCS-2 units) are
+    sent; the 26th part is too long."""
+    for text in ("€" * 1912, "漢" * 1675):
+        assert text_parts(text) == 25 and not text_too_long(text, 25)
+    for text in ("€" * 1913, "漢" * 1676):
+        assert text_parts(text) == 26 and text_too_long(text, 26)
+
+
 def test_binary_parts() -> None:
     """Binary payloads split at 140 bytes, then 134 per part."""
     assert binary_parts(" ".join(["00"] * 140)) == 1

@@ -1,21 +1,18 @@
--- report_append.lua: append one raw page of GET /sms/3/reports to the raw stream, but only while
--- the caller's drain lease is current (fencing), before anything parses it.
+-- report_append.lua: append one raw page of GET /sms/3/reports to the raw stream before anything
+-- parses it, and tell the caller whether its drain lease is still current (fencing).
 -- KEYS[1]  the raw reports stream
 -- KEYS[2]  the drain lease's fencing counter (see lease.lua)
--- KEYS[3]  the dead-letter stream
 -- ARGV[1]  the caller's fencing token
 -- ARGV[2]  the raw page (the 200 body, as received)
--- ARGV[3]  now, ISO 8601 (for the dead letter)
--- Returns {1, entry id} when appended; {0, dead-letter id} when the token is stale.
--- A drainer whose lease was taken over must not feed the processor any more. Its page was
--- already handed out by the provider, once and for all, so it is not dropped either: it goes to
--- the dead letters with reason drain_fenced, verbatim, for an operator to look at.
+-- Returns {1, entry id} when the token is current; {0, entry id} when it is stale.
+-- The page is appended either way. The provider handed it out once and for all, and processing is
+-- idempotent (a report applied twice gives one event), so a page fetched by a drainer that paused
+-- past its lease is as good as any other; kept aside instead (it used to be dead-lettered as
+-- drain_fenced) nothing would ever apply it. The stale token only tells that drainer to stop
+-- fetching: the lease, and the pages after this one, belong to its successor.
 local current = redis.call('GET', KEYS[2])
+local id = redis.call('XADD', KEYS[1], '*', 'page', ARGV[2], 'src', 'drain', 'fence', ARGV[1])
 if current and current == ARGV[1] then
-  return {1, redis.call('XADD', KEYS[1], '*', 'page', ARGV[2], 'src', 'drain', 'fence', ARGV[1])}
+  return {1, id}
 end
-local entry = cjson.encode({
-  kind = 'report_page', reason = 'drain_fenced', at = ARGV[3], page = ARGV[2],
-  detail = 'fencing token ' .. ARGV[1] .. ' is stale (current: ' .. tostring(current) .. ')',
-})
-return {0, redis.call('XADD', KEYS[3], '*', 'message_id', '', 'entry', entry)}
+return {0, id}

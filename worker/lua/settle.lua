@@ -7,10 +7,16 @@
 -- ARGV[4]  state TTL in seconds
 -- Then for each message: message id, outbox entry id ("" for none), new state, "1" to acknowledge
 --   and delete the entry (outcome final for the outbox) or "0" to keep it pending, event JSON
---   ("" for none), report deadline in ms ("" for none), dead-letter JSON ("" for none), the
---   number n of extra hash fields, and then n field/value pairs.
+--   ("" for none), report deadline in ms ("" for none), dead-letter JSON ("" for none), guard
+--   ("" for none, "f:<fence token>" or "c:<checker>", see below), the number n of extra hash
+--   fields, and then n field/value pairs.
 -- A state change is applied only where the transition is allowed (see ALLOWED); otherwise the
 -- message keeps its state and no event or dead letter is written, but the entry is still acked.
+-- A guarded outcome is our own decision about a message (not sent after all, ambiguous, given
+-- up), valid only while we still own it: "f:" while its fence is still ours (nobody resent it
+-- since), "c:" while we hold its reconciliation lease. A stale owner's guarded outcome changes
+-- nothing and leaves the entry to its new owner. Unguarded outcomes are the provider's facts
+-- (accepted, rejected) and apply whoever learnt them.
 -- Returns, per message, 1 if the change was applied and 0 if not.
 local ALLOWED = {
   SUBMITTING = {QUEUED = true},
@@ -23,17 +29,32 @@ local ALLOWED = {
 local outbox, events, awaiting, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, now, maxlen, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local acks, out = {}, {}
+local t = redis.call('TIME')
+local server_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)  -- leases are on this clock
 local at = 5
 
 for i = 5, #KEYS do
   local key = KEYS[i]
   local mid, entry, state, ack = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
-  local event, deadline, dead, n = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6], tonumber(ARGV[at + 7])
-  local current = redis.call('HGET', key, 'state') or 'NONE'
+  local event, deadline, dead, guard = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6], ARGV[at + 7]
+  local n = tonumber(ARGV[at + 8])
+  local h = redis.call('HMGET', key, 'state', 'fence', 'checker', 'check_until')
+  local current = h[1] or 'NONE'
+  local owned = true
+  if guard ~= '' then
+    local kind, who = string.sub(guard, 1, 1), string.sub(guard, 3)
+    if kind == 'f' then
+      owned = h[2] == who
+    else
+      owned = h[3] == who and tonumber(h[4] or '0') > server_now
+    end
+  end
   local applied = 0
-  if ALLOWED[state] and ALLOWED[state][current] then
+  if not owned then
+    ack = '0'
+  elseif ALLOWED[state] and ALLOWED[state][current] then
     applied = 1
-    redis.call('HSET', key, 'state', state, 'updated_ms', now, unpack(ARGV, at + 8, at + 7 + 2 * n))
+    redis.call('HSET', key, 'state', state, 'updated_ms', now, unpack(ARGV, at + 9, at + 8 + 2 * n))
     -- submit.lua set the TTL when it made the hash; only a hash made here needs one.
     if current == 'NONE' then redis.call('EXPIRE', key, ttl) end
     if event ~= '' then
@@ -44,7 +65,7 @@ for i = 5, #KEYS do
   end
   out[#out + 1] = applied
   if ack == '1' and entry ~= '' then acks[#acks + 1] = entry end
-  at = at + 8 + 2 * n
+  at = at + 9 + 2 * n
 end
 
 -- XACK/XDEL take many ids; chunks keep unpack() under Lua's stack limit.

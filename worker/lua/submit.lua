@@ -1,43 +1,64 @@
--- submit.lua: record that messages are about to be POSTed (state SUBMITTING) before the request.
--- KEYS[i]  the message hash of the i-th message
--- ARGV[1]  now in ms
--- ARGV[2]  state TTL in seconds
--- ARGV[3]  this consumer's name
--- ARGV[4]  lease in ms for a reconciliation (see below)
--- ARGV[4+3i-2..4+3i]  for message i: lane, outbox entry id, job JSON
--- Returns, per message, {previous state, attempts}:
---   new or QUEUED      -> moved to SUBMITTING, one more attempt counted; the caller sends it.
+-- submit.lua: record that messages are about to be POSTed (state SUBMITTING) before the request,
+-- under a fence: the batch may write its request only while its fence key lives.
+-- KEYS[1]  the batch's fence key (set here, PX = send window, when a message moves to SUBMITTING)
+-- KEYS[1+i] the message hash of the i-th message
+-- ARGV[1]  state TTL in seconds
+-- ARGV[2]  this consumer's name
+-- ARGV[3]  lease in ms for a reconciliation (see below)
+-- ARGV[4]  the batch's fence token
+-- ARGV[5]  send window in ms: the request may be written until now + this, never after
+-- ARGV[6]  margin in ms a takeover adds to a SUBMITTING message's send_by before reconciling it
+-- ARGV[6+3i-2..6+3i]  for message i: lane, outbox entry id, job JSON
+-- Time is the server's (TIME), so every host's deadlines are on one clock.
+-- Returns, per message, {previous state, attempts, wait ms}:
+--   new or QUEUED -> moved to SUBMITTING with fence = the token and send_by = now + window, one
+--                    more attempt counted; the caller sends it.
+--   WAIT          -> SUBMITTING and its owner may still write the request (send_by + margin is in
+--                    the future): nobody may look at the logs yet; wait ms says for how long.
 --   SUBMITTING or AMBIGUOUS -> a previous attempt may have reached the provider; the caller
---                         reconciles it. Only one consumer at a time: the first takes a
---                         reconciliation lease, others get BUSY and leave the entry alone.
---   any other state    -> returned as it is; the caller only acknowledges the entry.
-local now, ttl, me, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-local out = {}
-for i, key in ipairs(KEYS) do
-  local base = 4 + (i - 1) * 3
-  local current = redis.call('HMGET', key, 'state', 'attempts')
+--                    reconciles it. Only one consumer at a time: the first takes a reconciliation
+--                    lease (checker, check_until), others get BUSY and leave the entry alone.
+--   any other state -> returned as it is; the caller only acknowledges the entry.
+local ttl, me, lease, token = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local window, margin = tonumber(ARGV[5]), tonumber(ARGV[6])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out, fenced = {}, false
+for i = 2, #KEYS do
+  local key = KEYS[i]
+  local base = 6 + (i - 2) * 3
+  local current = redis.call('HMGET', key, 'state', 'attempts', 'send_by', 'updated_ms')
   local state, attempts = current[1], tonumber(current[2] or '0')
   if not state then
     redis.call('HSET', key, 'state', 'SUBMITTING', 'lane', ARGV[base + 1], 'entry', ARGV[base + 2],
-      'job', ARGV[base + 3], 'attempts', 1, 'first_ms', now, 'updated_ms', now)
+      'job', ARGV[base + 3], 'attempts', 1, 'first_ms', now, 'updated_ms', now,
+      'fence', token, 'send_by', now + window)
     redis.call('EXPIRE', key, ttl)
-    out[i] = {'NEW', 1}
+    out[i - 1] = {'NEW', 1, 0}
+    fenced = true
   elseif state == 'QUEUED' then
     attempts = attempts + 1
     redis.call('HSET', key, 'state', 'SUBMITTING', 'entry', ARGV[base + 2], 'attempts', attempts,
-      'updated_ms', now)
+      'updated_ms', now, 'fence', token, 'send_by', now + window)
+    redis.call('HDEL', key, 'checker', 'check_until', 'absent_checks', 'absent_first')
     redis.call('EXPIRE', key, ttl)
-    out[i] = {'QUEUED', attempts}
+    out[i - 1] = {'QUEUED', attempts, 0}
+    fenced = true
   elseif state == 'SUBMITTING' or state == 'AMBIGUOUS' then
+    -- A record from before fencing has no send_by: its owner had at most a window from updated_ms.
+    local send_by = tonumber(current[3] or '') or (tonumber(current[4] or '0') + window)
     local holder = redis.call('HMGET', key, 'checker', 'check_until')
-    if holder[1] and holder[1] ~= me and tonumber(holder[2]) > now then
-      out[i] = {'BUSY', attempts}
+    if state == 'SUBMITTING' and send_by + margin > now then
+      out[i - 1] = {'WAIT', attempts, send_by + margin - now}
+    elseif holder[1] and holder[1] ~= me and tonumber(holder[2]) > now then
+      out[i - 1] = {'BUSY', attempts, 0}
     else
       redis.call('HSET', key, 'checker', me, 'check_until', now + lease)
-      out[i] = {state, attempts}
+      out[i - 1] = {state, attempts, 0}
     end
   else
-    out[i] = {state, attempts}
+    out[i - 1] = {state, attempts, 0}
   end
 end
+if fenced then redis.call('SET', KEYS[1], me, 'PX', window) end
 return out

@@ -7,14 +7,15 @@ import contextlib
 import gc
 import hmac
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Final, TypeVar
 
 import orjson
 
 from worker.sandbox import errors
+from worker.sandbox.codes import JsonObj
 from worker.sandbox.config import SandboxConfig, apply_updates, config_as_dict
-from worker.sandbox.faults import After, Before
+from worker.sandbox.faults import After, Before, reshape_results
 from worker.sandbox.reports import log_of, report_of
 from worker.sandbox.state import SandboxState
 from worker.sandbox.validation import parse_logs_query, parse_reports_query
@@ -25,6 +26,7 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+_T = TypeVar("_T")
 
 SEND: Final = "POST /sms/3/messages"
 REPORTS: Final = "GET /sms/3/reports"
@@ -77,6 +79,7 @@ class SandboxApp:
         self.state = SandboxState(config, time.time())
         self._pusher: WebhookPusher | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._held: set[asyncio.Task[Any]] = set()  # late acceptances under way (see _detached)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -96,9 +99,9 @@ class SandboxApp:
         self._tasks = [asyncio.create_task(self._tick()), asyncio.create_task(self._pusher.run())]
 
     async def _stop(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._held]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._held, return_exceptions=True)
         if self._pusher is not None:
             await self._pusher.close()
         if self._manage_gc:
@@ -216,27 +219,53 @@ class SandboxApp:
         if faults.before is not None:
             await self._refuse(state, faults.before, faults.status, faults.retry_after_s, send)
             return
+        if faults.hold_s > 0:
+            state.faults_injected["late_accept"] += 1
+            # The provider acts late, whether or not the client still waits: the acceptance runs
+            # in a task of the app's own, which a cancelled or abandoned request does not stop.
+            state, response, refusal = await asyncio.shield(self._detached(self._accept_late(raw, faults.hold_s)))
+        else:
+            state, response, refusal = self._accept(raw)
+        if response is None:
+            state.requests[SEND, 400] += 1
+            await _respond(send, 400, refusal)
+            return
+        reshape_results(response, faults, self.config, state.faults_injected)
+        await self._answer(state, faults.after, orjson.dumps(response), send)
+
+    def _accept(self, raw: bytes) -> tuple[SandboxState, JsonObj | None, bytes]:
+        """Accept a send body now: (state, SmsResponse, b"") or (state, None, the 400 body)."""
+        state = self.state
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            state.requests[SEND, 400] += 1
-            await _respond(send, 400, errors.bad_request([("", "request body is not valid JSON")]))
-            return
+            return state, None, errors.bad_request([("", "request body is not valid JSON")])
         poisoned = _poisoned(body, self.config.reject_text_containing)
         if poisoned:
             state.faults_injected["reject_text"] += 1
-            state.requests[SEND, 400] += 1
-            await _respond(send, 400, errors.bad_request(poisoned))
-            return
+            return state, None, errors.bad_request(poisoned)
         response, violations = state.accept(body, time.time())
         if response is None:
-            state.requests[SEND, 400] += 1
-            await _respond(send, 400, errors.bad_request(violations))
-            return
-        payload = orjson.dumps(response)
+            return state, None, errors.bad_request(violations)
         if self._manage_gc and len(response["messages"]) >= _FREEZE_AT_MESSAGES:
             gc.freeze()  # the new records are never walked by the GC (see _start)
-        if faults.after is After.DROP:
+        return state, response, b""
+
+    async def _accept_late(self, raw: bytes, hold_s: float) -> tuple[SandboxState, JsonObj | None, bytes]:
+        """The late-accept fault: accept only once `hold_s` has passed (into the state current then)."""
+        await asyncio.sleep(hold_s)
+        return self._accept(raw)
+
+    def _detached(self, work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """Run `work` as a task the app holds on to until it ends (or the app stops)."""
+        task = asyncio.ensure_future(work)
+        self._held.add(task)
+        task.add_done_callback(self._held.discard)
+        return task
+
+    async def _answer(self, state: SandboxState, after: After | None, payload: bytes, send: Send) -> None:
+        """Send the 200 of an accepted send, spoilt the way the `after` fault says."""
+        if after is After.DROP:
             # Headers promise the whole body, half of it goes out, then the handler returns and
             # the server closes the connection: the client sees a truncated response.
             state.faults_injected["drop"] += 1
@@ -245,11 +274,19 @@ class SandboxApp:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": payload[: len(payload) // 2], "more_body": True})
             return
-        if faults.after is After.TIMEOUT:
+        if after is After.TIMEOUT:
             state.faults_injected["timeout"] += 1
             await asyncio.sleep(self.config.timeout_delay_ms / 1000.0)
+        content_type = _JSON
+        if after is After.HTML_BODY:
+            state.faults_injected["html_body"] += 1
+            payload, content_type = errors.PROXY_PAGE, _HTML
+        elif after is After.TRUNCATED_BODY:
+            # Unlike DROP the response is complete (Content-Length matches): only the JSON is cut.
+            state.faults_injected["truncated_body"] += 1
+            payload = payload[: len(payload) // 2]
         state.requests[SEND, 200] += 1
-        await _respond(send, 200, payload)
+        await _respond(send, 200, payload, content_type)
 
     async def _refuse(
         self, state: SandboxState, kind: Before, status: int, retry_after_s: int | None, send: Send

@@ -57,6 +57,9 @@ REJECTED_DUPLICATE_MESSAGE_ID: Final = _status(
 REJECTED_MESSAGE_TOO_LONG: Final = _status(5, "REJECTED", 25, "REJECTED_MESSAGE_TOO_LONG", "Message too long")
 MISSING_TO: Final = _status(5, "REJECTED", 51, "MISSING_TO", "Missing destination address")
 REJECTED_DESTINATION: Final = _status(5, "REJECTED", 52, "REJECTED_DESTINATION", "Invalid destination address")
+# Not in the vendor's list: the `unknown_status_rate` fault answers an accepted destination with it,
+# standing for a status group the provider adds after the client was written.
+SCHEDULED_ACCEPTED: Final = _status(7, "SCHEDULED", 99, "SCHEDULED_ACCEPTED", "Message accepted and scheduled")
 
 # --- errors (group ids: 0 OK, 1 HANDSET_ERRORS, 2 USER_ERRORS, 3 OPERATOR_ERRORS) ---
 NO_ERROR: Final = _error(0, "OK", 0, "NO_ERROR", "No Error", False)

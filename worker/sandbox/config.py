@@ -31,9 +31,16 @@ class SandboxConfig:
     accept_then_timeout_rate: float = 0.0
     timeout_delay_ms: float = 30000.0
     drop_rate: float = 0.0
+    html_body_rate: float = 0.0
+    truncated_body_rate: float = 0.0
+    partial_results_rate: float = 0.0
+    unknown_status_rate: float = 0.0
+    late_accept_rate: float = 0.0
+    late_accept_delay_ms: float = 30000.0
     request_rate_limit: float = 0.0
     down: bool = False
     logs_rate_per_min: int = 120
+    logs_lag_ms: float = 0.0
     forbidden_keys: tuple[str, ...] = ()
     reject_duplicate_ids: bool = True
     reject_text_containing: str = ""
@@ -151,9 +158,30 @@ _KNOBS: Final[dict[str, _Knob]] = {
     "accept_then_timeout_rate": _Knob(_share, "share of sends accepted, then answered after --timeout-delay-ms", "P"),
     "timeout_delay_ms": _Knob(_number, "how long the timeout fault holds the response", "MS"),
     "drop_rate": _Knob(_share, "share of sends accepted, then the connection is cut mid-response", "P"),
+    "html_body_rate": _Knob(
+        _share, "share of sends accepted, then answered 200 with a proxy's HTML page instead of JSON", "P"
+    ),
+    "truncated_body_rate": _Knob(
+        _share, "share of sends accepted, then answered 200 with the JSON cut in half (a complete response)", "P"
+    ),
+    "partial_results_rate": _Knob(
+        _share,
+        "share of sends accepted whole whose 200 lists only some results (each left out with p=0.5, at least one)",
+        "P",
+    ),
+    "unknown_status_rate": _Knob(
+        _share, "share of accepted destinations whose result has an unknown status group (7 SCHEDULED)", "P"
+    ),
+    "late_accept_rate": _Knob(
+        _share,
+        "share of sends held --late-accept-delay-ms, then accepted (even if the client left) and answered",
+        "P",
+    ),
+    "late_accept_delay_ms": _Knob(_number, "how long the late-accept fault holds a send before accepting it", "MS"),
     "request_rate_limit": _Knob(_number, "POST /sms/3/messages requests/s before 429 (0: unlimited)", "RPS"),
     "down": _Knob(_boolean, "every API endpoint answers 503 (an outage)"),
     "logs_rate_per_min": _Knob(_integer, "GET /sms/3/logs requests per minute before 429", "N"),
+    "logs_lag_ms": _Knob(_number, "an accepted message shows in GET /sms/3/logs only this long after acceptance", "MS"),
     "forbidden_keys": _Knob(_keys, "an API key that authenticates but lacks permission (403); repeatable", "KEY"),
     "reject_duplicate_ids": _Knob(_boolean, "reject an already accepted messageId with status 23"),
     "reject_text_containing": _Knob(

@@ -91,3 +91,11 @@ def gateway_page(status: int) -> bytes:
         f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n"
         "</body>\r\n</html>\r\n"
     ).encode()
+
+
+# The html_body fault: a 200 from something between the client and the API (a proxy's or a
+# captive portal's page) while the request did reach the API and was accepted.
+PROXY_PAGE: Final = (
+    b"<!DOCTYPE html>\r\n<html>\r\n<head><title>Request received</title></head>\r\n<body>\r\n"
+    b"<h1>Request received</h1>\r\n<p>Your request has been forwarded.</p>\r\n</body>\r\n</html>\r\n"
+)

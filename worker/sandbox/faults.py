@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import enum
 import random
+from collections import Counter
 from dataclasses import dataclass
 
+from worker.sandbox.codes import SCHEDULED_ACCEPTED, JsonObj
 from worker.sandbox.config import SandboxConfig
 
 
@@ -43,6 +45,8 @@ class After(enum.Enum):
 
     TIMEOUT = "timeout"  # hold the response for timeout_delay_ms
     DROP = "drop"  # cut the connection mid-response
+    HTML_BODY = "html_body"  # a 200 whose body is a proxy's HTML page
+    TRUNCATED_BODY = "truncated_body"  # a complete 200 whose JSON body stops half-way
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,9 @@ class SendFaults:
     status: int  # the HTTP status for `before`
     retry_after_s: int | None
     after: After | None
+    hold_s: float = 0.0  # late accept: how long to hold the request before accepting it (0: at once)
+    partial_results: bool = False  # leave some per-destination results out of the response
+    results_seed: int | None = None  # seeds the per-result draws; None when no per-result fault is on
 
 
 class FaultInjector:
@@ -91,12 +98,51 @@ class FaultInjector:
         if status == 429 and config.retry_after_share > 0 and rng.random() < config.retry_after_share:
             retry_after = config.retry_after_s
         after: After | None = None
-        if before is None:
-            if config.accept_then_timeout_rate > 0 and rng.random() < config.accept_then_timeout_rate:
-                after = After.TIMEOUT
-            elif config.drop_rate > 0 and rng.random() < config.drop_rate:
-                after = After.DROP
-        return SendFaults(delay_s, before, status, retry_after, after)
+        if before is not None:
+            return SendFaults(delay_s, before, status, retry_after, after)
+        # Each draw below happens only while its knob is on, so a seed gives the same faults as
+        # before these knobs existed when they are off.
+        if config.accept_then_timeout_rate > 0 and rng.random() < config.accept_then_timeout_rate:
+            after = After.TIMEOUT
+        elif config.drop_rate > 0 and rng.random() < config.drop_rate:
+            after = After.DROP
+        elif config.html_body_rate > 0 and rng.random() < config.html_body_rate:
+            after = After.HTML_BODY
+        elif config.truncated_body_rate > 0 and rng.random() < config.truncated_body_rate:
+            after = After.TRUNCATED_BODY
+        hold_s = 0.0
+        if config.late_accept_rate > 0 and rng.random() < config.late_accept_rate:
+            hold_s = config.late_accept_delay_ms / 1000.0
+        partial = config.partial_results_rate > 0 and rng.random() < config.partial_results_rate
+        # Per-result draws get their own stream, seeded now: which results they hit does not depend
+        # on what other requests draw meanwhile (a late accept draws them seconds later).
+        results_seed = rng.getrandbits(64) if partial or config.unknown_status_rate > 0 else None
+        return SendFaults(delay_s, before, status, retry_after, after, hold_s, partial, results_seed)
+
+
+def reshape_results(response: JsonObj, faults: SendFaults, config: SandboxConfig, counts: Counter[str]) -> None:
+    """Apply the per-result faults to an accepted send's response, in place; `counts` gets one per change.
+
+    The records behind the response are untouched: a message answered with an unknown status, or
+    left out of the list, is accepted all the same and gets its report and its log entry.
+    """
+    if faults.results_seed is None:
+        return
+    rng = random.Random(faults.results_seed)
+    results: list[JsonObj] = response["messages"]
+    rate = config.unknown_status_rate
+    if rate > 0:
+        for result in results:
+            if result["status"]["name"] == "PENDING_ACCEPTED" and rng.random() < rate:
+                result["status"] = SCHEDULED_ACCEPTED
+                counts["unknown_status"] += 1
+    if faults.partial_results:
+        kept = [result for result in results if rng.random() >= 0.5]
+        if len(kept) == len(results):
+            del kept[int(rng.random() * len(kept))]
+        counts["partial_results"] += 1
+        counts["partial_results_dropped"] += len(results) - len(kept)
+        response["messages"] = kept
 
 
 class LogsLimiter:

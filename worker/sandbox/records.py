@@ -16,7 +16,7 @@ TO: Final = 1  # str
 SENDER: Final = 2  # str | None
 CONTENT: Final = 3  # the content dict as sent
 EXTRA: Final = 4  # the SmsMessage dict when it has options or webhooks, else None
-BULK: Final = 5  # (bulkId, sentAt unix seconds), shared by the request's records
+BULK: Final = 5  # (bulkId, sentAt, acceptedAt; unix seconds), shared by the request's records
 COUNT: Final = 6  # messageCount (SMS parts)
 STATE: Final = 7  # one of the lifecycle states below
 STATUS: Final = 8  # final MessageStatus dict, None while pending
@@ -43,6 +43,12 @@ def bulk_id(record: Record) -> str:
 def sent_at(record: Record) -> float:
     """When the message was (or is scheduled to be) sent, unix seconds."""
     result: float = record[BULK][1]
+    return result
+
+
+def accepted_at(record: Record) -> float:
+    """When the sandbox accepted the message, unix seconds (before sentAt for a scheduled send)."""
+    result: float = record[BULK][2]
     return result
 
 

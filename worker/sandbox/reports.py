@@ -74,7 +74,7 @@ def _add_optional(shape: JsonObj, record: Record) -> None:
 
 def report_of(record: Record, price_per_message: float, currency: str) -> JsonObj:
     """The DeliveryReport of a record whose outcome was generated."""
-    bulk_id, sent_at = record[BULK]
+    bulk_id, sent_at, _ = record[BULK]
     status = record[STATUS]
     report: JsonObj = {
         "bulkId": bulk_id,
@@ -112,7 +112,7 @@ def _log_content(content: dict[str, Any]) -> JsonObj:
 
 def log_of(record: Record, price_per_message: float, currency: str) -> JsonObj:
     """The Log entry of a record; its status is PENDING_ACCEPTED until the outcome is generated."""
-    bulk_id, sent_at = record[BULK]
+    bulk_id, sent_at, _ = record[BULK]
     status = record[STATUS]
     log: JsonObj = {
         "destination": record[TO],

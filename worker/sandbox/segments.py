@@ -48,10 +48,20 @@ def text_parts(text: str) -> int:
     return _parts(units, 70, 67)
 
 
+def _encoded_bytes(text: str) -> int:
+    """The text's size in its SMS encoding: a septet per GSM-7 character (two for an extension
+    character), two bytes per UTF-16 code unit in UCS-2."""
+    if _NOT_GSM.search(text) is None:
+        return len(text) + len(_EXTENSION.findall(text))
+    return len(text.encode("utf-16-le", "surrogatepass"))
+
+
 def text_too_long(text: str, parts: int) -> bool:
-    """True when the platform would reject the text with REJECTED_MESSAGE_TOO_LONG."""
-    # A character is at most 4 bytes in UTF-8, so short texts skip the encode.
-    return parts > MAX_PARTS or (len(text) * 4 > MAX_TEXT_BYTES and len(text.encode()) > MAX_TEXT_BYTES)
+    """True when the platform would reject the text with REJECTED_MESSAGE_TOO_LONG: more than 25
+    parts, or more than 4000 bytes in its SMS encoding (not UTF-8: a 25-part text of euro signs is
+    5,736 bytes of UTF-8 but 3,825 septets, and the platform sends it)."""
+    # Up to 2 bytes a character, so texts of up to half the cap are not measured.
+    return parts > MAX_PARTS or (len(text) * 2 > MAX_TEXT_BYTES and _encoded_bytes(text) > MAX_TEXT_BYTES)
 
 
 def is_hex(data: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 
 import uvicorn
 
@@ -34,6 +35,15 @@ def _require_loopback(host: str) -> None:
         raise ValueError(f"the sandbox only binds loopback addresses, not {host!r}")
 
 
+def _configure_logging(api_key: str) -> None:
+    """The sandbox's own warnings (failed webhook pushes, dropped reports) as the worker's structured
+    lines: JSON unless LOG_FORMAT=console, phone numbers masked and the API key redacted."""
+    from worker.logs import configure
+
+    fmt = "console" if os.environ.get("LOG_FORMAT", "").strip().lower() == "console" else "json"
+    configure(fmt=fmt, level="WARNING", secrets=[api_key])
+
+
 def build_app(api_key: str, config: SandboxConfig | None = None) -> ASGIApp:
     """The sandbox as an ASGI app accepting `Authorization: App <api_key>`."""
     if not api_key:
@@ -51,6 +61,7 @@ def run(
         _require_loopback(host)
     if not api_key:
         raise ValueError("api_key must not be empty")
+    _configure_logging(api_key)
     server_config = uvicorn.Config(
         SandboxApp(api_key, config or SandboxConfig(), manage_gc=True),
         host=host,

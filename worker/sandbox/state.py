@@ -43,6 +43,7 @@ from worker.sandbox.validation import (
 )
 
 RETENTION_S: Final = 48 * 3600
+Bulk = tuple[str, float, float]  # a request's (bulkId, sentAt, acceptedAt), shared by its records (records.BULK)
 # Shared `details` objects for the usual part counts (the response never mutates them).
 _DETAILS: Final = {count: {"messageCount": count} for count in range(1, 26)}
 
@@ -109,25 +110,11 @@ class SandboxState:
         of the common shape is checked inline, anything else goes through validate_message(). On
         the first violation the request's records are rolled back and the full list is returned.
         """
-        messages = body.get("messages") if type(body) is dict else None
-        if type(messages) is not list or not messages:
+        bulk = self._bulk_of(body, now)
+        if bulk is None:
             return None, validate_send_request(body, now)
-        options = body.get("options")
-        schedule = None
-        if options is not None:
-            problems: list[Violation] = []
-            validate_request_options(options, now, problems)
-            if problems:
-                return None, validate_send_request(body, now)
-            schedule = options.get("schedule")
-        bulk_id = schedule.get("bulkId") if schedule else None
-        if bulk_id is None:
-            bulk_id = next(self._bulk_ids)
-        sent_at = now
-        send_at = schedule.get("sendAt") if schedule else None
-        if send_at is not None:
-            sent_at = max(now, parse_datetime(send_at))
-        bulk = (bulk_id, sent_at)
+        bulk_id = bulk[0]
+        messages = body["messages"]
         reject_duplicates = self.config.reject_duplicate_ids
         index = self.by_message_id
         claim = index.setdefault
@@ -227,6 +214,31 @@ class SandboxState:
         self._commit(accepted, rejected, bulk, now)
         return {"bulkId": bulk_id, "messages": out}, []
 
+    def _bulk_of(self, body: Any, now: float) -> Bulk | None:
+        """The request's (bulkId, sentAt, acceptedAt), or None when its top level is invalid.
+
+        A bulkId is generated when the request names none; sentAt is now, or its later sendAt.
+        """
+        messages = body.get("messages") if type(body) is dict else None
+        if type(messages) is not list or not messages:
+            return None
+        options = body.get("options")
+        schedule = None
+        if options is not None:
+            problems: list[Violation] = []
+            validate_request_options(options, now, problems)
+            if problems:
+                return None
+            schedule = options.get("schedule")
+        bulk_id = schedule.get("bulkId") if schedule else None
+        if bulk_id is None:
+            bulk_id = next(self._bulk_ids)
+        sent_at = now
+        send_at = schedule.get("sendAt") if schedule else None
+        if send_at is not None:
+            sent_at = max(now, parse_datetime(send_at))
+        return bulk_id, sent_at, now
+
     def _invalid(self, message: Any, accepted: list[Record]) -> bool:
         """Full validation of one message; on violations, undo this request's index entries."""
         problems: list[Violation] = []
@@ -243,7 +255,7 @@ class SandboxState:
                     index[record[MESSAGE_ID]] = record[PREV]
         return True
 
-    def _commit(self, accepted: list[Record], rejected: list[str], bulk: tuple[str, float], now: float) -> None:
+    def _commit(self, accepted: list[Record], rejected: list[str], bulk: Bulk, now: float) -> None:
         """Book a valid request's records into the log, bulk index, schedule and counters."""
         for name in rejected:
             self.rejected_by_status[name] += 1
@@ -254,7 +266,7 @@ class SandboxState:
             for record in accepted:
                 if record[PREV] is not None or record[MESSAGE_ID] in self.retired_ids:
                     self.extra_sends[record[MESSAGE_ID]] += 1
-        bulk_id, sent_at = bulk
+        bulk_id, sent_at, _ = bulk
         self.log.extend(accepted)
         in_bulk = self.by_bulk.get(bulk_id)
         if in_bulk is None:
@@ -389,7 +401,14 @@ class SandboxState:
     # --- GET /sms/3/logs ---------------------------------------------------------------
 
     def query_logs(self, query: LogsQuery, now: float) -> list[Record]:
-        """Up to query.limit sends of the last 48 h matching every filter, newest first."""
+        """Up to query.limit sends of the last 48 h matching every filter, newest first.
+
+        With the logs_lag_ms fault on, a send shows up only that long after its acceptance (the
+        provider's logs are eventually consistent); each one held back from an answer is counted.
+        """
+        lag_s = self.config.logs_lag_ms / 1000.0
+        visible_until = now - lag_s
+        lagged = 0
         since = now - RETENTION_S
         if query.sent_since is not None:
             since = max(since, query.sent_since)
@@ -428,9 +447,14 @@ class SandboxState:
                 mcc_mnc = mcc_mnc_for(record[TO])
                 if mcc_mnc[:3] != query.mcc or (query.mnc is not None and mcc_mnc[3:] != query.mnc):
                     continue
+            if lag_s > 0 and rec.accepted_at(record) > visible_until:
+                lagged += 1
+                continue
             found.append(record)
             if len(found) >= query.limit:
                 break
+        if lagged:
+            self.faults_injected["logs_lag"] += lagged
         self.logs_served += len(found)
         return found
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -14,12 +15,17 @@ import httpx
 import orjson
 
 from worker.sandbox import records as rec
-from worker.sandbox.records import DROPPED, PUSHED, STATE, Record
+from worker.sandbox.records import DROPPED, MESSAGE_ID, PUSHED, STATE, Record
 from worker.sandbox.reports import report_of
 from worker.sandbox.state import SandboxState
 
 BATCH_SIZE: Final = 100  # the provider's default maxBucketSize
 MAX_IN_FLIGHT: Final = 8
+
+# Warnings only, one line per failed push and per batch of dropped reports, with fields as
+# structured data (`extra`). They name reports by messageId and targets by scheme, host, port and
+# path: never a destination number, the URL's userinfo or its query string.
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,11 @@ class Target:
 
     url: str
     authorization: str | None
+
+    @property
+    def shown(self) -> str:
+        """The URL as logs show it: without its query string (it may carry a token)."""
+        return self.url.partition("?")[0]
 
 
 def parse_target(url: str) -> Target | None:
@@ -97,6 +108,8 @@ class WebhookPusher:
                 state.webhook_refused += len(records)
                 for record in records:
                     record[STATE] = DROPPED
+                for start in range(0, len(records), BATCH_SIZE):
+                    _log_dropped(records[start : start + BATCH_SIZE], "not a loopback http(s) URL", _host_of(url), 0)
                 continue
             for start in range(0, len(records), BATCH_SIZE):
                 task = asyncio.create_task(self._deliver(state, target, records[start : start + BATCH_SIZE]))
@@ -121,18 +134,56 @@ class WebhookPusher:
                         target.url, content=body, headers=headers, timeout=config.webhook_timeout_ms / 1000.0
                     )
                 delivered = response.status_code == 200
-            except httpx.HTTPError:
+                reason = f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
                 delivered = False
+                reason = type(exc).__name__  # not str(exc): it may quote the request
             if delivered:
                 for record in batch:
                     record[STATE] = PUSHED
                 state.reports_pushed += len(batch)
                 return
             state.webhook_failures += 1
-            if attempt >= config.webhook_max_attempts:
+            last = attempt >= config.webhook_max_attempts
+            # The provider backs off (1 min + 1 min * n^2); the sandbox keeps the shape, scaled down.
+            retry_in_s = config.webhook_retry_base_ms / 1000.0 * 2 ** (attempt - 1)
+            log.warning(
+                "sandbox_webhook_push_failed",
+                extra={
+                    "url": target.shown,
+                    "reason": reason,
+                    "attempt": attempt,
+                    "max_attempts": config.webhook_max_attempts,
+                    "reports": len(batch),
+                    "retry_in_ms": None if last else round(retry_in_s * 1000),
+                },
+            )
+            if last:
                 for record in batch:
                     record[STATE] = DROPPED
                 state.webhook_dropped += len(batch)
+                _log_dropped(batch, f"gave up after {attempt} attempts (last: {reason})", target.shown, attempt)
                 return
-            # The provider backs off (1 min + 1 min * n^2); the sandbox keeps the shape, scaled down.
-            await asyncio.sleep(config.webhook_retry_base_ms / 1000.0 * 2 ** (attempt - 1))
+            await asyncio.sleep(retry_in_s)
+
+
+def _host_of(url: str) -> str | None:
+    """The host a refused webhook URL names (no userinfo, path or query), if it parses."""
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
+
+
+def _log_dropped(batch: list[Record], reason: str, target: str | None, attempts: int) -> None:
+    """One warning for a batch of reports the sandbox will never deliver, naming each by messageId."""
+    log.warning(
+        "sandbox_webhook_reports_dropped",
+        extra={
+            "reason": reason,
+            "target": target,
+            "attempts": attempts,
+            "reports": len(batch),
+            "message_ids": [record[MESSAGE_ID] for record in batch],
+        },
+    )
