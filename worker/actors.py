@@ -2,22 +2,45 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import dramatiq
+import redis
+import structlog
 
 from worker import triggers
 from worker.broker import runtime
+from worker.errors import StoreError
+
+log = structlog.get_logger(__name__)
+
+
+@contextlib.contextmanager
+def redis_outage_is_one_line(actor: str) -> Iterator[None]:
+    """Redis down or restarting is an outage, not a bug: one warning line per message instead of a
+    traceback (the work is not lost: it is in Redis, and the clock or recovery brings it back).
+    Any other error keeps its traceback."""
+    try:
+        yield
+    except StoreError as error:
+        if not isinstance(error.__cause__, redis.ConnectionError | redis.TimeoutError | redis.BusyLoadingError):
+            raise
+        log.warning("actor_redis_unavailable", actor=actor, error=str(error))
 
 # Bulks are sent from here; several dispatch messages run at once, bounded per lane by slots.
 
 
 @dramatiq.actor(queue_name=triggers.QUEUE, actor_name=triggers.DISPATCH, max_retries=0)
 def dispatch(lane: str) -> None:
-    runtime().dispatcher.run(lane)
+    with redis_outage_is_one_line("dispatch"):
+        runtime().dispatcher.run(lane)
 
 
 @dramatiq.actor(queue_name=triggers.QUEUE, actor_name=triggers.RECONCILE, max_retries=0)
 def reconcile(lane: str, entry_ids: list[str]) -> None:
-    runtime().dispatcher.reconcile(lane, entry_ids)
+    with redis_outage_is_one_line("reconcile"):
+        runtime().dispatcher.reconcile(lane, entry_ids)
 
 
 # Delivery reports (worker.reports): the clock sends the drain and the sweep; drains, webhook calls
@@ -26,17 +49,20 @@ def reconcile(lane: str, entry_ids: list[str]) -> None:
 
 @dramatiq.actor(queue_name=triggers.QUEUE, actor_name=triggers.DRAIN_REPORTS, max_retries=0)
 def drain_reports() -> None:
-    runtime().drainer.drain()
+    with redis_outage_is_one_line("drain_reports"):
+        runtime().drainer.drain()
 
 
 @dramatiq.actor(queue_name=triggers.QUEUE, actor_name=triggers.PROCESS_REPORTS, max_retries=0)
 def process_reports() -> None:
-    runtime().processor.process()
+    with redis_outage_is_one_line("process_reports"):
+        runtime().processor.process()
 
 
 @dramatiq.actor(queue_name=triggers.QUEUE, actor_name=triggers.SWEEP, max_retries=0)
 def sweep() -> None:
-    runtime().sweeper.sweep()
+    with redis_outage_is_one_line("sweep"):
+        runtime().sweeper.sweep()
 
 
 @dramatiq.actor(queue_name=triggers.QUEUE, actor_name=triggers.RELAY_EVENTS, max_retries=0)
