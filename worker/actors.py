@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import dramatiq
-import redis
-import structlog
 
 from worker import triggers
 from worker.broker import runtime
-from worker.errors import StoreError
-
-log = structlog.get_logger(__name__)
-
-
-@contextlib.contextmanager
-def redis_outage_is_one_line(actor: str) -> Iterator[None]:
-    """Redis down or restarting is an outage, not a bug: one warning line per message instead of a
-    traceback (the work is not lost: it is in Redis, and the clock or recovery brings it back).
-    Any other error keeps its traceback."""
-    try:
-        yield
-    except StoreError as error:
-        if not isinstance(error.__cause__, redis.ConnectionError | redis.TimeoutError | redis.BusyLoadingError):
-            raise
-        log.warning("actor_redis_unavailable", actor=actor, error=str(error))
+from worker.runtime import redis_outage_is_one_line
 
 # Bulks are sent from here; several dispatch messages run at once, bounded per lane by slots.
 
@@ -35,6 +15,12 @@ def redis_outage_is_one_line(actor: str) -> Iterator[None]:
 def dispatch(lane: str) -> None:
     with redis_outage_is_one_line("dispatch"):
         runtime().dispatcher.run(lane)
+
+
+@dramatiq.actor(queue_name=triggers.QUEUE, actor_name=triggers.SWEEP_OUTBOXES, max_retries=0)
+def sweep_outboxes() -> None:
+    with redis_outage_is_one_line("sweep_outboxes"):
+        runtime().dispatcher.sweep_unknown_lanes()
 
 
 @dramatiq.actor(queue_name=triggers.QUEUE, actor_name=triggers.RECONCILE, max_retries=0)

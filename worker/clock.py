@@ -23,6 +23,12 @@ from worker.triggers import Triggers
 log = structlog.get_logger(__name__)
 
 LEASE = "clock"
+OUTBOX_SWEEP_S = 30.0
+
+
+def sweep_interval_s(settings: Settings) -> float:
+    """How often the clock sends the report sweep (worker.reports.Sweeper sizes its logs lookups by it)."""
+    return max(1.0, settings.sms_reports_drain_interval_s)
 
 
 class Clock:
@@ -39,7 +45,10 @@ class Clock:
                 settings.sms_reports_drain_interval_s, lambda: self.triggers.send(names.DRAIN_REPORTS)
             ),
             names.PROCESS_REPORTS: (1.0, self.triggers.process_reports),
-            names.SWEEP: (max(1.0, settings.sms_reports_drain_interval_s), lambda: self.triggers.send(names.SWEEP)),
+            names.SWEEP: (sweep_interval_s(settings), lambda: self.triggers.send(names.SWEEP)),
+            # Outbox streams of lanes nobody configured (a plain XADD to a misspelt lane): SCAN is
+            # linear in the keyspace, so now and then, not every tick.
+            names.SWEEP_OUTBOXES: (OUTBOX_SWEEP_S, lambda: self.triggers.send(names.SWEEP_OUTBOXES)),
         }
         if settings.sms_events_dramatiq_queue:
             self.periodic[names.RELAY_EVENTS] = (1.0, lambda: self.triggers.send(names.RELAY_EVENTS))

@@ -1,17 +1,29 @@
-"""`sms-worker demo`: the whole system on this machine, a few thousand SMS, and what became of them.
+"""`sms-worker demo` (and `./scripts/demo`): the whole system on this machine, a few thousand SMS, and
+what became of them.
 
 Starts a private Redis, the sandbox (with a small fault mix), two workers, the clock and the web
 process; enqueues SMS in both lanes (and a few broken jobs the way a careless producer would
 write them with plain Redis commands); shows a progress bar until every message has its final
-status; prints the counts by status and the sandbox's duplicate count; stops everything.
+status; prints the counts by status, says in plain words what they mean, and what to try next.
+Then it stops everything, or with `--keep` leaves it running and prints the commands to poke at it
+(and the one that stops it: `python -m worker.demo --stop <dir>`, written to `<dir>/stop`).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import os
 import random
 import secrets
+import shlex
+import signal
+import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,16 +31,24 @@ import orjson
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from worker.devstack import DevStack, free_port
+from worker import logs
+from worker.devstack import DevStack, free_port, wait_until
 from worker.outbox import Outbox
 from worker.runtime import make_broker
+from worker.sandbox.config import DEFAULT_OUTCOME_MIX
 from worker.settings import settings_from_env
 from worker.store import Store, connect
 from worker.triggers import Triggers
 
 FINAL = {"delivered", "undeliverable", "expired", "rejected", "failed"}
 TIMEOUT_S = 120
+# What the sandbox reports for the SMS it accepted, drawn at random per message: the fate real
+# phones give SMS (off, out of coverage, a number that no longer exists...), simulated.
+OUTCOME_MIX = dict(DEFAULT_OUTCOME_MIX)
+STACK_FILE = "stack.json"
+ENV_FILE = "demo.env"
 
 
 def _jobs(n: int, rng: random.Random) -> list[tuple[str, dict[str, Any]]]:
@@ -41,12 +61,176 @@ def _jobs(n: int, rng: random.Random) -> list[tuple[str, dict[str, Any]]]:
     return jobs
 
 
-def run_demo(messages: int = 3000, keep_logs: bool = False) -> int:
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+def _times(n: int) -> str:
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")
+
+
+def describe_faults(faults: dict[str, int], duplicates: Any = 0) -> str:
+    """The sandbox's injected faults (its /_sandbox/stats `faults`) and what became of them, in words a
+    newcomer reads."""
+    faults = dict(faults)
+    faults.pop("429_retry_after", None)  # a detail of the 429s
+    parts = []
+    throttled = faults.pop("429", 0) + faults.pop("rate_limit", 0)
+    if throttled:
+        parts.append(f"answered \"too many requests, slow down\" (HTTP 429) {_times(throttled)}")
+    server = sum(faults.pop(key) for key in [k for k in faults if k.startswith("5xx_")])
+    if server:
+        parts.append(f"failed with a server error (HTTP 5xx) {_times(server)}")
+    timeouts = faults.pop("timeout", 0)
+    if timeouts:
+        parts.append(f"took SMS but answered too late {_times(timeouts)}")
+    parts += [f"showed fault \"{key.replace('_', ' ')}\" {_times(n)}" for key, n in sorted(faults.items())]
+    twice = ("No SMS was sent twice" if duplicates == 0
+             else f"Sent twice: {duplicates} (that is a bug: see the logs)")
+    twice += " (the sandbox counts every SMS it receives more than once)."
+    if not parts:
+        return f"The sandbox's deliberate misbehaviour (slow-downs, server errors) hit no request this time. {twice}"
+    return ("The sandbox also misbehaved on purpose, as a real provider does on a bad day: it "
+            + ", it ".join(parts) + ". The worker waited and tried again; where it could not tell whether the "
+            "provider had taken a request (a server error, an answer too late), it asked the provider's logs "
+            "before sending again. " + twice)
+
+
+def _mix_words() -> str:
+    return ", ".join(f"{share:.0%} {kind}" for kind, share in OUTCOME_MIX.items())
+
+
+def _explain(counts: Counter[str], broken: int, duplicates: Any, stats: dict[str, Any]) -> list[str]:
+    """The paragraphs under the table: what the numbers mean."""
+    not_delivered = sum(counts.get(kind, 0) for kind in ("undeliverable", "expired", "rejected"))
+    failed = counts.get("failed", 0)
+    lines = [
+        f"Not every SMS is delivered, on purpose: the sandbox stands in for the provider and decides each "
+        f"SMS's fate at random, the way real phones do (switched off, out of coverage, number gone): about "
+        f"{_mix_words()}. So the {not_delivered} undeliverable, expired and rejected above are that "
+        f"simulated outcome mix, not errors of the worker; each got its final report.",
+        f"The {_plural(broken, 'broken job')} were written on purpose with plain Redis commands, as a "
+        f"careless producer would: they end as \"failed\" and wait in the dead letters with the reason "
+        f"(sms-worker dlq list)."
+        + (f" {failed - broken} other SMS failed too: that is not part of the demo, see the logs."
+           if failed > broken else ""),
+        describe_faults(stats.get("faults", {}), duplicates),
+    ]
+    return lines
+
+
+def _bullets(paragraphs: list[str]) -> Table:
+    """Paragraphs as a list with hanging indents, wrapped to the terminal."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column()
+    for paragraph in paragraphs:
+        grid.add_row("-", Text(paragraph))
+    return grid
+
+
+def _next_steps(keep: bool) -> list[str]:
+    steps = [
+        ("./scripts/demo --messages 20000", "more SMS (default 3000)"),
+        ("./scripts/demo --keep", "leave everything running and poke at it"),
+        ("honcho -f Procfile.dev -e config/dev.env start", "the same processes by hand (README, Development)"),
+        ("docs/architecture.md", "how an SMS goes from the outbox to its final status"),
+    ]
+    if keep:
+        steps = [s for s in steps if "--keep" not in s[0]]
+    width = max(len(command) for command, _ in steps)
+    return [f"  {command.ljust(width)}   {what}" for command, what in steps]
+
+
+# --- --keep: the stack outlives the demo --------------------------------------------------------------
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot), to never signal a recycled pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, ticks: str | None) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and (ticks is None or _start_ticks(pid) == ticks)
+
+
+def _write_kept(stack: DevStack, sandbox: str, demo_env: dict[str, str]) -> tuple[Path, Path]:
+    """Write `demo.env` (the stack's settings, for a shell), `stack.json` (its processes) and `stop` into
+    the stack's directory; returns (env file, stop script)."""
+    directory = stack.log_dir
+    names = [name for name in demo_env if not name.startswith("LOG_")]
+    names += ["REDIS_URL", "SMS_REDIS_ALLOW_VOLATILE", "ICOMM_BASE_URL", "ICOMM_API_KEY"]  # set by the stack
+    env_file = directory / ENV_FILE
+    lines = [f"# The settings of the stack `demo --keep` left running; in a shell: . {env_file}",
+             f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\"",
+             "export LOG_FORMAT=console LOG_LEVEL=WARNING"]
+    lines += [f"export {name}={shlex.quote(stack.env[name])}" for name in names if name in stack.env]
+    env_file.write_text("\n".join(lines) + "\n")
+    env_file.chmod(0o600)  # holds the sandbox's API key and the webhook secret
+    procs = [{"name": p.name, "pid": p.pid, "start": _start_ticks(p.pid)} for p in stack.procs]
+    (directory / STACK_FILE).write_text(json.dumps({"sandbox": sandbox, "processes": procs}, indent=1))
+    stop = directory / "stop"
+    stop.write_text(f"#!/bin/sh\n# Stops the stack `demo --keep` left running.\n"
+                    f"exec {shlex.quote(sys.executable)} -m worker.demo --stop {shlex.quote(str(directory))}\n")
+    stop.chmod(0o755)
+    return env_file, stop
+
+
+def stop_kept(directory: Path, timeout_s: float = 20.0) -> int:
+    """Stop what `--keep` left running in `directory`, newest first (Redis last); 0 when all stopped."""
+    try:
+        procs = json.loads((directory / STACK_FILE).read_text())["processes"]
+    except (OSError, ValueError, KeyError):
+        print(f"no stack left by `demo --keep` in {directory}", file=sys.stderr)
+        return 1
+    for proc in reversed(procs):
+        pid, ticks = int(proc["pid"]), proc.get("start")
+        if not _alive(pid, ticks):
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)  # the leader only: dramatiq forwards it to its children
+
+        def gone(pid: int = pid, ticks: str | None = ticks) -> bool:
+            return not _alive(pid, ticks)
+
+        try:
+            wait_until(gone, timeout_s, f"{proc['name']} to stop", interval_s=0.05)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)  # each was started in a session of its own
+    (directory / STACK_FILE).unlink(missing_ok=True)
+    print(f"stopped the demo's {len(procs)} processes; their logs stay in {directory}")
+    return 0
+
+
+def _poke_commands(stack: DevStack, sandbox: str, env_file: Path, stop: Path, events_key: str) -> list[str]:
+    commands = [
+        (f". {env_file}", "first, in each new shell: the demo's settings (Redis, sandbox, lanes)"),
+        ("sms-worker status", "outbox depth per lane, in flight, awaiting a report, dead letters"),
+        ('sms-worker enqueue --to 41793026727 --text "Hello" --lane otp', "send one more SMS"),
+        ("sms-worker dlq list", "the dead letters, each with its reason"),
+        (f"redis-cli -p {stack.redis_port} XREVRANGE {events_key} + - COUNT 3", "the latest status events"),
+        (f"curl -s {sandbox}/_sandbox/stats", "the sandbox's counters: received, faults, duplicates"),
+        (f"tail -f {stack.log_dir}/*.log", "the processes' logs"),
+        (str(stop), "stop it all (the demo's Redis forgets everything)"),
+    ]
+    width = max(len(command) for command, _ in commands)
+    return [f"  {command.ljust(width)}   # {what}" for command, what in commands]
+
+
+def run_demo(messages: int = 3000, keep_logs: bool = False, keep: bool = False) -> int:
     console = Console(stderr=True)
+    out = Console()
     rng = random.Random(7)
     api_key = f"demo-{secrets.token_hex(8)}"
     web_port = free_port()
     secret = secrets.token_hex(16)
+    logs.configure(fmt="console", level="WARNING", secrets=[api_key, secret])  # this process: warnings only
     env = {
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "WARNING",
@@ -54,6 +238,9 @@ def run_demo(messages: int = 3000, keep_logs: bool = False) -> int:
         "ICOMM_READ_TIMEOUT_S": "1", "ICOMM_CONNECT_TIMEOUT_S": "1", "ICOMM_WRITE_TIMEOUT_S": "1",
         "ICOMM_RETRY_BACKOFF_BASE_S": "0.05", "ICOMM_RETRY_BACKOFF_MAX_S": "0.5", "ICOMM_SEND_RETRY_ATTEMPTS": "3",
         "SMS_LEASE_S": "15", "SMS_RECONCILE_DELAY_S": "1", "SMS_OUTAGE_PAUSE_S": "1",
+        # A batch the sandbox answered with a 5xx after reading it is resent once the provider's logs
+        # showed it missing for this long (default 60 s: longer than the whole demo).
+        "SMS_RECONCILE_WINDOW_S": "3",
         "SMS_DISPATCH_TICK_MS": "200", "SMS_REPORTS_DRAIN_INTERVAL_S": "1", "SMS_LOGS_RATE_PER_MIN": "600",
         "SMS_WEBHOOK_PUBLIC_URL": f"http://127.0.0.1:{web_port}", "SMS_WEBHOOK_SECRET": secret,
         "SMS_WEBHOOK_AUTH": "basic",
@@ -61,13 +248,16 @@ def run_demo(messages: int = 3000, keep_logs: bool = False) -> int:
         "SMS_LANES": '{"otp":{"batch_size":20,"max_wait_ms":0},"bulk":{"batch_size":100,"max_wait_ms":100}}',
     }
     started = time.monotonic()
-    with DevStack(env=env) as stack:
+    stack = DevStack(env=env)
+    kept = False
+    try:
         with console.status("starting Redis, the sandbox, 2 workers, the clock and the web process"):
             redis_url = stack.start_redis()
             sandbox = stack.start_sandbox(
                 api_key, "--seed", "7", "--report-delay-ms", "300", "--rate-429", "0.05",
                 "--retry-after-share", "0.5", "--error-5xx-rate", "0.04", "--accept-then-timeout-rate", "0.03",
                 "--timeout-delay-ms", "1500",
+                "--outcome-mix", ",".join(f"{kind}={share}" for kind, share in OUTCOME_MIX.items()),
             )
             stack.start_worker("worker-1")
             stack.start_worker("worker-2")
@@ -110,21 +300,62 @@ def run_demo(messages: int = 3000, keep_logs: bool = False) -> int:
                     break
         stats = httpx.get(f"{sandbox}/_sandbox/stats", timeout=5).json()
         counts = Counter(last.values())
-        faults = ", ".join(f"{k} {v}" for k, v in sorted(stats.get("faults", {}).items())) or "none"
+        duplicates = stats.get("duplicates", "?")
         table = Table(title=f"{total} SMS in {time.monotonic() - started:.1f} s",
-                      caption=f"{messages} queued through the API + {len(broken)} broken jobs written with "
-                              f"plain XADD; sandbox faults injected: {faults}")
+                      caption=f"{messages} sent through the Python API + {len(broken)} broken jobs")
         table.add_column("final status")
         table.add_column("messages", justify="right")
         for status, n in sorted(counts.items(), key=lambda kv: -kv[1]):
             table.add_row(status, str(n))
         table.add_row("no status yet", str(total - len(last)))
         table.add_section()
-        table.add_row("sent twice (sandbox duplicates)", str(stats.get("duplicates", "?")))
+        table.add_row("sent twice (sandbox duplicates)", str(duplicates))
         table.add_row("dead letters", str(client.xlen(store.dlq)))
-        Console().print(table)
-        if keep_logs:
-            console.print(f"process logs: {stack.log_dir}")
-        ok = len(last) == total and all(t in FINAL for t in last.values()) and stats.get("duplicates") == 0
+        out.print(table)
+        out.print()
+        ok = len(last) == total and all(t in FINAL for t in last.values()) and duplicates == 0
+        paragraphs = _explain(counts, len(broken), duplicates, stats)
+        if not ok:
+            paragraphs.append(f"Something did not finish as it should: the processes' logs are in {stack.log_dir}")
+        out.print("[bold]What these numbers mean[/bold]")
+        out.print(_bullets(paragraphs))
         client.close()
+        out.print()
+        if keep:
+            env_file, stop = _write_kept(stack, sandbox, env)
+            out.print("[bold]Everything is still running (--keep).[/bold] Poke at it from another shell:")
+            for line in _poke_commands(stack, sandbox, env_file, stop, store.events):
+                out.print(line, highlight=False, soft_wrap=True)
+            kept = True
+            out.print()
+        out.print("[bold]Try next[/bold]")
+        for line in _next_steps(keep):
+            out.print(line, highlight=False, soft_wrap=True)
+        if keep_logs and not keep:
+            console.print(f"process logs: {stack.log_dir}")
+    finally:
+        if not kept:
+            stack.stop()
     return 0 if ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m worker.demo`, what ./scripts/demo runs: the same options as `sms-worker demo`."""
+    parser = argparse.ArgumentParser(prog="demo", description="Run the whole system locally and send a few "
+                                     "thousand SMS through the sandbox.")
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--keep-logs", action="store_true", help="print where the processes' logs are")
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the stack running afterwards and print the commands to poke at it and stop it")
+    parser.add_argument("--stop", metavar="DIR", type=Path, help="stop the stack a `--keep` run left in DIR")
+    args = parser.parse_args(argv)
+    if args.stop is not None:
+        return stop_kept(args.stop)
+    try:
+        return run_demo(messages=args.messages, keep_logs=args.keep_logs, keep=args.keep)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

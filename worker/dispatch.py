@@ -109,6 +109,7 @@ class Dispatcher:
         self.listen = listen
         self._last_recover: dict[str, float] = {}
         self._recovering: dict[str, bool] = {}
+        self._auth_checked = -1e9
         self._webhook_url = settings.webhook_delivery_url()
         self._send_window_ms = int(settings.send_window_s() * 1000)
         self.fence_margin_ms = fence_margin_ms
@@ -172,6 +173,38 @@ class Dispatcher:
         if hand_over:
             self.wake.dispatch(lane)  # after the release: the successor must find a slot free
         return handled
+
+    def sweep_unknown_lanes(self, limit: int = 10_000) -> dict[str, int]:
+        """Dead-letter the entries of outbox streams whose lane is not configured.
+
+        Anyone can XADD to `{p}:outbox:<anything>`; a lane nobody configured has no dispatcher, so
+        without this its jobs would sit there silently for ever. Each is settled FAILED with reason
+        `unknown_lane` and a `failed` event (a dead letter an operator can replay onto a real lane),
+        at most `limit` per lane and call. Returns the count per lane."""
+        swept: dict[str, int] = {}
+        for lane in self.store.outbox_lanes():
+            if lane in self.settings.sms_lanes:
+                continue
+            done = 0
+            while done < limit:
+                claim = self.store.claim(lane, self.consumer, min(1000, limit - done), lease_ms=self.lease_ms,
+                                         max_wait_ms=0, recover=True)
+                if not claim.entries:
+                    break
+                outcomes = [self._failed(lane, e, _lenient_job(e.job), "unknown_lane",
+                                         f"lane {lane!r} is not configured (SMS_LANES: "
+                                         f"{', '.join(self.settings.sms_lanes)})", attempts=0)
+                            for e in claim.entries]
+                applied = self.store.settle(lane, outcomes, now_ms=events.now_ms(),
+                                            events_maxlen=self.settings.sms_events_stream_maxlen,
+                                            state_ttl_s=self.settings.sms_state_ttl_s)
+                _count(lane, outcomes, applied)
+                done += len(claim.entries)
+            if done:
+                swept[lane] = done
+                log.error("unknown_lane_dead_lettered", lane=lane, jobs=done,
+                          configured=list(self.settings.sms_lanes))
+        return swept
 
     def _listen(self, lane: str, after_id: str, deadline: float) -> bool:
         """Wait on the outbox of an immediate lane (max wait 0, like otp) for the rest of the budget;
@@ -494,6 +527,7 @@ class Dispatcher:
         stats: BatchStats, *, resend: bool,
     ) -> list[Outcome]:
         """Per-destination outcomes of a 200."""
+        self._lift_auth_pauses()
         if response.bulk_id:
             stats.bulk_ids.append(response.bulk_id)
         results = {r.message_id: r for r in response.messages}
@@ -534,6 +568,18 @@ class Dispatcher:
                 outcomes += [Outcome(e.message_id, e.entry_id, "AMBIGUOUS", ack=False, fields={"last_error": why})
                              for e in lost]
         return outcomes
+
+    def _lift_auth_pauses(self) -> None:
+        """The provider just took a request with our key: a lane paused for a 401/403 (by any
+        process, e.g. before the key was fixed) need not wait out SMS_AUTH_PAUSE_S. Looked at
+        once a second at most."""
+        now = time.monotonic()
+        if now - self._auth_checked < 1.0:
+            return
+        self._auth_checked = now
+        for lane in self.store.paused_lanes(list(self.settings.sms_lanes), reason="auth"):
+            self.store.resume(lane)
+            log.info("auth_pause_lifted", lane=lane, why="a request with the same key was accepted")
 
     def _retry_later(
         self, lane: str, entries: list[Entry], jobs: dict[str, dict[str, Any]], attempts: dict[str, int],
@@ -611,6 +657,15 @@ def _count(lane: str, outcomes: Sequence[Outcome], applied: Sequence[bool]) -> N
         metrics.MESSAGES.labels(lane, label).inc(n)
     for kind, n in published.items():
         metrics.EVENTS.labels(kind).inc(n)
+
+
+def _lenient_job(raw: bytes) -> dict[str, Any]:
+    """A job's JSON as far as it parses, for the event of one that will never be sent."""
+    try:
+        job = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    return job if isinstance(job, dict) else {}
 
 
 def _tally(verdicts: Sequence[Submitted]) -> dict[str, int]:

@@ -6,8 +6,9 @@
      "price": null, "mcc_mnc": null, "sent_at": null, "done_at": null, "message_count": null}
 
 Types: accepted, rejected, failed (send side); delivered, undeliverable, expired, rejected
-(reports); unknown_message (a report for a message this worker never sent). `event_id` is
-stable, so a consumer that sees one twice (at-least-once delivery) can drop the repeat.
+(reports); unknown_message (a report for a message this worker never sent); requeued (an
+operator replayed the message's dead letter: the `failed` before it was not its end). `event_id`
+is stable, so a consumer that sees one twice (at-least-once delivery) can drop the repeat.
 """
 
 from __future__ import annotations
@@ -79,6 +80,19 @@ def build(
             "message_count": report.get("messageCount"),
         }
     )
+
+
+def requeued(message_id: str, job: dict[str, Any] | None, *, lane: str, reason: str, replay_id: str,
+             requeued_as: str | None = None) -> bytes:
+    """`requeued`: a dead letter (`reason`, the reason it had) was queued again on `lane`.
+
+    Its event_id carries the dead letter's id, so a message replayed twice has two requeued events
+    a consumer keeps apart. `requeued_as` names the new message id of a replay under a new one
+    (the events that follow carry it); it is null when the message keeps its id."""
+    event = orjson.loads(build("requeued", message_id, job, lane=lane, reason=reason))
+    event["event_id"] = f"{message_id}:requeued:{replay_id}"
+    event["requeued_as"] = requeued_as
+    return orjson.dumps(event)
 
 
 def parse(raw: bytes | str) -> dict[str, Any]:

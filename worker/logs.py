@@ -84,8 +84,12 @@ def _redact_rendered_exception(
     return event_dict
 
 
-def configure(*, fmt: str = "json", level: str = "INFO", secrets: Iterable[str] = ()) -> None:
-    """Configure structlog and the stdlib root logger once per process."""
+def configure(*, fmt: str = "json", level: str = "INFO", secrets: Iterable[str] = (), cache: bool = True) -> None:
+    """Configure structlog and the stdlib root logger once per process.
+
+    `cache` makes each logger build its processor chain once, on first use, for the life of the
+    process: worth it in the long-running processes; a one-shot CLI command passes False, so a later
+    configure (or a test's structlog.testing.capture_logs) still reaches every logger."""
     global _redactor
     _redactor = Redactor(secrets)
     shared: list[Any] = [
@@ -113,7 +117,7 @@ def configure(*, fmt: str = "json", level: str = "INFO", secrets: Iterable[str] 
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
@@ -134,9 +138,33 @@ def configure(*, fmt: str = "json", level: str = "INFO", secrets: Iterable[str] 
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
-def configure_from(settings: Any) -> None:
-    """Configure from Settings, registering the API key and webhook secret for redaction."""
+def configure_from(settings: Any, *, warn_unknown: bool = True, cache: bool = True) -> None:
+    """Configure from Settings, registering the API key and webhook secret for redaction.
+
+    Every process calls this once at start-up (worker.broker in each worker process, the clock, the
+    web, every CLI command), so it is also where a misspelt variable is reported: one warning per
+    SMS_*/ICOMM_* variable that is no setting, once per process (`warn_unknown=False`: the caller
+    reports them itself, as `sms-worker check` does)."""
     secrets = [settings.icomm_api_key.get_secret_value()]
     if settings.sms_webhook_secret is not None:
         secrets.append(settings.sms_webhook_secret.get_secret_value())
-    configure(fmt=settings.log_format, level=settings.log_level, secrets=secrets)
+    configure(fmt=settings.log_format, level=settings.log_level, secrets=secrets, cache=cache)
+    if warn_unknown:
+        warn_unknown_variables()
+
+
+_warned_unknown = False
+
+
+def warn_unknown_variables() -> None:
+    """Log `unknown_variable` (warning) for each variable that looks like a setting but is none; once."""
+    global _warned_unknown
+    if _warned_unknown:
+        return
+    _warned_unknown = True
+    from worker.settings import unknown_variables
+
+    log = structlog.get_logger("worker.settings")
+    for item in unknown_variables():
+        log.warning("unknown_variable", variable=item.name, source=item.source, did_you_mean=item.closest,
+                    message=item.line())

@@ -2,16 +2,22 @@
 
     GET /sms/3/reports (once-only) --Drainer--> report_append.lua (fence checked) --+
     POST webhook (web.py) ----------ingest_webhook----> XADD -----------------------+--> {p}:reports:raw
+                                    (its malformed reports -> dead letters, in the same MULTI)
     {p}:reports:raw --Processor (XREADGROUP / XAUTOCLAIM)--> report_fetch.lua --> events built here
         --> report_apply.lua: states, events, parking, dead letters, XACK+XDEL, in one step
-    Sweeper: awaiting deadlines passed -> EXPIRED(no_report); parked reports retried or timed out
+    Sweeper: accepted an hour ago and no report -> looked up in GET /sms/3/logs (a page, src `logs`);
+             awaiting deadlines passed -> EXPIRED(no_report); parked reports retried or timed out
 
 Keys (besides the message hashes, events, dead letters and awaiting set of worker.store):
-    {p}:reports:raw            stream, one entry per raw page (`page` bytes, `src` drain|webhook,
+    {p}:reports:raw            stream, one entry per raw page (`page` bytes, `src` drain|webhook|logs,
                                `fence` for drained pages), consumer group `reports`
     {p}:reports:parked         hash, messageId -> report JSON of a message not known (yet)
     {p}:reports:parked:since   sorted set, messageId -> first seen (ms)
     {p}:reports:stats          hash, counters (applied, duplicates, parked, unknown_emitted, ...)
+    {p}:reports:lookup         sorted set, messageId -> next look in GET /sms/3/logs due (ms), of
+                               accepted messages still without a final report SMS_REPORT_LOOKUP_AFTER_S
+                               after acceptance; {p}:reports:lookup:tries their lookups so far, and
+                               {p}:reports:lookup:cursor where the sweep's pass over the awaiting set is
     {p}:lease:reports-drain    the drain lease, {p}:fence:reports-drain its fencing counter
 
 Idempotency: a final state never changes again (except EXPIRED with reason no_report, which a
@@ -20,8 +26,9 @@ report that comes twice (webhook and drain, a replayed page, a recovered page) g
 
 Nothing a provider handed out is ever given up: a fetched page is kept in memory until Redis takes
 it (and no further page is fetched meanwhile), a page fetched by a drainer that lost its lease is
-stored like any other (idempotency makes that safe), and a report or page that cannot be processed
-goes to the dead letters with its body and the reason, while the rest of its batch flows on.
+stored like any other (idempotency makes that safe), a report or page that cannot be processed
+goes to the dead letters with its body and the reason, while the rest of its batch (or webhook body)
+flows on, and a report that never came at all is looked up in the provider's logs.
 """
 
 from __future__ import annotations
@@ -41,9 +48,12 @@ from typing import Any, Final, NamedTuple, Protocol
 import orjson
 import redis
 import structlog
+from prometheus_client import Counter
 
 from worker import events, metrics
+from worker.clock import sweep_interval_s
 from worker.errors import ProviderAuthError, ProviderError, StoreError
+from worker.provider import chunk_message_ids
 from worker.settings import Settings
 from worker.store import Store, consumer_name, redis_errors
 from worker.triggers import DRAIN_REPORTS
@@ -137,6 +147,9 @@ class ReportKeys:
     parked: str
     parked_since: str
     stats: str
+    lookup: str
+    lookup_tries: str
+    lookup_cursor: str
 
     @classmethod
     def of(cls, store: Store) -> ReportKeys:
@@ -145,6 +158,9 @@ class ReportKeys:
             parked=store.key("reports", "parked"),
             parked_since=store.key("reports", "parked", "since"),
             stats=store.key("reports", "stats"),
+            lookup=store.key("reports", "lookup"),
+            lookup_tries=store.key("reports", "lookup", "tries"),
+            lookup_cursor=store.key("reports", "lookup", "cursor"),
         )
 
 
@@ -336,8 +352,9 @@ def _problem(item: object) -> tuple[str, str]:
     return "report has no readable status", message_id
 
 
-def validate_webhook_body(body: bytes) -> int:
-    """Check the shape of a webhook body (contract section 5); returns its number of reports."""
+def _webhook_results(body: bytes) -> list[Any]:
+    """The `results` list of a webhook body; WebhookBodyError when the envelope itself is wrong (not
+    JSON, not `{results: [...]}`, nested deeper than MAX_DEPTH): refused whole, nothing stored."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as error:
@@ -350,37 +367,97 @@ def validate_webhook_body(body: bytes) -> int:
     results = data.get("results")
     if not isinstance(results, list):
         raise WebhookBodyError("'results' must be a list of delivery reports")
+    return results
+
+
+def _webhook_report_problem(i: int, item: object) -> str | None:
+    """Why results[i] is not a DeliveryReport (contract section 5), or None when it is one."""
+    if not isinstance(item, dict):
+        return f"results[{i}] must be an object"
+    message_id = item.get("messageId")
+    if not isinstance(message_id, str) or not message_id:
+        return f"results[{i}].messageId must be a non-empty string"
+    for name in _STRING_FIELDS:
+        value = item.get(name)
+        if value is not None and not isinstance(value, str):
+            return f"results[{i}].{name} must be a string"
+    for name in _OBJECT_FIELDS:
+        value = item.get(name)
+        if value is not None and not isinstance(value, dict):
+            return f"results[{i}].{name} must be an object"
+    count = item.get("messageCount")
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool)):
+        return f"results[{i}].messageCount must be an integer"
+    return None
+
+
+class WebhookBody(NamedTuple):
+    """A webhook body sorted out: the page to store, and the reports to dead-letter instead."""
+
+    page: bytes | None  # the body itself when every report is good, else the good ones; None: none
+    reports: int  # good reports in `page`
+    dead: list[tuple[str, bytes]]  # (messageId or "", dead-letter JSON) per malformed report
+
+
+def validate_webhook_body(body: bytes) -> int:
+    """Check the envelope of a webhook body (contract section 5); returns its number of reports.
+
+    Raises WebhookBodyError only for the envelope: a malformed report in it does not make the body
+    a bad one (see sort_webhook_body)."""
+    return len(_webhook_results(body))
+
+
+def sort_webhook_body(body: bytes) -> WebhookBody:
+    """Validate a webhook body: the envelope (WebhookBodyError), then each report on its own.
+
+    One malformed report must not cost the others: answered 400, the provider retries the whole
+    body and then gives up on it, good reports and all. So the good reports are kept (the body
+    verbatim when all are good), and each malformed one becomes a dead letter with its reason and
+    the report as it came; retrying it could not make it right."""
+    results = _webhook_results(body)
+    good: list[Any] = []
+    dead: list[tuple[str, bytes]] = []
     for i, item in enumerate(results):
-        if not isinstance(item, dict):
-            raise WebhookBodyError(f"results[{i}] must be an object")
-        message_id = item.get("messageId")
-        if not isinstance(message_id, str) or not message_id:
-            raise WebhookBodyError(f"results[{i}].messageId must be a non-empty string")
-        for name in _STRING_FIELDS:
-            value = item.get(name)
-            if value is not None and not isinstance(value, str):
-                raise WebhookBodyError(f"results[{i}].{name} must be a string")
-        for name in _OBJECT_FIELDS:
-            value = item.get(name)
-            if value is not None and not isinstance(value, dict):
-                raise WebhookBodyError(f"results[{i}].{name} must be an object")
-        count = item.get("messageCount")
-        if count is not None and (not isinstance(count, int) or isinstance(count, bool)):
-            raise WebhookBodyError(f"results[{i}].messageCount must be an integer")
-    return len(results)
+        problem = _webhook_report_problem(i, item)
+        if problem is None:
+            good.append(item)
+            continue
+        message_id = item.get("messageId") if isinstance(item, dict) else None
+        dead.append((message_id if isinstance(message_id, str) else "",
+                     _dead_letter("report_malformed", problem, "webhook", "", item=item)))
+    if not good:
+        return WebhookBody(None, 0, dead)
+    return WebhookBody(body if not dead else orjson.dumps({"results": good}), len(good), dead)
 
 
-def ingest_webhook(store: Store, body: bytes) -> int:
-    """Validate a webhook body and append it, verbatim, to the raw stream; returns its report count.
+def ingest_webhook(store: Store, body: bytes) -> WebhookBody:
+    """Validate a webhook body and store it: its good reports in the raw stream (the body verbatim
+    when all are good), its malformed ones in the dead letters, in one MULTI/EXEC.
 
-    Raises WebhookBodyError (nothing stored) or StoreError. The caller answers 200 only after this
-    returns, so the provider retries whatever did not reach Redis.
+    Raises WebhookBodyError (nothing stored) or StoreError (a Redis that refuses writes, out of memory
+    or read-only, discards the whole transaction; should a part ever be written, the provider's retry
+    repeats it, and processing is idempotent). The caller answers 200 only after this returns, so the
+    provider retries whatever did not reach Redis.
     """
-    n = validate_webhook_body(body)
-    if n:
-        with redis_errors():
-            store.r.xadd(ReportKeys.of(store).raw, {"page": body, "src": "webhook"})
-    return n
+    sorted_out = sort_webhook_body(body)
+    if sorted_out.page is None and not sorted_out.dead:
+        return sorted_out  # `{results: []}`: nothing to keep
+    with redis_errors():
+        pipe = store.r.pipeline(transaction=True)
+        if sorted_out.page is not None:
+            pipe.xadd(ReportKeys.of(store).raw, {"page": sorted_out.page, "src": "webhook"})
+        for message_id, entry in sorted_out.dead:
+            pipe.xadd(store.dlq, {"message_id": message_id, "entry": entry})
+        if sorted_out.dead:
+            pipe.hincrby(ReportKeys.of(store).stats, "dead_letters", len(sorted_out.dead))
+        pipe.execute()
+    if sorted_out.dead:
+        problems = [orjson.loads(entry)["detail"] for _, entry in sorted_out.dead]
+        log.warning("webhook_reports_dead_lettered", reason="report_malformed", reports=len(problems),
+                    kept=sorted_out.reports, details=problems[:5],
+                    detail="kept in the dead letters (`sms-worker dlq list`); the body's good reports are stored")
+        metrics.REPORTS.labels("webhook", "dead_letters").inc(len(problems))
+    return sorted_out
 
 
 # --- applying outcomes -------------------------------------------------------------------------------
@@ -1102,14 +1179,53 @@ def no_report_event(message_id: str, row: Row, at: str) -> bytes:
     return orjson.dumps(event)
 
 
-class Sweeper:
-    """Settles accepted messages whose report deadline passed, and retries parked reports.
+# The longest validity the dispatcher gives a message (worker.dispatch caps it at 48 h): a no-report
+# deadline is at most this plus SMS_NO_REPORT_GRACE_S after the message's acceptance.
+MAX_VALIDITY_S: Final = 48 * 3600
+# Awaiting entries one sweep's pass visits to find accepted messages due for a lookup.
+LOOKUP_SCAN: Final = 2000
+# A claimed lookup that never finished (a crash, the provider down) is due again after this.
+LOOKUP_CLAIM_MS: Final = 300_000
+# A message the logs show not final yet is looked up again after SMS_REPORT_LOOKUP_AFTER_S, then
+# twice that, and so on, up to this (or SMS_REPORT_LOOKUP_AFTER_S when that is longer).
+LOOKUP_BACKOFF_MAX_S: Final = 8 * 3600
+# The share of the logs calls the limiter grants over one sweep interval that lookups may take:
+# reconciliation (sends whose outcome is unknown) always keeps the rest.
+LOOKUP_SHARE: Final = 0.5
 
-    Before a message is given `expired`/no_report, the provider's logs are asked (when a provider
-    is given): GET /sms/3/reports hands a report out once, and one that only ever reached the memory
-    of a process killed before storing it is gone from there, but the logs keep the final status
-    for 48 h. A final status found in the logs goes through the processor like any report (a page
-    with source `logs`); only messages the logs cannot settle get no_report.
+REPORT_LOOKUPS: Final = Counter(
+    "sms_report_lookups_total",
+    "Accepted messages without a final report looked up in GET /sms/3/logs by the sweep, by result "
+    "(final: a final status found and processed as a report; not_final: looked up again later; failed)",
+    ["result"],
+)
+
+
+def _loggable(message_id: str) -> bool:
+    """Whether a messageId can go into a logs filter (no comma, not too long)."""
+    try:
+        chunk_message_ids([message_id])
+    except ValueError:
+        return False
+    return True
+
+
+class Sweeper:
+    """Looks up accepted messages whose report is overdue, settles those whose report deadline
+    passed, and retries parked reports.
+
+    GET /sms/3/reports hands a report out once and a webhook the provider gave up on delivers none,
+    but the provider's logs keep each message's final status for 48 h. So (with a provider given):
+
+    - an accepted message still without a final report SMS_REPORT_LOOKUP_AFTER_S after acceptance
+      is looked up in the logs, and again later with backoff while the logs show it not final;
+      at most SMS_REPORT_LOOKUP_BATCH per sweep, and never more than LOOKUP_SHARE of the logs calls
+      the shared limiter grants over a sweep interval;
+    - before a message is given `expired`/no_report at its deadline, the logs are asked once more.
+
+    A final status found in the logs goes through the processor like any report (a page with source
+    `logs`): idempotent, one event whichever source comes first. Only messages the logs cannot settle
+    get no_report.
     """
 
     def __init__(
@@ -1120,17 +1236,26 @@ class Sweeper:
         self.store = store
         self.processor = processor
         self.state = processor.state
+        self.keys = processor.keys
         self.provider = provider
         self.before_logs_call = before_logs_call
 
-    def recover_from_logs(self, message_ids: Sequence[str]) -> set[str]:
-        """Append the final statuses the provider's logs hold for these messages; returns their ids."""
-        if self.provider is None or not message_ids:
+    def recover_from_logs(self, message_ids: Sequence[str], *, raise_errors: bool = False) -> set[str]:
+        """Append the final statuses the provider's logs hold for these messages; returns their ids.
+
+        A provider error is logged and nothing is found (raised instead with `raise_errors`)."""
+        wanted = [mid for mid in message_ids if _loggable(mid)]
+        if len(wanted) < len(message_ids):
+            log.warning("reports_recovery_skipped", messages=len(message_ids) - len(wanted),
+                        detail="messageIds a logs filter cannot carry (a comma, or too long)")
+        if self.provider is None or not wanted:
             return set()
         try:
-            found = self.provider.logs_for_message_ids(list(message_ids), before_request=self.before_logs_call)
+            found = self.provider.logs_for_message_ids(wanted, before_request=self.before_logs_call)
         except ProviderError as error:
-            log.warning("reports_recovery_failed", messages=len(message_ids), error_class=type(error).__name__)
+            log.warning("reports_recovery_failed", messages=len(wanted), error_class=type(error).__name__)
+            if raise_errors:
+                raise
             return set()
         items = []
         for mid, entry in found.items():
@@ -1142,12 +1267,128 @@ class Sweeper:
                 items.append(item)
         if items:
             with redis_errors():
-                self.store.r.xadd(ReportKeys.of(self.store).raw,
-                                  {"page": orjson.dumps({"results": items}), "src": "logs"})
+                self.store.r.xadd(self.keys.raw, {"page": orjson.dumps({"results": items}), "src": "logs"})
             log.warning("reports_recovered_from_logs", reports=len(items),
-                        detail="final statuses that never arrived as reports (e.g. lost with a killed drain)")
+                        detail="final statuses that never arrived as reports (a webhook the provider gave up "
+                               "on, a drain killed before storing its page)")
         return {item["messageId"] for item in items}
 
+    # --- the early lookup ------------------------------------------------------------------------
+    def lookup_calls_per_sweep(self) -> int:
+        """Logs calls one sweep's lookups may make: LOOKUP_SHARE of those granted per sweep interval."""
+        per_s = self.settings.sms_logs_rate_per_min / 60.0
+        return max(1, int(per_s * sweep_interval_s(self.settings) * LOOKUP_SHARE))
+
+    def _schedule_overdue(self, now_ms: int) -> int:
+        """One step of the pass over the awaiting set: put accepted messages SMS_REPORT_LOOKUP_AFTER_S
+        past their acceptance on the lookup schedule; returns how many.
+
+        The awaiting set is ordered by no-report deadline, and a message's validity sets how far its
+        deadline lies from its acceptance: a deadline before now + MAX_VALIDITY_S + grace - lookup_after
+        marks a message that may be that overdue, and its hash (updated_ms, written when it became
+        ACCEPTED) says whether it is. The pass visits LOOKUP_SCAN entries per sweep from where the last
+        one stopped and starts over once past the end, so a message not overdue yet when visited (a
+        shorter validity puts it early in the set) is found on a later round. Messages past their
+        deadline are the expiry's."""
+        s, r, keys = self.settings, self.store.r, self.keys
+        after_ms = int(s.sms_report_lookup_after_s * 1000)
+        slack_ms = int((MAX_VALIDITY_S + s.sms_no_report_grace_s) * 1000)
+        horizon = now_ms + slack_ms - after_ms
+        if horizon <= now_ms:
+            return 0  # looked up no earlier than the deadline: the expiry does that
+        with redis_errors():
+            cursor_score, cursor_member = r.hmget(keys.lookup_cursor, ["score", "member"])
+            rank = r.zrank(self.store.awaiting, cursor_member) if cursor_member is not None else None
+            if rank is not None:
+                entries = r.zrange(self.store.awaiting, rank + 1, rank + LOOKUP_SCAN, withscores=True)
+            else:
+                # (The cursor's message left the set: on from its deadline.)
+                low = f"({cursor_score.decode()}" if cursor_score is not None else f"({now_ms}"
+                entries = r.zrangebyscore(self.store.awaiting, low, horizon, start=0, num=LOOKUP_SCAN,
+                                          withscores=True)
+            if len(entries) < LOOKUP_SCAN or entries[-1][1] > horizon:
+                r.delete(keys.lookup_cursor)  # the end of this round: the next starts over
+            else:
+                r.hset(keys.lookup_cursor, mapping={"score": repr(entries[-1][1]), "member": entries[-1][0]})
+        visible = [(m.decode(), int(score)) for m, score in entries if now_ms < score <= horizon]
+        if not visible:
+            return 0
+        with redis_errors():
+            pipe = r.pipeline(transaction=False)
+            for mid, _ in visible:
+                pipe.zscore(keys.lookup, mid)
+                pipe.hmget(self.store.msg(mid), ["state", "updated_ms"])
+            replies = pipe.execute()
+        due: dict[str, int] = {}
+        for (mid, deadline), scheduled, (state, updated) in zip(visible, replies[::2], replies[1::2], strict=True):
+            if scheduled is not None or state != b"ACCEPTED":
+                continue
+            try:
+                accepted = int(updated)
+            except (TypeError, ValueError):
+                accepted = deadline - slack_ms  # the earliest it can have been accepted
+            if accepted + after_ms <= now_ms:
+                due[mid] = accepted + after_ms
+        if due:
+            with redis_errors():
+                r.zadd(keys.lookup, due, nx=True)
+        return len(due)
+
+    def look_up_overdue(self, now_ms: int) -> tuple[int, int]:
+        """Look the overdue accepted messages up in the logs, oldest first, a bounded batch per sweep;
+        returns (looked up, final status found)."""
+        batch = self.settings.sms_report_lookup_batch
+        if self.provider is None or batch <= 0:
+            return 0, 0
+        r, keys = self.store.r, self.keys
+        self._schedule_overdue(now_ms)
+        with redis_errors():
+            due = [m.decode() for m in r.zrangebyscore(keys.lookup, "-inf", now_ms, start=0, num=batch)]
+            if not due:
+                return 0, 0
+            pipe = r.pipeline(transaction=False)
+            for mid in due:
+                pipe.hget(self.store.msg(mid), "state")
+                pipe.zscore(self.store.awaiting, mid)
+            replies = pipe.execute()
+        overdue: list[str] = []
+        settled: list[str] = []  # a report came, the deadline passed (the expiry's), or it is gone
+        for mid, state, deadline in zip(due, replies[::2], replies[1::2], strict=True):
+            ok = state == b"ACCEPTED" and deadline is not None and deadline > now_ms and _loggable(mid)
+            (overdue if ok else settled).append(mid)
+        if settled:
+            with redis_errors():
+                r.zrem(keys.lookup, *settled)
+                r.hdel(keys.lookup_tries, *settled)
+        picked = [mid for chunk in chunk_message_ids(overdue)[: self.lookup_calls_per_sweep()] for mid in chunk]
+        if not picked:
+            return 0, 0
+        tries = self.store.run("report_lookup", [keys.lookup, keys.lookup_tries],
+                               [now_ms, now_ms + LOOKUP_CLAIM_MS, *picked])
+        claimed = {mid: int(n) for mid, n in zip(picked, tries, strict=True) if int(n) > 0}
+        if not claimed:
+            return 0, 0
+        try:
+            found = self.recover_from_logs(list(claimed), raise_errors=True)
+        except ProviderError:
+            REPORT_LOOKUPS.labels("failed").inc(len(claimed))
+            return 0, 0  # due again after LOOKUP_CLAIM_MS
+        # Found or not, the next look is backed off: a found status is applied by the processor (and
+        # the entry dropped at its next due time); one that could not be applied is not asked again
+        # every sweep.
+        after_s = self.settings.sms_report_lookup_after_s
+        cap_s = max(after_s, LOOKUP_BACKOFF_MAX_S)
+        with redis_errors():
+            pipe = r.pipeline(transaction=False)
+            for mid, n in claimed.items():
+                pipe.zadd(keys.lookup, {mid: now_ms + int(min(cap_s, after_s * 2 ** min(n - 1, 30)) * 1000)},
+                          xx=True)
+            pipe.execute()
+        REPORT_LOOKUPS.labels("final").inc(len(found))
+        REPORT_LOOKUPS.labels("not_final").inc(len(claimed) - len(found))
+        return len(claimed), len(found)
+
+    # --- the sweep -------------------------------------------------------------------------------
     def sweep(self, now_ms: int | None = None) -> dict[str, int]:
         started = time.perf_counter()
         now_ms = now_ms if now_ms is not None else events.now_ms()
@@ -1170,13 +1411,14 @@ class Sweeper:
             expired += sum(1 for r in results if r == APPLIED)
             if len(due) < SWEEP_CHUNK or from_logs:
                 break  # recovered pages are processed first; their messages leave the set then
-        if recovered and self.processor.wake is not None:
+        looked_up, found = self.look_up_overdue(now_ms)
+        if (recovered or found) and self.processor.wake is not None:
             self.processor.wake.process_reports()
         parked = self.processor.retry_parked(now_ms)
         log.info("reports_swept", expired_no_report=expired, recovered_from_logs=recovered,
-                 parked_resolved=parked["resolved"],
+                 looked_up=looked_up, found_by_lookup=found, parked_resolved=parked["resolved"],
                  parked_duplicates=parked["duplicates"], unknown=parked["unknown"],
                  still_parked=parked["still_parked"], unknown_reports=self.settings.sms_unknown_reports,
                  duration_ms=round((time.perf_counter() - started) * 1000, 1))
-        return {"expired_no_report": expired, "recovered_from_logs": recovered, **parked}
-
+        return {"expired_no_report": expired, "recovered_from_logs": recovered, "looked_up": looked_up,
+                "found_by_lookup": found, **parked}

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
 import redis
+import structlog
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
 
@@ -30,6 +31,8 @@ from worker.settings import Settings
 from worker.status import heartbeat
 from worker.store import Store, connect, consumer_name
 from worker.triggers import Triggers, lane_queue
+
+log = structlog.get_logger(__name__)
 
 HEARTBEAT_EVERY_S = 5.0
 
@@ -54,6 +57,18 @@ class Runtime:
         self.provider.close()
         self.redis.close()
 
+
+@contextlib.contextmanager
+def redis_outage_is_one_line(actor: str) -> Iterator[None]:
+    """Redis down or restarting is an outage, not a bug: one warning line per message instead of a
+    traceback (the work is not lost: it is in Redis, and the clock or recovery brings it back).
+    Any other error keeps its traceback."""
+    try:
+        yield
+    except StoreError as error:
+        if not isinstance(error.__cause__, redis.ConnectionError | redis.TimeoutError | redis.BusyLoadingError):
+            raise
+        log.warning("actor_redis_unavailable", actor=actor, error=str(error))
 
 def build_runtime(settings: Settings, broker: dramatiq.Broker) -> Runtime:
     client = connect(settings.redis_url)

@@ -2,14 +2,25 @@
 
 Field names are the environment variable names in lower case (`ICOMM_API_KEY` -> `icomm_api_key`);
 units are in the names. Tests build `Settings(...)` directly instead of patching the environment.
+
+`load_settings()` reads the environment and an env file: `.env` in the working directory, or the
+file named by SMS_ENV_FILE (`sms-worker --env-file FILE` sets it for the command and every process it
+starts); a variable set in the real environment wins over the file. An empty value means unset.
+Every mistake is one line of the ConfigError naming the variable; `unknown_variables()` lists the
+SMS_*/ICOMM_* variables that are no setting (a misspelt one would otherwise be ignored silently).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -20,23 +31,46 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from worker.errors import ConfigError
 
 _LANE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# Dramatiq's own rule for queue names (dramatiq.actor._queue_name_re); actor names follow it too.
+_DRAMATIQ_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9._-]*$")
+
+# The env file: SMS_ENV_FILE names it (`sms-worker --env-file` sets it, so the processes a command
+# starts read the same file); otherwise `.env` in the working directory, when there is one.
+ENV_FILE_VARIABLE = "SMS_ENV_FILE"
+DEFAULT_ENV_FILE = ".env"
+# SMS_*/ICOMM_* variables this project uses that are not settings (no warning for these):
+NOT_SETTINGS = frozenset({
+    ENV_FILE_VARIABLE,  # the env file to read, above
+    "SMS_WORKER_IMAGE",  # deploy/compose.yaml: the image docker compose runs
+    "SMS_RELIABILITY",  # scripts/reliability and tests/reliability: the suites' size ...
+})
+NOT_SETTINGS_PREFIXES = ("SMS_RELIABILITY_",)  # ... and the harness's knobs (_TRIALS, _SEED, _ENV, ...)
+_OUR_PREFIXES = ("SMS_", "ICOMM_")
 
 
 class LaneConfig(BaseModel):
     """How one lane batches: `otp` waits ~0 ms for company, `bulk` waits to fill big batches."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     batch_size: Annotated[int, Field(ge=1, le=10_000)] = 1000
     max_wait_ms: Annotated[int, Field(ge=0, le=60_000)] = 250
     concurrency: Annotated[int, Field(ge=1, le=64)] = 4
     # Share of the global messages/s limit this lane may use (1.0 = all of it).
     rate_share: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+    @field_validator("batch_size", "max_wait_ms", "concurrency", "rate_share", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # JSON true is no batch size (pydantic would take it as 1)
+            raise ValueError("must be a number, not true or false")
+        return value
 
 
 def _default_lanes() -> dict[str, LaneConfig]:
@@ -94,6 +128,8 @@ EXAMPLES: dict[str, str] = {
     "SMS_REPORT_PARK_TIMEOUT_S": "3600",
     "SMS_UNKNOWN_REPORTS": "emit",
     "SMS_NO_REPORT_GRACE_S": "3600",
+    "SMS_REPORT_LOOKUP_AFTER_S": "3600",
+    "SMS_REPORT_LOOKUP_BATCH": "200",
     "SMS_WEBHOOK_PUBLIC_URL": "https://sms-worker.example.com",
     "SMS_WEBHOOK_PATH": "/webhooks/icomm/delivery",
     "SMS_WEBHOOK_SECRET": "s3cr3t-long-random-string",
@@ -109,7 +145,12 @@ EXAMPLES: dict[str, str] = {
 class Settings(BaseSettings):
     """Every knob of the worker, the clock and the web process."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
+    # An empty value (`SMS_SEND_WINDOW_S=` as in config/example.env) means unset; inf and nan are no
+    # durations or rates. The env file is given per load (load_settings), not here.
+    model_config = SettingsConfigDict(
+        frozen=True, extra="ignore", case_sensitive=False, env_ignore_empty=True, allow_inf_nan=False,
+        env_file_encoding="utf-8-sig",
+    )
 
     # --- the icomm API -------------------------------------------------------------------------
     icomm_base_url: str = "https://apisms.trx.icommarketing.com"
@@ -134,7 +175,8 @@ class Settings(BaseSettings):
 
     # --- sending -----------------------------------------------------------------------------
     sms_message_id_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")] = "sw"
-    sms_lanes: dict[str, LaneConfig] = Field(default_factory=_default_lanes)
+    # NoDecode: the JSON is parsed by _lanes_json below, so a broken one is a named mistake, not a crash.
+    sms_lanes: Annotated[dict[str, LaneConfig], NoDecode] = Field(default_factory=_default_lanes)
     sms_default_lane: str = "bulk"
     sms_default_sender: str | None = None
     sms_rate_limit_mps: Annotated[float, Field(ge=0)] = 0.0  # 0 = no limit
@@ -177,6 +219,11 @@ class Settings(BaseSettings):
     sms_unknown_reports: Literal["emit", "drop"] = "emit"
     # An accepted message with no final report gets `expired`/no_report after its validity + this.
     sms_no_report_grace_s: Annotated[float, Field(ge=0)] = 3600.0
+    # An accepted message still without a final report this long after its acceptance is looked up
+    # in GET /sms/3/logs by the sweep (again later with backoff), long before its no-report deadline.
+    sms_report_lookup_after_s: Annotated[float, Field(gt=0)] = 3600.0
+    # At most this many such lookups per sweep (0 = none), and never over half the logs calls/min.
+    sms_report_lookup_batch: Annotated[int, Field(ge=0, le=10_000)] = 200
 
     # --- webhook (web process) -----------------------------------------------------------------
     sms_webhook_public_url: str | None = None
@@ -194,15 +241,91 @@ class Settings(BaseSettings):
     @field_validator("icomm_base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^\s/]+(:\d+)?(/[^\s]*)?$", value):
-            raise ValueError("must be an http(s) URL")
-        return value.rstrip("/")
+        return _check_http_url(value)
+
+    @field_validator("sms_webhook_public_url", mode="before")
+    @classmethod
+    def _public_url(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return None
+        return _check_http_url(value) if isinstance(value, str) else value
 
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
         if not re.match(r"^(redis|rediss|unix)://", value):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        parts = urlsplit(value)
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError("the port must be a number from 1 to 65535") from None
+        if parts.scheme == "unix":
+            if not parts.path:
+                raise ValueError("a unix:// URL needs the socket's path (unix:///run/redis.sock)")
+            return value
+        if not parts.hostname or any(c.isspace() for c in value):
+            raise ValueError("needs a host, e.g. redis://127.0.0.1:6379/0")
+        if port == 0:
+            raise ValueError("the port must be a number from 1 to 65535")
+        if parts.path not in ("", "/") and not re.fullmatch(r"/\d+", parts.path):
+            raise ValueError("the path must be the database number, e.g. /0")
+        return value
+
+    @field_validator("icomm_api_key")
+    @classmethod
+    def _api_key(cls, value: SecretStr) -> SecretStr:
+        if any(c.isspace() or not c.isprintable() for c in value.get_secret_value()):
+            raise ValueError("must not contain spaces or control characters (it is sent in a header)")
+        return value
+
+    @field_validator("sms_webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        secret = value.get_secret_value()
+        # Long enough to be no guess (and to be redacted from logs, worker.logs.Redactor); sent in a header.
+        if len(secret) < 16:
+            raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 32`)")
+        if any(c.isspace() or not c.isprintable() or not c.isascii() for c in secret):
+            raise ValueError("must be printable ASCII without spaces (it is sent in a header)")
+        return value
+
+    @field_validator("sms_default_sender")
+    @classmethod
+    def _sender(cls, value: str | None) -> str | None:
+        # The same bounds as a job's `sender` (worker.models): a default no job could carry is a mistake.
+        if value is not None and not 0 < len(value) <= 64:
+            raise ValueError("must be 1 to 64 characters")
+        return value
+
+    @field_validator("sms_events_dramatiq_queue", "sms_events_dramatiq_actor")
+    @classmethod
+    def _dramatiq_name(cls, value: str | None) -> str | None:
+        if value is not None and not _DRAMATIQ_NAME.match(value):
+            raise ValueError(f"must match {_DRAMATIQ_NAME.pattern} (a Dramatiq queue or actor name)")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_any_case(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value  # LOG_LEVEL=warning is clear too
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _format_any_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("sms_lanes", mode="before")
+    @classmethod
+    def _lanes_json(cls, value: Any) -> Any:
+        # From the environment or an env file the lanes arrive as a JSON text.
+        if isinstance(value, bytes | str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"is not valid JSON ({error.msg} at character {error.pos})") from None
         return value
 
     @field_validator("sms_lanes")
@@ -238,7 +361,19 @@ class Settings(BaseSettings):
                 "absence from its logs only counts once it held for longer than that"
             )
         if (self.sms_events_dramatiq_queue is None) != (self.sms_events_dramatiq_actor is None):
-            raise ValueError("SMS_EVENTS_DRAMATIQ_QUEUE and SMS_EVENTS_DRAMATIQ_ACTOR go together")
+            given, missing = ("SMS_EVENTS_DRAMATIQ_QUEUE", "SMS_EVENTS_DRAMATIQ_ACTOR")[
+                :: 1 if self.sms_events_dramatiq_queue is not None else -1]
+            raise ValueError(f"{given} is set but {missing} is not: SMS_EVENTS_DRAMATIQ_QUEUE and "
+                             "SMS_EVENTS_DRAMATIQ_ACTOR go together")
+        if self.sms_webhook_public_url and self.sms_webhook_secret is None:
+            # The provider would push reports to a webhook that refuses every call (503), and a
+            # report pushed is not in GET /sms/3/reports any more.
+            raise ValueError("SMS_WEBHOOK_PUBLIC_URL is set, so SMS_WEBHOOK_SECRET is needed too "
+                             f"(example: SMS_WEBHOOK_SECRET={EXAMPLES['SMS_WEBHOOK_SECRET']})")
+        secret = self.webhook_secret()
+        if secret and self.sms_webhook_auth != "header" and not re.fullmatch(r"[A-Za-z0-9._~-]+", secret):
+            raise ValueError(f"SMS_WEBHOOK_AUTH={self.sms_webhook_auth} puts SMS_WEBHOOK_SECRET in the webhook URL, "
+                             "so it may only contain letters, digits and . _ ~ - (e.g. `openssl rand -hex 32`)")
         return self
 
     def worst_send_s(self) -> float:
@@ -275,42 +410,158 @@ class Settings(BaseSettings):
         return f"{base}{self.sms_webhook_path}"
 
 
+def _check_http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):
+        raise ValueError("must be an http(s) URL")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("must be an http(s) URL; the port must be a number from 1 to 65535") from None
+    if port == 0:
+        raise ValueError("must be an http(s) URL; the port must be a number from 1 to 65535")
+    return value.rstrip("/")
+
+
+_SECRET_VARIABLES = frozenset({"ICOMM_API_KEY", "SMS_WEBHOOK_SECRET"})
+_LANE_KEYS = tuple(LaneConfig.model_fields)
+
+
+def _shown(variable: str, raw: Any) -> str:
+    """`=value` as the mistake was given: never a secret, never a URL's password."""
+    if variable in _SECRET_VARIABLES:
+        return ""
+    if isinstance(raw, str):
+        raw = re.sub(r"(://[^/@:\s]*:)[^/@\s]*@", r"\1***@", raw)
+    return f"={raw!r}"
+
+
+def _problem_line(item: ErrorDetails) -> str:
+    """One line per mistake: the variable, what was given, what is wrong, and a right example."""
+    loc = [str(part) for part in item["loc"]]
+    message = item["msg"].removeprefix("Value error, ")
+    if not loc:  # a rule across settings: the message names the variables
+        return message
+    variable = loc[0].upper()
+    example = EXAMPLES.get(variable)
+    hint = f" (example: {variable}={example})" if example else ""
+    if variable == "SMS_LANES" and len(loc) == 1 and item["type"] == "dict_type":
+        return f"SMS_LANES={item.get('input')!r}: must be a JSON object of lanes, lane name to its settings{hint}"
+    if variable == "SMS_LANES" and len(loc) > 1:
+        lane, inner = loc[1], loc[2:]
+        if item["type"] == "extra_forbidden" and len(inner) == 1:
+            close = difflib.get_close_matches(inner[0], _LANE_KEYS, n=1)
+            guess = f"did you mean {close[0]}? " if close else ""
+            keys = ", ".join(_LANE_KEYS)
+            return f"SMS_LANES: lane {lane!r} has an unknown key {inner[0]!r} ({guess}a lane has {keys})"
+        if not inner and item["type"] in {"model_type", "model_attributes_type", "dict_type"}:
+            return f"SMS_LANES: lane {lane!r} must be a JSON object of {', '.join(_LANE_KEYS)}{hint}"
+        where = ".".join(inner)
+        return f"SMS_LANES: lane {lane!r}: {where}={item.get('input')!r}: {message}{hint}"
+    return f"{variable}{_shown(variable, item.get('input'))}: {message}{hint}"
+
+
 def _format(error: ValidationError) -> str:
-    lines = [f"{error.error_count()} configuration problem(s):"]
-    for item in error.errors():
-        loc = [str(part) for part in item["loc"]]
-        variable = loc[0].upper() if loc else "(settings)"
-        detail = ".".join(loc[1:])
-        raw = item.get("input")
-        shown = "" if variable in {"ICOMM_API_KEY", "SMS_WEBHOOK_SECRET"} else f"={raw!r}"
-        message = item["msg"].removeprefix("Value error, ")
-        example = EXAMPLES.get(variable)
-        hint = f" (example: {variable}={example})" if example else ""
-        where = f" [{detail}]" if detail else ""
-        if variable == "(settings)" or not loc:
-            lines.append(f"  - {message}")
-        else:
-            lines.append(f"  - {variable}{shown}{where}: {message}{hint}")
-    return "\n".join(lines)
+    """The ConfigError text: one line per mistake, no header, no traceback."""
+    return "\n".join(_problem_line(item) for item in error.errors())
+
+
+def env_file_path(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The env file the settings are read from: SMS_ENV_FILE's, else `.env` here when it exists."""
+    environ = os.environ if environ is None else environ
+    named = environ.get(ENV_FILE_VARIABLE)
+    if named:
+        path = Path(named)
+        if not path.exists():
+            raise ConfigError(f"{ENV_FILE_VARIABLE}={named}: no such file")
+        if not path.is_file():
+            raise ConfigError(f"{ENV_FILE_VARIABLE}={named}: not a file")
+        return path
+    default = Path(DEFAULT_ENV_FILE)
+    return default if default.is_file() else None
+
+
+def _read_env_file(path: Path) -> dict[str, str | None]:
+    from dotenv import dotenv_values  # python-dotenv, pydantic-settings' own reader
+
+    try:
+        return dict(dotenv_values(path, encoding="utf-8-sig"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
+
+
+def _validated(env_file: Path | None, values: Mapping[str, Any]) -> Settings:
+    if env_file is not None:
+        _read_env_file(env_file)  # unreadable or not UTF-8: one clear line, before pydantic-settings reads it
+    try:
+        return Settings(_env_file=env_file, **values)  # type: ignore[call-arg]
+    except ValidationError as error:
+        raise ConfigError(_format(error)) from None
+    except SettingsError as error:  # a source could not be parsed at all
+        raise ConfigError(str(error)) from None
 
 
 def settings_from_env(env: Mapping[str, str]) -> Settings:
     """Settings from an explicit mapping of environment variables (demo, tests, tools).
 
-    The processes started with the same mapping read the same values from their environment.
+    The processes started with the same mapping read the same values from their environment (and
+    the same env file, which the mapping's values win over, as the real environment does).
     """
     values: dict[str, Any] = {}
     for name, value in env.items():
         field = name.lower()
-        if field in Settings.model_fields:
-            # Structured values arrive as JSON in the environment, as pydantic-settings reads them.
-            values[field] = json.loads(value) if field == "sms_lanes" else value
-    return load_settings(**values)
+        if field in Settings.model_fields and value != "":  # empty means unset, as in the environment
+            values[field] = value  # SMS_LANES's JSON is parsed by its validator
+    return _validated(env_file_path(env), values)
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Read and validate the environment; raise ConfigError naming every wrong variable."""
+    """Read and validate the environment and the env file; raise ConfigError naming every wrong variable."""
+    return _validated(env_file_path(), overrides)
+
+
+# --- variables that are no setting ------------------------------------------------------------------
+@dataclass(frozen=True)
+class UnknownVariable:
+    """A variable that looks meant for this worker but is no setting, so it is ignored."""
+
+    name: str
+    source: str  # "the environment" or the env file's path
+    closest: str | None  # the setting it is most likely a misspelling of
+
+    def line(self) -> str:
+        hint = f"did you mean {self.closest}?" if self.closest else "the settings are listed in config/example.env"
+        return f"{self.name} (in {self.source}) is not a setting and is ignored; {hint}"
+
+
+SETTING_NAMES = tuple(name.upper() for name in Settings.model_fields)
+_UNPREFIXED_SETTINGS = tuple(name for name in SETTING_NAMES if not name.startswith(_OUR_PREFIXES))
+
+
+def _unknown(name: str, source: str, *, near_misses_too: bool) -> UnknownVariable | None:
+    upper = name.upper()
+    if upper in SETTING_NAMES or upper in NOT_SETTINGS or upper.startswith(NOT_SETTINGS_PREFIXES):
+        return None
+    if upper.startswith(_OUR_PREFIXES):
+        close = difflib.get_close_matches(upper, SETTING_NAMES, n=1, cutoff=0.6)
+        return UnknownVariable(name, source, close[0] if close else None)
+    if near_misses_too:  # REDIS_ULR in the env file: ours, misspelt
+        close = difflib.get_close_matches(upper, _UNPREFIXED_SETTINGS, n=1, cutoff=0.8)
+        if close:
+            return UnknownVariable(name, source, close[0])
+    return None
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[UnknownVariable]:
+    """Every SMS_*/ICOMM_* variable of the environment and the env file that is no setting (and, in
+    the env file, a near miss of REDIS_URL or LOG_*), with the setting it most likely meant."""
+    environ = os.environ if environ is None else environ
+    found = [u for name in environ if (u := _unknown(name, "the environment", near_misses_too=False))]
     try:
-        return Settings(**overrides)
-    except ValidationError as error:
-        raise ConfigError(_format(error)) from None
+        env_file = env_file_path(environ)
+        names = list(_read_env_file(env_file)) if env_file is not None else []
+    except ConfigError:  # load_settings says so, as an error
+        return found
+    return found + [u for name in names if (u := _unknown(name, str(env_file), near_misses_too=True))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -23,6 +24,8 @@ class LaneStatus:
     in_flight: int  # claimed, pending in the consumer group
     oldest_age_s: float | None  # age of the oldest entry still in the outbox
     paused: str | None
+    paused_for_s: float | None = None  # how long the pause has left before it lifts by itself
+    configured: bool = True  # False: an outbox stream of a lane SMS_LANES does not name
 
 
 @dataclass
@@ -49,17 +52,24 @@ def _age_s(entry_id: bytes | str, now_s: float) -> float:
     return max(0.0, now_s - int(raw.split("-", 1)[0]) / 1000)
 
 
-def collect(settings: Settings, store: Store) -> SystemStatus:
-    """One snapshot, a handful of round trips (pipelined)."""
+def collect(settings: Settings, store: Store, *, all_outboxes: bool = False) -> SystemStatus:
+    """One snapshot, a handful of round trips (pipelined).
+
+    `all_outboxes` adds every other outbox stream that exists (a lane nobody configured, written
+    with plain XADD) after the configured lanes; finding them SCANs the whole keyspace, so the
+    `status` command does it and the metrics scrape does not."""
     now = time.time()
     r = store.r
     lanes = list(settings.sms_lanes)
+    if all_outboxes:
+        lanes += [lane for lane in store.outbox_lanes() if lane not in settings.sms_lanes]
     with redis_errors():
         pipe = r.pipeline(transaction=False)
         for lane in lanes:
             pipe.xlen(store.outbox(lane))
             pipe.xrange(store.outbox(lane), "-", "+", count=1)
             pipe.get(store.pause_key(lane))
+            pipe.pttl(store.pause_key(lane))
         pipe.zcard(store.awaiting)
         pipe.xlen(store.dlq)
         pipe.zcard(store.key("reports", "parked"))
@@ -81,13 +91,15 @@ def collect(settings: Settings, store: Store) -> SystemStatus:
     redis_info = {**health.as_dict(), "data_since": redis_health.marker_since(marker)}
     statuses = []
     for i, lane in enumerate(lanes):
-        depth, head, paused = replies[3 * i : 3 * i + 3]
+        depth, head, paused, pause_ms = replies[4 * i : 4 * i + 4]
         statuses.append(LaneStatus(
             lane=lane, depth=int(depth), waiting=max(0, int(depth) - pending[i]), in_flight=pending[i],
             oldest_age_s=round(_age_s(head[0][0], now), 3) if head else None,
             paused=paused.decode() if paused else None,
+            paused_for_s=round(int(pause_ms) / 1000, 1) if paused and int(pause_ms) >= 0 else None,
+            configured=lane in settings.sms_lanes,
         ))
-    awaiting, dlq, parked, events, heartbeats, last_drain, tat = replies[3 * len(lanes) :]
+    awaiting, dlq, parked, events, heartbeats, last_drain, tat = replies[4 * len(lanes) :]
     workers = []
     for name, beat in sorted(heartbeats.items()):
         age = now - float(beat) / 1000
@@ -132,40 +144,100 @@ def heartbeat(store: Store, consumer: str) -> None:
         store.r.hset(store.key("heartbeats"), consumer, int(time.time() * 1000))
 
 
+UNCONFIGURED = "not configured: its jobs are dead-lettered as unknown_lane"
+
+
+def duration(seconds: float) -> str:
+    """A duration for people: 850 ms, 12.3 s, 4.2 min, 3.1 h, 2.0 d."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:,.1f} d"
+
+
+def _plural(n: int | str, word: str) -> str:
+    return f"{n} {word}" if str(n) == "1" else f"{n} {word}s"
+
+
+def _table(rows: list[list[str]], right: set[int]) -> list[str]:
+    """Columns padded to their widest cell (the header is rows[0]), `right` ones right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+                      for i, cell in enumerate(row)).rstrip() for row in rows]
+
+
 def render(status: SystemStatus) -> str:
-    """A readable table for people."""
-    lines = [f"{'lane':<10}{'depth':>9}{'waiting':>9}{'in flight':>11}{'oldest':>10}  paused"]
+    """A readable report for people: an aligned table of lanes, then one labelled line per fact."""
+    rows = [["lane", "depth", "waiting", "in flight", "oldest", "paused"]]
     for lane in status.lanes:
-        age = "-" if lane.oldest_age_s is None else f"{lane.oldest_age_s:.1f}s"
-        paused = lane.paused or "-"
-        lines.append(f"{lane.lane:<10}{lane.depth:>9}{lane.waiting:>9}{lane.in_flight:>11}{age:>10}  {paused}")
-    lines += [
-        "",
-        f"ambiguous (awaiting reconciliation): {status.ambiguous}",
-        f"accepted, awaiting a final report:   {status.awaiting_reports}",
-        f"dead letters:                        {status.dead_letters}",
-        f"parked reports (message unknown):    {status.parked_reports}",
-        f"events published (stream length):    {status.events}",
-        f"rate limiter: {status.limiter}",
-        f"last drain: {status.last_drain or 'never'}",
-        "workers:",
+        paused = "no"
+        if lane.paused:
+            left = f", lifts in {duration(lane.paused_for_s)}" if lane.paused_for_s is not None else ""
+            paused = f"{lane.paused}{left} (sms-worker resume --lane {lane.lane})"
+        rows.append([lane.lane, f"{lane.depth:,}", f"{lane.waiting:,}", f"{lane.in_flight:,}",
+                     "-" if lane.oldest_age_s is None else duration(lane.oldest_age_s),
+                     paused if lane.configured else f"{paused}  ({UNCONFIGURED})"])
+    lines = _table(rows, right={1, 2, 3, 4})
+
+    limiter = status.limiter
+    rates = ", ".join(f"{unit} {'none (no limit)' if limiter.get(key) is None else f'{limiter[key]:g}'}"
+                      for key, unit in (("messages_per_s", "messages/s"), ("requests_per_s", "requests/s")))
+    booked = duration(float(limiter.get("booked_ahead_ms") or 0.0) / 1000)
+    facts: list[tuple[str, list[str]]] = [
+        ("ambiguous (awaiting reconciliation)", [f"{status.ambiguous:,}"]),
+        ("accepted, awaiting a final report", [f"{status.awaiting_reports:,}"]),
+        ("dead letters", [f"{status.dead_letters:,}" + ("  (sms-worker dlq list)" if status.dead_letters else "")]),
+        ("parked reports (message unknown)", [f"{status.parked_reports:,}"]),
+        ("events stream length", [f"{status.events:,}"]),
+        ("rate limiter", [f"{rates}; booked ahead {booked}"]),
+        ("last drain", [_render_drain(status.last_drain)]),
+        ("workers", _render_workers(status.workers)),
+        *_render_redis(status.redis),
     ]
-    lines += [f"  {w['consumer']}  seen {w['last_seen_s']}s ago  {'alive' if w['alive'] else 'STALE'}"
-              for w in status.workers] or ["  (none)"]
-    lines += _render_redis(status.redis)
+    width = max(len(label) for label, _ in facts) + 2
+    lines.append("")
+    for label, values in facts:
+        lines.append(f"{label + ':':<{width}}{values[0]}")
+        lines += [f"{'':<{width}}{value}" for value in values[1:]]
     return "\n".join(lines)
 
 
-def _render_redis(info: dict[str, Any]) -> list[str]:
+def _render_drain(drain: dict[str, Any] | None) -> str:
+    if not drain:
+        return "never"
+    at = drain.get("at") or "?"
+    try:
+        ago = time.time() - datetime.fromisoformat(at).timestamp()
+    except ValueError:
+        ago = -1.0
+    when = f"{at} ({duration(ago)} ago)" if ago >= 0 else at
+    return (f"{when}: {drain.get('outcome') or '?'}, {_plural(drain.get('pages', '?'), 'page')}, "
+            f"{_plural(drain.get('reports', '?'), 'report')}")
+
+
+def _render_workers(workers: list[dict[str, Any]]) -> list[str]:
+    if not workers:
+        return ["none"]
+    rows = [[w["consumer"], f"seen {duration(w['last_seen_s'])} ago",
+             "alive" if w["alive"] else f"STALE (no heartbeat for {duration(HEARTBEAT_STALE_S)})"] for w in workers]
+    return _table(rows, right=set())
+
+
+def _render_redis(info: dict[str, Any]) -> list[tuple[str, list[str]]]:
     if not info:
         return []
     policy = info.get("maxmemory_policy") or "unknown"
     since = info.get("data_since")
-    lines = [f"redis: {info.get('version') or '?'} {info.get('role') or '?'}, maxmemory-policy {policy}, "
-             f"persistence {info.get('persistence')}"
+    lines = [f"{info.get('version') or 'unknown version'} {info.get('role') or 'unknown role'}, "
+             f"maxmemory-policy {policy}, persistence {info.get('persistence') or 'unknown'}"
              + ("" if info.get("config_readable") else " (CONFIG not allowed: read from INFO)")
              + (f", data set since {since}" if since else ", no instance marker yet (no worker ran)")]
     for finding in info.get("findings", []):
         level = "accepted" if finding["acknowledged"] else finding["level"].upper()
         lines.append(f"  {level:<8} {finding['message']}")
-    return lines
+    return [("redis", lines)]

@@ -215,6 +215,14 @@ class Store:
         """Any other key of the namespace (reports, leases, heartbeats)."""
         return ":".join((self.p, *parts))
 
+    def outbox_lanes(self) -> list[str]:
+        """The lane of every outbox stream that exists, configured or not (a producer may write to
+        any `{p}:outbox:<name>` with plain XADD)."""
+        prefix = f"{self.p}:outbox:"
+        with redis_errors():
+            keys = self.r.scan_iter(match=f"{prefix}*", count=1000, _type="stream")
+            return sorted({key.decode()[len(prefix):] for key in keys})
+
     def lane_prefix(self, lane: str) -> str:
         return f"{self.mid_prefix}-{lane}-"
 
@@ -596,6 +604,14 @@ class Store:
     def resume(self, lane: str) -> None:
         with redis_errors():
             self.r.delete(self.pause_key(lane))
+
+    def paused_lanes(self, lanes: Sequence[str], reason: str) -> list[str]:
+        """Those of `lanes` paused for `reason`, in one round trip."""
+        if not lanes:
+            return []
+        with redis_errors():
+            values = self.r.mget([self.pause_key(lane) for lane in lanes])
+        return [lane for lane, value in zip(lanes, values, strict=True) if value == reason.encode()]
 
     def paused(self, lane: str) -> str | None:
         with redis_errors():

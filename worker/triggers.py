@@ -31,6 +31,7 @@ DRAIN_REPORTS = "drain_reports"
 PROCESS_REPORTS = "process_reports"
 SWEEP = "sweep"
 RELAY_EVENTS = "relay_events"
+SWEEP_OUTBOXES = "sweep_outboxes"
 
 # A kick is de-duplicated for this long: a burst of producers sends one message, not thousands.
 KICK_DEDUPE_MS = 20

@@ -5,11 +5,14 @@
     GET  /healthz                      the process is alive
     GET  /readyz                       Redis answers and no lane is paused for an auth failure
 
-A webhook call is answered 200 only once its body is in the raw reports stream (the provider
-retries anything else), so every refusal stores nothing: 503 no secret configured or Redis down,
-401 unauthenticated, 415 not JSON, 413 too big (SMS_WEBHOOK_MAX_BODY_BYTES), 400 not
-`{results: [DeliveryReport...]}` or nested deeper than 32 levels (worker.reports.MAX_DEPTH: orjson
-reads 1,024 levels but writes only 254, so a deeper body accepted here could never be published).
+A webhook call is answered 200 only once what it brought is in Redis (the provider retries
+anything else), so every refusal stores nothing: 503 no secret configured or Redis down,
+401 unauthenticated, 415 not JSON, 413 too big (SMS_WEBHOOK_MAX_BODY_BYTES), 400 not JSON, not
+`{results: [...]}` or nested deeper than 32 levels (worker.reports.MAX_DEPTH: orjson reads 1,024
+levels but writes only 254, so a deeper body accepted here could never be published). A malformed
+report inside a good envelope does not refuse the body (the provider would retry it whole, then
+give up on the good reports with it): it goes to the dead letters with its reason, the others to
+the raw reports stream, both in one transaction before the 200 (`{"accepted": n, "dead_lettered": k}`).
 Nothing here reads or changes jobs. The secret is compared in constant time and never logged
 (uvicorn's access log is off: in `path` mode the URL itself is the secret).
 """
@@ -151,21 +154,22 @@ def create_app(
         if store is None:
             return refuse(503, "not ready")
         try:
-            reports = await run_in_threadpool(ingest_webhook, store, body)
+            ingested = await run_in_threadpool(ingest_webhook, store, body)
         except WebhookBodyError as error:
             return refuse(400, str(error))
         except StoreError as error:
             log.error("webhook_store_failed", error=str(error))
             return refuse(503, "storage unavailable, retry later")
+        reports, dead = ingested.reports, len(ingested.dead)
         if reports and state.wake is not None:
             try:
                 await run_in_threadpool(state.wake)
             except SmsWorkerError as error:
                 # Stored durably already: the clock wakes the processor every second anyway.
                 log.warning("webhook_wake_failed", error=str(error))
-        log.info("webhook_received", reports=reports, bytes=len(body),
+        log.info("webhook_received", reports=reports, dead_lettered=dead, bytes=len(body),
                  duration_ms=round((time.perf_counter() - started) * 1000, 1))
-        return JSONResponse({"accepted": reports})
+        return JSONResponse({"accepted": reports, "dead_lettered": dead} if dead else {"accepted": reports})
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

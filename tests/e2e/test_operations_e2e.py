@@ -59,11 +59,14 @@ def test_cli_metrics_and_health_against_a_running_system(tmp_path: Path) -> None
         assert sorted(d["reason"] for d in listed) == ["invalid_job", "invalid_job"]
         shown = orjson.loads(_cli(system, "dlq", "show", listed[0]["message_id"]).stdout)
         assert shown["dlq_id"] == listed[0]["dlq_id"]
-        assert "replayed 1" in _cli(system, "dlq", "replay", listed[0]["dlq_id"]).stdout
-        # An invalid job replayed is refused again, with its reason, and nothing else is affected.
+        # An invalid job is not replayed without --force: it would only be dead-lettered again.
+        refused = _cli(system, "dlq", "replay", listed[0]["dlq_id"], ok=False)
+        assert refused.returncode == 1 and "fails validation again" in refused.stderr
+        assert "replayed 1" in _cli(system, "dlq", "replay", listed[0]["dlq_id"], "--force").stdout
+        # Forced, it is refused again, with its reason, and nothing else is affected.
         wait_until(lambda: len(orjson.loads(_cli(system, "dlq", "list", "--json").stdout)) == 2, 20,
                    "the replayed job to be dead-lettered again")
-        assert "purged 2" in _cli(system, "dlq", "purge", "--all").stdout
+        assert "purged 2" in _cli(system, "dlq", "purge", "--all", "--yes").stdout
         missing = _cli(system, "dlq", "show", "no-such-id", ok=False)
         assert missing.returncode == 1
         assert missing.stderr.strip().count("\n") == 0 and "Traceback" not in missing.stderr
@@ -74,7 +77,8 @@ def test_cli_metrics_and_health_against_a_running_system(tmp_path: Path) -> None
         assert bad.returncode == 1 and "mcc" in bad.stderr
 
         reconciled = orjson.loads(_cli(system, "reconcile", "--message-id", queued[1].message_id, "--json").stdout)
-        assert reconciled["already_settled"] == 1
+        # Accepted and still awaiting its report: looked up in the provider's logs (not final yet there).
+        assert reconciled["looked_up"] == 1 and reconciled["states"][queued[1].message_id] == "ACCEPTED"
 
         checked = _cli(system, "check").stdout
         assert "icomm API: ok" in checked and "maxmemory-policy noeviction" in checked
@@ -83,8 +87,8 @@ def test_cli_metrics_and_health_against_a_running_system(tmp_path: Path) -> None
         csv_file = tmp_path / "people.csv"
         csv_file.write_text("to,name\n41790000001,Ana\n12,Bob\n41790000003,\n")
         csv_run = _cli(system, "enqueue", "--csv", str(csv_file), "--text-template", "Hi {name}", ok=False)
-        assert csv_run.returncode == 1
-        assert "queued 1" in csv_run.stdout and "line 3:" in csv_run.stdout and "line 4:" in csv_run.stdout
+        assert csv_run.returncode == 1  # all or nothing: the good row is not queued either
+        assert "nothing queued" in csv_run.stderr and "line 3:" in csv_run.stderr and "line 4:" in csv_run.stderr
 
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
         for series in ("sms_messages_total", "sms_batch_size", "sms_provider_request_seconds",

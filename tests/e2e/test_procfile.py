@@ -32,12 +32,17 @@ ENV = {**BASE_ENV, "SMS_SHUTDOWN_TIMEOUT_S": "4"}
 
 
 @contextmanager
-def honcho(env: dict[str, str], log: IO[bytes]) -> Iterator[subprocess.Popen[bytes]]:
-    """`honcho -f Procfile start` from the repository root in its own session; killed if a test leaves it running."""
-    empty_env_file = Path(log.name).with_name("empty.env")
-    empty_env_file.write_text("")  # not the developer's .env: only what this test passes
+def honcho(env: dict[str, str], log: IO[bytes], procfile: str = "Procfile",
+           env_files: list[str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """`honcho -f <procfile> -e <env files> start` from the repository root in its own session; killed if
+    a test leaves it running. Without `env_files`, an empty one: not the developer's .env, only what
+    the test passes in `env`."""
+    if env_files is None:
+        empty_env_file = Path(log.name).with_name("empty.env")
+        empty_env_file.write_text("")
+        env_files = [str(empty_env_file)]
     proc = subprocess.Popen(
-        [str(VENV_BIN / "honcho"), "-f", "Procfile", "-e", str(empty_env_file), "--no-colour", "start"],
+        [str(VENV_BIN / "honcho"), "-f", procfile, "-e", ",".join(env_files), "--no-colour", "start"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:

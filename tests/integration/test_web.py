@@ -173,21 +173,105 @@ def test_oversized_bodies_get_413_and_store_nothing(
     [
         b"{not json",
         b"[]",
+        b"{}",
+        b'"results"',
         b'{"results": {"messageId": "m-1"}}',
-        b'{"results": ["m-1"]}',
-        b'{"results": [{"status": {"groupName": "DELIVERED"}}]}',
-        b'{"results": [{"messageId": 7}]}',
-        b'{"results": [{"messageId": "m-1", "status": "DELIVERED"}]}',
-        b'{"results": [{"messageId": "m-1", "messageCount": "1"}]}',
+        b'{"results": "m-1"}',
+        b'{"results": null}',
     ],
 )
 def test_malformed_bodies_get_400_and_store_nothing(
     client_for: Callable[..., httpx.Client], store: Store, wakes: Wakes, body: bytes
 ) -> None:
-    """Anything that is not {results: [DeliveryReport...]} is refused with the reason."""
+    """A body that is not {results: [...]} at all is refused with the reason."""
     response = client_for().post(PATH, content=body, headers={**JSON, "x-webhook-secret": SECRET})
     assert response.status_code == 400 and response.json()["error"]
+    assert _stored(store) == 0 and _dead(store) == [] and wakes.count == 0
+
+
+def _dead(store: Store) -> list[tuple[str, dict[str, Any]]]:
+    return [(f[b"message_id"].decode(), orjson.loads(f[b"entry"])) for _, f in store.r.xrange(store.dlq)]
+
+
+def _accepted(store: Store, *mids: str) -> None:
+    for mid in mids:
+        store.r.hset(store.msg(mid), mapping={"state": "ACCEPTED", "lane": "otp", "job": b'{"to":"41793026727"}'})
+
+
+def test_one_malformed_report_among_100_is_dead_lettered_and_the_99_others_are_kept(
+    client_for: Callable[..., httpx.Client], settings: Settings, store: Store, wakes: Wakes
+) -> None:
+    """A 400 would make the provider retry the whole body and then give up on it, good reports and all:
+    the good ones are stored, the malformed one goes to the dead letters as it came, with its reason,
+    and the call gets its 200."""
+    mids = [f"m-{i}" for i in range(100)]
+    _accepted(store, *mids)
+    results: list[Any] = [{**REPORT, "messageId": mid} for mid in mids]
+    results[42] = {**REPORT, "messageId": "m-42", "price": "free"}
+    response = client_for().post(PATH, content=orjson.dumps({"results": results}),
+                                 headers={**JSON, "x-webhook-secret": SECRET})
+
+    assert response.status_code == 200, response.text
+    assert response.json() == {"accepted": 99, "dead_lettered": 1}
+    assert _stored(store) == 1 and wakes.count == 1
+    [(mid, dead)] = _dead(store)
+    assert mid == "m-42" and dead["reason"] == "report_malformed" and dead["source"] == "webhook"
+    assert dead["detail"] == "results[42].price must be an object"
+    assert dead["item"] == results[42]  # the report as it came
+
+    Processor(settings, store).process()
+
+    events = [orjson.loads(f[b"event"]) for _, f in store.r.xrange(store.events)]
+    assert sorted(e["message_id"] for e in events) == sorted(m for m in mids if m != "m-42")
+    assert store.message("m-42")["state"] == "ACCEPTED"
+    assert len(_dead(store)) == 1  # the processor found nothing more to dead-letter
+
+
+@pytest.mark.parametrize(
+    ("item", "problem"),
+    [
+        ("m-1", "results[0] must be an object"),
+        ({"status": {"groupName": "DELIVERED"}}, "results[0].messageId must be a non-empty string"),
+        ({"messageId": 7}, "results[0].messageId must be a non-empty string"),
+        ({"messageId": "m-1", "status": "DELIVERED"}, "results[0].status must be an object"),
+        ({"messageId": "m-1", "messageCount": "1"}, "results[0].messageCount must be an integer"),
+        ({"messageId": "m-1", "to": 41793026727}, "results[0].to must be a string"),
+    ],
+)
+def test_a_malformed_report_is_dead_lettered_with_its_reason_and_answered_200(
+    client_for: Callable[..., httpx.Client], store: Store, wakes: Wakes, item: Any, problem: str
+) -> None:
+    """Retrying a report the provider got wrong cannot make it right: it is kept in the dead letters
+    (`sms-worker dlq list`), and nothing else is stored or woken."""
+    body = orjson.dumps({"results": [item]})
+    response = client_for().post(PATH, content=body, headers={**JSON, "x-webhook-secret": SECRET})
+
+    assert response.status_code == 200 and response.json() == {"accepted": 0, "dead_lettered": 1}
     assert _stored(store) == 0 and wakes.count == 0
+    [(_, dead)] = _dead(store)
+    assert (dead["reason"], dead["detail"], dead["item"]) == ("report_malformed", problem, item)
+
+
+def test_a_partly_malformed_body_gets_200_only_once_both_parts_are_in_redis(
+    client_for: Callable[..., httpx.Client], store: Store, wakes: Wakes
+) -> None:
+    """The good reports and the dead letter are written together or not at all: a Redis that refuses
+    writes (out of memory) gets the call a 503, the provider retries, and the retry is kept whole."""
+    body = orjson.dumps({"results": [REPORT, {**REPORT, "messageId": 7}]})
+    client = client_for()
+    store.r.config_set("maxmemory-policy", "noeviction")
+    store.r.config_set("maxmemory", 1)
+    try:
+        refused = client.post(PATH, content=body, headers={**JSON, "x-webhook-secret": SECRET})
+    finally:
+        store.r.config_set("maxmemory", 0)
+    assert refused.status_code == 503
+    assert _stored(store) == 0 and _dead(store) == [] and wakes.count == 0
+
+    retried = client.post(PATH, content=body, headers={**JSON, "x-webhook-secret": SECRET})
+
+    assert retried.status_code == 200 and retried.json() == {"accepted": 1, "dead_lettered": 1}
+    assert _stored(store) == 1 and len(_dead(store)) == 1
 
 
 def _nested_body(depth: int, field: str = "price", opener: bytes = b'{"a": ', closer: bytes = b"}") -> bytes:

@@ -25,6 +25,8 @@ BASE_ENV = {
     "ICOMM_RETRY_BACKOFF_BASE_S": "0.02", "ICOMM_RETRY_BACKOFF_MAX_S": "0.2", "ICOMM_SEND_RETRY_ATTEMPTS": "3",
     "SMS_LEASE_S": "8", "SMS_RECONCILE_DELAY_S": "0.5", "SMS_OUTAGE_PAUSE_S": "0.5", "SMS_AUTH_PAUSE_S": "1",
     "SMS_DISPATCH_TICK_MS": "200", "SMS_LOGS_RATE_PER_MIN": "6000", "SMS_REPORTS_DRAIN_INTERVAL_S": "1",
+    # An ambiguous send that never reached the provider is resent after 3 checks over 2 s, not 60 s.
+    "SMS_RECONCILE_WINDOW_S": "2", "SMS_RECONCILE_CHECKS": "3",
 }
 # Reports far in the future unless a test wants them: send-side tests see only send outcomes.
 SANDBOX_FLAGS = ("--report-delay-ms", "600000", "--logs-rate-per-min", "100000", "--seed", "3")

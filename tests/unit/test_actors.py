@@ -6,8 +6,8 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
-from worker.actors import redis_outage_is_one_line
 from worker.errors import StoreError
+from worker.runtime import redis_outage_is_one_line
 
 
 def _store_error(cause: Exception) -> StoreError:

@@ -1,5 +1,6 @@
 """`sms-worker worker --lanes/--skip-lanes`: which lanes and Dramatiq queues a worker process takes; and
-`sms-worker check` on a Redis that evicts or forgets (against a real redis-server and the sandbox)."""
+`sms-worker check` on a Redis that evicts or forgets, on a wrong or missing setting (checked first,
+and it stops the check) and on a misspelt variable (against a real redis-server and the sandbox)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -15,7 +17,9 @@ from worker.cli import _worker_queues
 from worker.devstack import DevStack
 from worker.errors import SmsWorkerError
 from worker.sandbox.process import SandboxProcess
-from worker.settings import Settings, load_settings
+from worker.settings import ENV_FILE_VARIABLE, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SETTINGS = load_settings(
     icomm_api_key="k" * 20,
@@ -56,14 +60,17 @@ def check_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
         yield {"REDIS_URL": stack.env["REDIS_URL"], "ICOMM_BASE_URL": sandbox.url, "ICOMM_API_KEY": "k" * 20}
 
 
-def _check(env: dict[str, str], redis_config: dict[str, str], **extra: str) -> subprocess.CompletedProcess[str]:
+def _check(env: dict[str, str], redis_config: dict[str, str], *, cwd: Path | None = None,
+           **extra: str) -> subprocess.CompletedProcess[str]:
     client = redis.Redis.from_url(env["REDIS_URL"])
     try:
         for name, value in {"maxmemory-policy": "noeviction", "save": "", **redis_config}.items():
             client.config_set(name, value)
-        clean = {k: v for k, v in os.environ.items() if k.upper() not in {n.upper() for n in Settings.model_fields}}
-        return subprocess.run([sys.executable, "-m", "worker.cli", "check"], env={**clean, **env, **extra},
-                              capture_output=True, text=True, timeout=60, check=False)
+        clean = {k: v for k, v in os.environ.items()
+                 if k.upper() not in {n.upper() for n in Settings.model_fields} and k != ENV_FILE_VARIABLE}
+        full = {**clean, **env, **extra, "PYTHONPATH": str(ROOT)}
+        return subprocess.run([sys.executable, "-m", "worker.cli", "check"], env={k: v for k, v in full.items() if v},
+                              capture_output=True, text=True, timeout=60, check=False, cwd=cwd)
     finally:
         client.close()
 
@@ -98,3 +105,37 @@ def test_check_names_each_problem_on_its_own_line(check_env: dict[str, str]) -> 
     assert done.returncode == 1
     lines = done.stderr.splitlines()
     assert len(lines) == 2 and "maxmemory-policy is volatile-lru" in lines[0] and "persistence is off" in lines[1]
+
+
+# --- `sms-worker check`: the configuration first, and a problem there stops it ------------------------------
+
+
+def test_check_without_an_api_key_stops_before_redis(check_env: dict[str, str], tmp_path: Path) -> None:
+    """No environment but where Redis and the API are: one line, exit 2, and nothing reached or said ok."""
+    done = _check(check_env, {"save": "3600 1"}, cwd=tmp_path, ICOMM_API_KEY="")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.splitlines() == ["sms-worker: ICOMM_API_KEY is not set (example: ICOMM_API_KEY=01234567...)"]
+    assert done.stdout == "", "no `configuration: ok`, no `redis: ok` before a configuration problem"
+
+
+def test_check_with_a_wrong_setting_stops_before_redis(check_env: dict[str, str], tmp_path: Path) -> None:
+    done = _check(check_env, {"save": "3600 1"}, cwd=tmp_path, SMS_LANES='{"otp":', SMS_LEASE_S="soon")
+    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("sms-worker: SMS_L") and lines[1].startswith("sms-worker: SMS_L")
+
+
+def test_check_warns_about_each_variable_that_is_no_setting(check_env: dict[str, str], tmp_path: Path) -> None:
+    """A misspelt variable is ignored by the settings, so check says so, with the setting it meant; it passes."""
+    (tmp_path / ".env").write_text("SMS_DEFALT_LANE=otp\n")
+    done = _check(check_env, {"save": "3600 1"}, cwd=tmp_path, SMS_RATE_LIMT_MPS="10")
+    assert done.returncode == 0 and done.stderr == "", done.stdout + done.stderr
+    warnings = [line for line in done.stdout.splitlines() if line.startswith("configuration warning: ")]
+    assert warnings == [
+        "configuration warning: SMS_RATE_LIMT_MPS (in the environment) is not a setting and is ignored; "
+        "did you mean SMS_RATE_LIMIT_MPS?",
+        "configuration warning: SMS_DEFALT_LANE (in .env) is not a setting and is ignored; "
+        "did you mean SMS_DEFAULT_LANE?",
+    ]
+    assert done.stdout.index("configuration: ok") < done.stdout.index("configuration warning") \
+        < done.stdout.index("redis: ok")

@@ -217,6 +217,148 @@ def test_send_at_accepts_both_offset_styles(send_at: str) -> None:
     assert validate_send_request({**_body(), "options": {"schedule": {"sendAt": send_at}}}, NOW) == []
 
 
+# Every integer of the send request, as (path in the violation, body holding `value` there).
+_INTEGER_FIELDS: list[tuple[str, Any]] = [
+    ("messages[0].destinations[0].networkId", lambda v: _body(destinations=[{"to": "41793026727", "networkId": v}])),
+    ("messages[0].content.dataCoding", lambda v: _body(content={"hex": "48 69", "dataCoding": v})),
+    ("messages[0].content.esmClass", lambda v: _body(content={"hex": "48 69", "esmClass": v})),
+    ("messages[0].options.validityPeriod.amount", lambda v: _body(options={"validityPeriod": {"amount": v}})),
+    (
+        "messages[0].options.regional.turkeyIys.brandCode",
+        lambda v: _body(options={"regional": {"turkeyIys": {"recipientType": "TACIR", "brandCode": v}}}),
+    ),
+    (
+        "messages[0].options.regional.southKorea.resellerCode",
+        lambda v: _body(options={"regional": {"southKorea": {"resellerCode": v}}}),
+    ),
+    (
+        "options.schedule.sendingSpeedLimit.amount",
+        lambda v: {**_body(), "options": {"schedule": {"sendingSpeedLimit": {"amount": v}}}},
+    ),
+]
+
+
+@pytest.mark.parametrize(("prop", "build"), _INTEGER_FIELDS, ids=[prop for prop, _ in _INTEGER_FIELDS])
+def test_integer_fields_take_json_integers_in_the_int32_range(prop: str, build: Any) -> None:
+    """JSON Schema integers: 3.0 and 1e2 are integers, 3.5 and true are not; `format: int32` bounds them."""
+    for value in (3, 3.0, 100.0, -0.0, 2**31 - 1, -(2**31), float(2**31 - 1)):
+        assert validate_send_request(build(value), NOW) == [], value
+    for value in (3.5, True, "3"):
+        assert validate_send_request(build(value), NOW) == [(prop, "must be an integer")], value
+    for value in (2**31, -(2**31) - 1, 2.0**31, 2**64, 1e300):
+        assert validate_send_request(build(value), NOW) == [(prop, "must be between -2147483648 and 2147483647")]
+
+
+def test_delivery_window_times_take_integral_floats() -> None:
+    """hour/minute accept 22.0 and 30.0, still within 0-23/0-59, and the 1-hour rule still applies."""
+    window = {"days": ["MONDAY"], "from": {"hour": 22.0, "minute": 0.0}, "to": {"hour": 2, "minute": 30.0}}
+    assert validate_send_request(_body(options={"deliveryTimeWindow": window}), NOW) == []
+    window["to"] = {"hour": 22.0, "minute": 59.0}
+    assert _properties(_body(options={"deliveryTimeWindow": window})) == {"messages[0].options.deliveryTimeWindow"}
+    window["to"] = {"hour": 24.0, "minute": 0}
+    assert _properties(_body(options={"deliveryTimeWindow": window})) == {
+        "messages[0].options.deliveryTimeWindow.to.hour"
+    }
+
+
+@pytest.mark.parametrize(
+    ("options", "prop"),
+    [
+        ({"tracking": {"shortenUrl": "yes"}}, "options.tracking.shortenUrl"),
+        ({"tracking": {"trackClicks": 1}}, "options.tracking.trackClicks"),
+        ({"tracking": {"trackingUrl": 5}}, "options.tracking.trackingUrl"),
+        ({"tracking": {"removeProtocol": "false"}}, "options.tracking.removeProtocol"),
+        ({"tracking": {"customDomain": ["d"]}}, "options.tracking.customDomain"),
+        ({"conversionTracking": {"useConversionTracking": 0}}, "options.conversionTracking.useConversionTracking"),
+        ({"conversionTracking": {"conversionTrackingName": 7}}, "options.conversionTracking.conversionTrackingName"),
+    ],
+)
+def test_tracking_options_are_typed(options: dict[str, Any], prop: str) -> None:
+    """The fields inside options.tracking (UrlOptions) and options.conversionTracking (Tracking) are checked."""
+    assert _properties({**_body(), "options": options}) == {prop}
+
+
+def test_tracking_options_valid() -> None:
+    """Every tracking field with its schema type is accepted."""
+    body = {
+        **_body(),
+        "options": {
+            "tracking": {
+                "shortenUrl": True,
+                "trackClicks": False,
+                "trackingUrl": "https://example.com/clicks",
+                "removeProtocol": True,
+                "customDomain": "s.example.com",
+            },
+            "conversionTracking": {"useConversionTracking": True, "conversionTrackingName": "ONE_TIME_PIN"},
+        },
+    }
+    assert validate_send_request(body, NOW) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "prop"),
+    [
+        (_body(sender=None), "messages[0].sender"),
+        (_body(options=None), "messages[0].options"),
+        (_body(webhooks=None), "messages[0].webhooks"),
+        (_body(webhooks={"delivery": {"notify": None}}), "messages[0].webhooks.delivery.notify"),
+        (_body(content={"text": "a", "transliteration": None}), "messages[0].content.transliteration"),
+        (_body(content={"text": None}), "messages[0].content.text"),
+        (_body(destinations=[{"to": "41793026727", "networkId": None}]), "messages[0].destinations[0].networkId"),
+        (
+            _body(options={"deliveryTimeWindow": {"days": ["MONDAY"], "from": None, "to": {"hour": 1, "minute": 0}}}),
+            "messages[0].options.deliveryTimeWindow.from",
+        ),
+        ({**_body(), "options": None}, "options"),
+        ({**_body(), "options": {"schedule": {"bulkId": None}}}, "options.schedule.bulkId"),
+    ],
+)
+def test_explicit_null_is_a_violation(body: Any, prop: str) -> None:
+    """No schema field is nullable: an optional field may be absent, not null (the worker omits them)."""
+    violations = validate_send_request(body, NOW)
+    assert violations == [(prop, "must not be null")]
+    response, problems = _state().accept(body, NOW)  # the app's path too, fast path included
+    assert response is None and problems == violations
+
+
+def test_null_hex_beside_text_is_text_content() -> None:
+    """{"text": "a", "hex": null} is valid text content (oneOf: the binary branch fails), and logged as text."""
+    state = _state()
+    response, problems = state.accept(_body(content={"text": "a", "hex": None}), NOW)
+    assert problems == [] and response is not None
+    log = log_of(state.log[0], 0.01, "EUR")
+    assert log["content"] == {"text": "a"}
+    _validator("Log").validate(log)
+
+
+def test_binary_log_echoes_integral_floats_as_ints() -> None:
+    """dataCoding 8.0 is accepted and echoed as 8, as the platform's int32 field would."""
+    state = _state()
+    response, _ = state.accept(_body(content={"hex": "48 69", "dataCoding": 8.0, "esmClass": 64.0}), NOW)
+    assert response is not None
+    content = log_of(state.log[0], 0.01, "EUR")["content"]
+    assert content == {"hex": "48 69", "dataCoding": 8, "esmClass": 64}
+    assert type(content["dataCoding"]) is int
+
+
+@pytest.mark.parametrize(
+    "send_at",
+    [
+        " 2026-01-16T10:00:00.000+0000",
+        "2026-01-16T10:00:00.000+0000 ",
+        "2026-01-16T10:00:00.000+0000\n",
+        "2026-01-16T10:00:00.000 0000",  # the query-string '+' repair does not apply to a JSON body
+        "\u0662026-01-16T10:00:00.000+0000",  # an Arabic-Indic digit: the schema pattern is ASCII
+        "2026-02-30T10:00:00.000+0000",
+    ],
+)
+def test_send_at_in_a_body_must_match_exactly(send_at: str) -> None:
+    """sendAt is the schema's pattern, with no blanks, no space for '+' and ASCII digits, and a real date."""
+    body = {**_body(), "options": {"schedule": {"sendAt": send_at}}}
+    assert validate_send_request(body, NOW) == [("options.schedule.sendAt", "must match yyyy-MM-dd'T'HH:mm:ss.SSSZ")]
+
+
 # --- datetimes, destinations, parts ------------------------------------------------------
 
 

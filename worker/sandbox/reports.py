@@ -97,11 +97,13 @@ def report_of(record: Record, price_per_message: float, currency: str) -> JsonOb
 
 
 def _log_content(content: dict[str, Any]) -> JsonObj:
-    if "hex" in content:
+    # Binary exactly when state.accept() sends it as binary: no text ({"text": "a", "hex": null} is text).
+    if content.get("text") is None:
         return {
             "hex": content["hex"],
-            "dataCoding": content.get("dataCoding", 0),
-            "esmClass": content.get("esmClass", 0),
+            # int(): validation accepts 8.0 for an integer; the platform's int32 fields echo 8.
+            "dataCoding": int(content.get("dataCoding", 0)),
+            "esmClass": int(content.get("esmClass", 0)),
         }
     shown: JsonObj = {"text": content["text"]}
     for key in ("transliteration", "language"):

@@ -36,7 +36,7 @@ from worker.sandbox.segments import binary_parts, text_parts, text_too_long
 from worker.sandbox.validation import (
     LogsQuery,
     ReportsQuery,
-    parse_datetime,
+    parse_body_datetime,
     validate_message,
     validate_request_options,
     validate_send_request,
@@ -222,9 +222,9 @@ class SandboxState:
         messages = body.get("messages") if type(body) is dict else None
         if type(messages) is not list or not messages:
             return None
-        options = body.get("options")
         schedule = None
-        if options is not None:
+        if "options" in body:  # present: an explicit null is a violation too
+            options = body["options"]
             problems: list[Violation] = []
             validate_request_options(options, now, problems)
             if problems:
@@ -236,7 +236,7 @@ class SandboxState:
         sent_at = now
         send_at = schedule.get("sendAt") if schedule else None
         if send_at is not None:
-            sent_at = max(now, parse_datetime(send_at))
+            sent_at = max(now, parse_body_datetime(send_at))
         return bulk_id, sent_at, now
 
     def _invalid(self, message: Any, accepted: list[Record]) -> bool:

@@ -45,14 +45,15 @@ GENERAL_STATUSES: Final = frozenset(["ACCEPTED", "PENDING", "UNDELIVERABLE", "DE
 NOT_NULL: Final = "must not be null"
 NOT_EMPTY: Final = "must not be empty"
 
-# yyyy-MM-dd'T'HH:mm:ss[.S...](Z|+HHMM|+HH:MM): the documented format plus the ISO offset style.
-_DATETIME: Final = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:?\d{2})")
+# yyyy-MM-dd'T'HH:mm:ss[.S...](Z|+HHMM|+HH:MM): the documented format plus the ISO offset style. The
+# schema's InfobipDateTime pattern, read as ECMA-262 (what JSON Schema patterns are): [0-9], not \d,
+# which in Python also matches other scripts' digits (and int() reads them).
+_DATETIME: Final = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?(Z|[+-][0-9]{2}:?[0-9]{2})"
+)
 
 
-def parse_datetime(value: str) -> float:
-    """Infobip timestamp -> unix seconds; raises ValueError when malformed."""
-    # An unencoded '+' in a query string arrives as a space.
-    match = _DATETIME.fullmatch(value.strip().replace(" ", "+"))
+def _instant(match: re.Match[str] | None, value: str) -> float:
     if match is None:
         raise ValueError(value)
     year, month, day, hour, minute, second, fraction, offset = match.groups()
@@ -65,6 +66,18 @@ def parse_datetime(value: str) -> float:
     micros = int((fraction or "0").ljust(6, "0")[:6])
     moment = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tzinfo=tz)
     return moment.timestamp()
+
+
+def parse_datetime(value: str) -> float:
+    """Infobip timestamp in a query string -> unix seconds; raises ValueError when malformed."""
+    # Surrounding blanks are dropped, and an unencoded '+' in a query string arrives as a space.
+    return _instant(_DATETIME.fullmatch(value.strip().replace(" ", "+")), value)
+
+
+def parse_body_datetime(value: str) -> float:
+    """Infobip timestamp in a JSON body -> unix seconds; raises ValueError unless it is exactly the
+    pattern (no blanks around it, no space for '+') and a real date, time and offset."""
+    return _instant(_DATETIME.fullmatch(value), value)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -82,6 +95,21 @@ def format_datetime(unix_s: float) -> str:
 
 
 # --- POST /sms/3/messages ---------------------------------------------------------------
+#
+# The checks follow the vendor's JSON Schemas (SmsRequestEnvelope and what it references), with
+# JSON Schema's meaning of each keyword; tests/unit/test_sandbox_schema_walk.py compares them with a
+# JSON Schema validator property by property. In particular:
+# - an optional property may be absent, but an explicit null is a violation: no schema declares a
+#   nullable field (callers pass `obj.get(key, _ABSENT)` to tell the two apart);
+# - an `integer` is any JSON number without a fractional part (3.0 and 1e2 are integers), and every
+#   request integer is `format: int32`.
+# On top of the schemas the platform refuses a few things contract.md documents (empty arrays where
+# it wants at least one item, the delivery-window and sendAt rules, hex digit pairs, text and hex
+# together); the walk test lists them.
+
+INT32_MIN: Final = -(2**31)
+INT32_MAX: Final = 2**31 - 1
+_ABSENT: Final[Any] = object()  # a key missing from its object (None is an explicit JSON null)
 
 
 def _type_name(expected: type) -> str:
@@ -89,15 +117,32 @@ def _type_name(expected: type) -> str:
 
 
 def _check(value: Any, expected: type, path: str, out: list[Violation], required: bool = False) -> bool:
-    """True when `value` is present and of `expected` type; records a violation otherwise."""
-    if value is None:
+    """True when `value` is of `expected` type; records a violation otherwise, except for an absent
+    optional property (`value is _ABSENT`)."""
+    if type(value) is expected:
+        return True
+    if value is _ABSENT:
         if required:
             out.append((path, NOT_NULL))
-        return False
-    if type(value) is not expected:
+    elif value is None:
+        out.append((path, NOT_NULL))
+    else:
         out.append((path, f"must be {_type_name(expected)}"))
-        return False
-    return True
+    return False
+
+
+def _check_int(
+    value: Any, path: str, out: list[Violation], required: bool = False, low: int = INT32_MIN, high: int = INT32_MAX
+) -> bool:
+    """True when `value` is an integer (an int, or a float with no fractional part) in [low, high]."""
+    kind = type(value)
+    if kind is int or (kind is float and value.is_integer()):
+        if low <= value <= high:
+            return True
+        out.append((path, f"must be between {low} and {high}"))
+    elif value is not _ABSENT or required:
+        _check(value, int, path, out, required)  # records why (a bool is not an int here either)
+    return False
 
 
 def _check_len(value: Any, limit: int, path: str, out: list[Violation], required: bool = False) -> None:
@@ -110,11 +155,6 @@ def _check_enum(value: Any, allowed: frozenset[str], path: str, out: list[Violat
         out.append((path, f"must be one of [{', '.join(sorted(allowed))}]"))
 
 
-def _check_range(value: Any, low: int, high: int, path: str, out: list[Violation]) -> None:
-    if _check(value, int, path, out, required=True) and not low <= value <= high:
-        out.append((path, f"must be between {low} and {high}"))
-
-
 def _validate_content(content: Any, path: str, out: list[Violation]) -> None:
     if not _check(content, dict, path, out, required=True):
         return
@@ -125,17 +165,21 @@ def _validate_content(content: Any, path: str, out: list[Violation]) -> None:
         return
     if text is not None:
         _check(text, str, path + ".text", out)
-        _check_enum(content.get("transliteration"), TRANSLITERATIONS, path + ".transliteration", out)
-        language = content.get("language")
+        _check_enum(content.get("transliteration", _ABSENT), TRANSLITERATIONS, path + ".transliteration", out)
+        language = content.get("language", _ABSENT)
         if _check(language, dict, path + ".language", out):
-            _check_enum(language.get("languageCode"), LANGUAGE_CODES, path + ".language.languageCode", out)
-            _check(language.get("singleShift"), bool, path + ".language.singleShift", out)
-            _check(language.get("lockingShift"), bool, path + ".language.lockingShift", out)
+            _check_enum(language.get("languageCode", _ABSENT), LANGUAGE_CODES, path + ".language.languageCode", out)
+            _check(language.get("singleShift", _ABSENT), bool, path + ".language.singleShift", out)
+            _check(language.get("lockingShift", _ABSENT), bool, path + ".language.lockingShift", out)
     elif hex_data is not None:
         if _check(hex_data, str, path + ".hex", out) and not is_hex(hex_data):
             out.append((path + ".hex", "must be hex digit pairs separated by spaces"))
-        _check(content.get("dataCoding"), int, path + ".dataCoding", out)
-        _check(content.get("esmClass"), int, path + ".esmClass", out)
+        _check_int(content.get("dataCoding", _ABSENT), path + ".dataCoding", out)
+        _check_int(content.get("esmClass", _ABSENT), path + ".esmClass", out)
+    elif "text" in content:
+        out.append((path + ".text", NOT_NULL))
+    elif "hex" in content:
+        out.append((path + ".hex", NOT_NULL))
     else:
         out.append((path, "must contain either text or hex"))
 
@@ -143,14 +187,14 @@ def _validate_content(content: Any, path: str, out: list[Violation]) -> None:
 def _validate_time_window(window: Any, path: str, out: list[Violation]) -> None:
     if not _check(window, dict, path, out):
         return
-    days = window.get("days")
+    days = window.get("days", _ABSENT)
     if _check(days, list, path + ".days", out, required=True):
         if not days:
             out.append((path + ".days", NOT_EMPTY))
         for k, day in enumerate(days):
             _check_enum(day, DAYS, f"{path}.days[{k}]", out, required=True)
-    start, end = window.get("from"), window.get("to")
-    if (start is None) != (end is None):
+    start, end = window.get("from", _ABSENT), window.get("to", _ABSENT)
+    if (start is _ABSENT) != (end is _ABSENT):
         out.append((path, "from and to must be given together or both omitted"))
         return
     minutes: list[int] = []
@@ -158,10 +202,10 @@ def _validate_time_window(window: Any, path: str, out: list[Violation]) -> None:
         if not _check(moment, dict, f"{path}.{name}", out):
             continue
         before = len(out)
-        _check_range(moment.get("hour"), 0, 23, f"{path}.{name}.hour", out)
-        _check_range(moment.get("minute"), 0, 59, f"{path}.{name}.minute", out)
+        _check_int(moment.get("hour", _ABSENT), f"{path}.{name}.hour", out, True, 0, 23)
+        _check_int(moment.get("minute", _ABSENT), f"{path}.{name}.minute", out, True, 0, 59)
         if len(out) == before:
-            minutes.append(moment["hour"] * 60 + moment["minute"])
+            minutes.append(int(moment["hour"]) * 60 + int(moment["minute"]))
     # The window may wrap past midnight; either way it must span at least one hour.
     if len(minutes) == 2 and (minutes[1] - minutes[0]) % 1440 < 60:
         out.append((path, "from and to must be at least 1 hour apart"))
@@ -170,75 +214,96 @@ def _validate_time_window(window: Any, path: str, out: list[Violation]) -> None:
 def _validate_message_options(options: Any, path: str, out: list[Violation]) -> None:
     if not _check(options, dict, path, out):
         return
-    platform = options.get("platform")
+    platform = options.get("platform", _ABSENT)
     if _check(platform, dict, path + ".platform", out):
-        _check_len(platform.get("entityId"), 255, path + ".platform.entityId", out)
-        _check_len(platform.get("applicationId"), 255, path + ".platform.applicationId", out)
-    validity = options.get("validityPeriod")
+        _check_len(platform.get("entityId", _ABSENT), 255, path + ".platform.entityId", out)
+        _check_len(platform.get("applicationId", _ABSENT), 255, path + ".platform.applicationId", out)
+    validity = options.get("validityPeriod", _ABSENT)
     if _check(validity, dict, path + ".validityPeriod", out):
-        _check(validity.get("amount"), int, path + ".validityPeriod.amount", out, required=True)
-        _check_enum(validity.get("timeUnit"), VALIDITY_UNITS, path + ".validityPeriod.timeUnit", out)
-    _validate_time_window(options.get("deliveryTimeWindow"), path + ".deliveryTimeWindow", out)
-    _check_len(options.get("campaignReferenceId"), 255, path + ".campaignReferenceId", out)
-    _check(options.get("flash"), bool, path + ".flash", out)
-    regional = options.get("regional")
+        _check_int(validity.get("amount", _ABSENT), path + ".validityPeriod.amount", out, required=True)
+        _check_enum(validity.get("timeUnit", _ABSENT), VALIDITY_UNITS, path + ".validityPeriod.timeUnit", out)
+    _validate_time_window(options.get("deliveryTimeWindow", _ABSENT), path + ".deliveryTimeWindow", out)
+    _check_len(options.get("campaignReferenceId", _ABSENT), 255, path + ".campaignReferenceId", out)
+    _check(options.get("flash", _ABSENT), bool, path + ".flash", out)
+    regional = options.get("regional", _ABSENT)
     if _check(regional, dict, path + ".regional", out):
-        india = regional.get("indiaDlt")
+        india = regional.get("indiaDlt", _ABSENT)
         if _check(india, dict, path + ".regional.indiaDlt", out):
-            _check(india.get("principalEntityId"), str, path + ".regional.indiaDlt.principalEntityId", out, True)
-            _check(india.get("contentTemplateId"), str, path + ".regional.indiaDlt.contentTemplateId", out)
-            _check(india.get("telemarketerId"), str, path + ".regional.indiaDlt.telemarketerId", out)
-        turkey = regional.get("turkeyIys")
+            _check(
+                india.get("principalEntityId", _ABSENT), str, path + ".regional.indiaDlt.principalEntityId", out, True
+            )
+            _check(india.get("contentTemplateId", _ABSENT), str, path + ".regional.indiaDlt.contentTemplateId", out)
+            _check(india.get("telemarketerId", _ABSENT), str, path + ".regional.indiaDlt.telemarketerId", out)
+        turkey = regional.get("turkeyIys", _ABSENT)
         if _check(turkey, dict, path + ".regional.turkeyIys", out):
-            _check(turkey.get("brandCode"), int, path + ".regional.turkeyIys.brandCode", out)
+            _check_int(turkey.get("brandCode", _ABSENT), path + ".regional.turkeyIys.brandCode", out)
             _check_enum(
-                turkey.get("recipientType"),
+                turkey.get("recipientType", _ABSENT),
                 RECIPIENT_TYPES,
                 path + ".regional.turkeyIys.recipientType",
                 out,
                 True,
             )
-        korea = regional.get("southKorea")
+        korea = regional.get("southKorea", _ABSENT)
         if _check(korea, dict, path + ".regional.southKorea", out):
-            _check_len(korea.get("title"), 66, path + ".regional.southKorea.title", out)
-            _check(korea.get("resellerCode"), int, path + ".regional.southKorea.resellerCode", out)
+            _check_len(korea.get("title", _ABSENT), 66, path + ".regional.southKorea.title", out)
+            _check_int(korea.get("resellerCode", _ABSENT), path + ".regional.southKorea.resellerCode", out)
 
 
 def _validate_webhooks(webhooks: Any, path: str, out: list[Violation]) -> None:
     if not _check(webhooks, dict, path, out):
         return
-    delivery = webhooks.get("delivery")
+    delivery = webhooks.get("delivery", _ABSENT)
     if _check(delivery, dict, path + ".delivery", out):
-        _check(delivery.get("url"), str, path + ".delivery.url", out)
-        _check(delivery.get("intermediateReport"), bool, path + ".delivery.intermediateReport", out)
-        _check(delivery.get("notify"), bool, path + ".delivery.notify", out)
-    _check(webhooks.get("contentType"), str, path + ".contentType", out)
-    _check_len(webhooks.get("callbackData"), 4000, path + ".callbackData", out)
+        _check(delivery.get("url", _ABSENT), str, path + ".delivery.url", out)
+        _check(delivery.get("intermediateReport", _ABSENT), bool, path + ".delivery.intermediateReport", out)
+        _check(delivery.get("notify", _ABSENT), bool, path + ".delivery.notify", out)
+    _check(webhooks.get("contentType", _ABSENT), str, path + ".contentType", out)
+    _check_len(webhooks.get("callbackData", _ABSENT), 4000, path + ".callbackData", out)
 
 
 def validate_request_options(options: Any, now: float, out: list[Violation]) -> None:
-    """Append the violations of the request-level `options` to `out`."""
+    """Append the violations of the request-level `options` (a present value, null included) to `out`."""
     if not _check(options, dict, "options", out):
         return
-    schedule = options.get("schedule")
+    schedule = options.get("schedule", _ABSENT)
     if _check(schedule, dict, "options.schedule", out):
-        _check_len(schedule.get("bulkId"), 100, "options.schedule.bulkId", out)
-        send_at = schedule.get("sendAt")
+        _check_len(schedule.get("bulkId", _ABSENT), 100, "options.schedule.bulkId", out)
+        send_at = schedule.get("sendAt", _ABSENT)
         if _check(send_at, str, "options.schedule.sendAt", out):
             try:
-                when = parse_datetime(send_at)
+                when = parse_body_datetime(send_at)
             except ValueError:
                 out.append(("options.schedule.sendAt", "must match yyyy-MM-dd'T'HH:mm:ss.SSSZ"))
             else:
                 if when > now + MAX_SCHEDULE_AHEAD_S:
                     out.append(("options.schedule.sendAt", "must be no later than 180 days in advance"))
-        speed = schedule.get("sendingSpeedLimit")
+        speed = schedule.get("sendingSpeedLimit", _ABSENT)
         if _check(speed, dict, "options.schedule.sendingSpeedLimit", out):
-            _check(speed.get("amount"), int, "options.schedule.sendingSpeedLimit.amount", out, required=True)
-            _check_enum(speed.get("timeUnit"), SPEED_UNITS, "options.schedule.sendingSpeedLimit.timeUnit", out)
-    _check(options.get("includeSmsCountInResponse"), bool, "options.includeSmsCountInResponse", out)
-    _check(options.get("tracking"), dict, "options.tracking", out)
-    _check(options.get("conversionTracking"), dict, "options.conversionTracking", out)
+            _check_int(speed.get("amount", _ABSENT), "options.schedule.sendingSpeedLimit.amount", out, required=True)
+            _check_enum(speed.get("timeUnit", _ABSENT), SPEED_UNITS, "options.schedule.sendingSpeedLimit.timeUnit", out)
+    tracking = options.get("tracking", _ABSENT)
+    if _check(tracking, dict, "options.tracking", out):
+        _check(tracking.get("shortenUrl", _ABSENT), bool, "options.tracking.shortenUrl", out)
+        _check(tracking.get("trackClicks", _ABSENT), bool, "options.tracking.trackClicks", out)
+        _check(tracking.get("trackingUrl", _ABSENT), str, "options.tracking.trackingUrl", out)
+        _check(tracking.get("removeProtocol", _ABSENT), bool, "options.tracking.removeProtocol", out)
+        _check(tracking.get("customDomain", _ABSENT), str, "options.tracking.customDomain", out)
+    _check(options.get("includeSmsCountInResponse", _ABSENT), bool, "options.includeSmsCountInResponse", out)
+    conversion = options.get("conversionTracking", _ABSENT)
+    if _check(conversion, dict, "options.conversionTracking", out):
+        _check(
+            conversion.get("useConversionTracking", _ABSENT),
+            bool,
+            "options.conversionTracking.useConversionTracking",
+            out,
+        )
+        _check(
+            conversion.get("conversionTrackingName", _ABSENT),
+            str,
+            "options.conversionTracking.conversionTrackingName",
+            out,
+        )
 
 
 def validate_message(message: Any, i: int, out: list[Violation]) -> None:
@@ -246,20 +311,20 @@ def validate_message(message: Any, i: int, out: list[Violation]) -> None:
     if type(message) is not dict:
         out.append((f"messages[{i}]", "must be an object"))
         return
-    destinations = message.get("destinations")
+    destinations = message.get("destinations", _ABSENT)
     if type(destinations) is list and destinations:
         for j, destination in enumerate(destinations):
             if type(destination) is not dict:
                 out.append((f"messages[{i}].destinations[{j}]", "must be an object"))
                 continue
             prefix = f"messages[{i}].destinations[{j}]"
-            _check_len(destination.get("to"), 64, prefix + ".to", out, required=True)
-            _check_len(destination.get("messageId"), 200, prefix + ".messageId", out)
-            _check(destination.get("networkId"), int, prefix + ".networkId", out)
+            _check_len(destination.get("to", _ABSENT), 64, prefix + ".to", out, required=True)
+            _check_len(destination.get("messageId", _ABSENT), 200, prefix + ".messageId", out)
+            _check_int(destination.get("networkId", _ABSENT), prefix + ".networkId", out)
     elif _check(destinations, list, f"messages[{i}].destinations", out, required=True):
         out.append((f"messages[{i}].destinations", NOT_EMPTY))
-    _validate_content(message.get("content"), f"messages[{i}].content", out)
-    _check(message.get("sender"), str, f"messages[{i}].sender", out)
+    _validate_content(message.get("content", _ABSENT), f"messages[{i}].content", out)
+    _check(message.get("sender", _ABSENT), str, f"messages[{i}].sender", out)
     if "options" in message:
         _validate_message_options(message["options"], f"messages[{i}].options", out)
     if "webhooks" in message:
@@ -271,7 +336,7 @@ def validate_send_request(body: Any, now: float) -> list[Violation]:
     out: list[Violation] = []
     if type(body) is not dict:
         return [("", "request body must be a JSON object")]
-    messages = body.get("messages")
+    messages = body.get("messages", _ABSENT)
     if _check(messages, list, "messages", out, required=True) and not messages:
         out.append(("messages", NOT_EMPTY))
     for i, message in enumerate(messages if type(messages) is list else ()):
