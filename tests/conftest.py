@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import tempfile
 from collections.abc import Iterator
 
 import pytest
 import redis
 
 from tests.support.redis_server import RedisServer
-from worker.settings import Settings
+from worker.settings import ENV_FILE_VARIABLE, Settings
 from worker.store import Store, connect
+
+# Nor a developer's .env in the repository root, from the first import on (test modules load
+# settings at import); the processes tests start inherit it. Tests of the env file itself unset it.
+_fd, _NO_ENV_FILE = tempfile.mkstemp(prefix="sms-tests-", suffix=".env")  # empty
+os.close(_fd)
+atexit.register(os.unlink, _NO_ENV_FILE)
+os.environ[ENV_FILE_VARIABLE] = _NO_ENV_FILE
 
 
 @pytest.fixture(autouse=True)

@@ -66,8 +66,11 @@ def _check(env: dict[str, str], redis_config: dict[str, str], *, cwd: Path | Non
     try:
         for name, value in {"maxmemory-policy": "noeviction", "save": "", **redis_config}.items():
             client.config_set(name, value)
+        # With a working directory of its own the check may read that directory's .env; otherwise it
+        # keeps the session's empty env file (tests/conftest.py), not a developer's .env.
         clean = {k: v for k, v in os.environ.items()
-                 if k.upper() not in {n.upper() for n in Settings.model_fields} and k != ENV_FILE_VARIABLE}
+                 if k.upper() not in {n.upper() for n in Settings.model_fields}
+                 and (cwd is None or k != ENV_FILE_VARIABLE)}
         full = {**clean, **env, **extra, "PYTHONPATH": str(ROOT)}
         return subprocess.run([sys.executable, "-m", "worker.cli", "check"], env={k: v for k, v in full.items() if v},
                               capture_output=True, text=True, timeout=60, check=False, cwd=cwd)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import re
 import shlex
 import tomllib
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from worker.cli import build_parser
-from worker.settings import Settings, settings_from_env
+from worker.settings import ENV_FILE_VARIABLE, Settings, settings_from_env
 from worker.store import DISPATCH_GROUP, Store
 from worker.web import create_app
 
@@ -221,7 +222,8 @@ def _resolve_port(container: dict[str, Any], port: int | str) -> int:
 
 
 def _settings_in(env: dict[str, str]) -> Settings:
-    return settings_from_env(env)
+    # The session's empty env file (tests/conftest.py), so a developer's .env plays no part.
+    return settings_from_env({ENV_FILE_VARIABLE: os.environ[ENV_FILE_VARIABLE], **env})
 
 
 def _env_names_referenced() -> dict[str, set[str]]:

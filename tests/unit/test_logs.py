@@ -41,7 +41,8 @@ def test_redactor_removes_secrets_and_masks_numbers_everywhere() -> None:
 
 def test_stdlib_records_and_exceptions_are_redacted_in_json(capsys: pytest.CaptureFixture[str]) -> None:
     """A foreign library's record and a traceback that quote the key come out redacted, as JSON."""
-    logs.configure(fmt="json", level="INFO", secrets=["api-key-0123456789"])
+    # Not cached: cached loggers would keep this chain for the session, out of later capture_logs' reach.
+    logs.configure(fmt="json", level="INFO", secrets=["api-key-0123456789"], cache=False)
     logging.getLogger("dramatiq.worker").warning("auth header App api-key-0123456789 for 41793026727")
     try:
         raise RuntimeError("request failed: Authorization: App api-key-0123456789")
