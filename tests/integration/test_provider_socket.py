@@ -237,6 +237,18 @@ def providers() -> Iterator[Callable[..., Provider]]:
         provider.close()
 
 
+def _reports_held_until(release: threading.Event) -> Callable[[Received], bytes]:
+    """Sends are accepted at once; a reports GET holds its connection until `release` is set."""
+
+    def answer(received: Received) -> bytes:
+        if received.path == "/sms/3/reports":
+            assert release.wait(10)
+            return http_reply({"results": []})
+        return accepted_reply(received)
+
+    return answer
+
+
 def one_request(message_id: str = "sw-1") -> Any:
     job = Job.model_validate({"to": "+" + PHONE, "text": "Hello"})
     return wire_request([wire_message(job, message_id, default_sender=None, webhook_url=None)])
@@ -302,14 +314,7 @@ def test_fence_is_asked_only_after_the_pool_wait(
     """With one connection busy, a queued send's fence is not asked until the connection frees up:
     a deadline is checked at the last moment, not before a wait of up to the pool timeout."""
     release = threading.Event()
-
-    def answer(received: Received) -> bytes:
-        if received.path == "/sms/3/reports":
-            assert release.wait(10)
-            return http_reply({"results": []})
-        return accepted_reply(received)
-
-    server = servers(answer)
+    server = servers(_reports_held_until(release))
     provider = providers(server, icomm_max_connections=1, icomm_pool_timeout_s=10.0)
     asked: list[int] = []
 
@@ -486,14 +491,7 @@ def test_reset_never_closes_a_connection_under_a_request_in_flight(
     and goes through on the new one while the slow request finishes normally on the old client,
     which is closed only once that request is done."""
     release = threading.Event()
-
-    def answer(received: Received) -> bytes:
-        if received.path == "/sms/3/reports":
-            assert release.wait(10)
-            return http_reply({"results": []})
-        return accepted_reply(received)
-
-    server = servers(answer)
+    server = servers(_reports_held_until(release))
     provider = providers(server, icomm_max_connections=2, icomm_pool_timeout_s=0.2)
     old = provider._generation.client
     _leak_slots(old, server.url, 1)
@@ -517,14 +515,7 @@ def test_busy_pool_is_not_mistaken_for_a_broken_one(
 ) -> None:
     """Every slot held by a real request: PoolTimeouts are plain back-pressure, no reset."""
     release = threading.Event()
-
-    def answer(received: Received) -> bytes:
-        if received.path == "/sms/3/reports":
-            assert release.wait(10)
-            return http_reply({"results": []})
-        return accepted_reply(received)
-
-    server = servers(answer)
+    server = servers(_reports_held_until(release))
     provider = providers(server, icomm_max_connections=1, icomm_pool_timeout_s=0.05)
     with ThreadPoolExecutor(max_workers=1) as pool:
         slow = pool.submit(provider.reports_raw)

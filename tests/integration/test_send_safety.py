@@ -8,37 +8,29 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import orjson
-import pytest
 
-from tests.integration.test_dispatch import API_KEY, NO_FAULTS, RecordingWake, _jobs, _settings
+from tests.integration.test_dispatch import (  # noqa: F401 - sandbox and sbx are fixtures used by name
+    API_KEY,
+    RecordingWake,
+    _jobs,
+    _settings,
+    sandbox,
+    sbx,
+)
 from worker.devstack import wait_until
 from worker.dispatch import Dispatcher
 from worker.errors import SendWindowClosed
 from worker.outbox import Outbox
 from worker.provider import Provider, SendResponse, WireRequest
 from worker.ratelimit import RateLimiter
-from worker.sandbox.config import SandboxConfig
 from worker.sandbox.process import SandboxProcess
 from worker.settings import Settings
 from worker.store import Entry, Outcome, Store, Submitted
-
-
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[SandboxProcess]:
-    with SandboxProcess(api_key=API_KEY, config=SandboxConfig(report_delay_ms=600_000, seed=3)) as proc:
-        yield proc
-
-
-@pytest.fixture
-def sbx(sandbox: SandboxProcess) -> SandboxProcess:
-    sandbox.reset()
-    sandbox.configure(**NO_FAULTS)
-    return sandbox
 
 
 def _claimed(store: Store, n: int, consumer: str = "c1") -> list[Entry]:
@@ -170,7 +162,7 @@ def _dispatcher(settings: Settings, store: Store, provider: Any, wake: Recording
 
 
 def test_a_paused_owner_never_sends_after_its_batch_was_taken_over(
-    redis_url: str, sbx: SandboxProcess, store: Store
+    redis_url: str, sbx: SandboxProcess, store: Store,  # noqa: F811 - the fixture
 ) -> None:
     """Owner A stops after submit.lua; B recovers the batch, waits out A's window, finds nothing in the
     logs over the reconcile window and resends; A wakes up and its request is refused by the fence.
