@@ -31,7 +31,7 @@ import orjson
 import redis
 from pydantic import SecretStr
 
-from worker.devstack import DevStack
+from worker.devtools.devstack import DevStack
 from worker.reports import Processor, ReportKeys
 from worker.settings import Settings
 from worker.store import Store, connect
@@ -104,9 +104,9 @@ def run_processor(redis_url: str, index: int, threads: int, start_at: float, out
 
 
 def run_drain(args: argparse.Namespace) -> None:
+    from worker.devtools.sandbox import SandboxConfig, SandboxProcess
     from worker.provider import Provider
     from worker.reports import Drainer
-    from worker.sandbox import SandboxConfig, SandboxProcess
 
     with DevStack() as stack, SandboxProcess(api_key="bench-key", config=SandboxConfig(report_delay_ms=0)) as sbx:
         url = stack.start_redis()

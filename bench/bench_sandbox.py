@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import orjson
 
-from worker.sandbox import SandboxConfig, SandboxProcess
+from worker.devtools.sandbox import SandboxConfig, SandboxProcess
 
 API_KEY = "bench-key"
 _TEXTS = (

@@ -39,7 +39,7 @@ SLOWLOG_LEN = 200_000
 # (substring of a frame, group name); the first match from the top of the stack names the sample.
 GROUPS = (
     ("idle", "idle (waiting for work)"),
-    ("_read_replies", "Redis round trips (socket wait + hiredis parse)"),
+    ("read_replies", "Redis round trips (socket wait + hiredis parse)"),
     ("redis/", "Redis round trips (redis-py)"),
     ("hiredis", "Redis round trips (hiredis pack/parse)"),
     ("httpcore", "HTTP (httpx/httpcore)"),

@@ -22,7 +22,7 @@ from bench import baseline
 from bench.procs import CpuMeter, cpu_seconds, status_kb
 from bench.stats import percentile
 from bench.system import NO_REPORTS, BenchStack, entry_ms
-from worker.devstack import wait_until
+from worker.devtools.devstack import wait_until
 from worker.outbox import Outbox
 from worker.settings import settings_from_env
 from worker.store import Store, connect

@@ -1,6 +1,6 @@
 """One benchmark stack: private redis-server and sandbox, our workers and clock, or the baseline workers.
 
-Built on worker.devstack (the processes the Procfile runs, on free loopback ports), plus what a
+Built on worker.devtools.devstack (the processes the Procfile runs, on free loopback ports), plus what a
 benchmark needs on top: the pids of each component for CPU accounting, producer-side objects,
 and event-stream readers that take times from the stream entry ids (Redis's clock, in ms).
 """
@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from bench import procs
-from worker.devstack import DevStack, Proc, wait_until
+from worker.devtools.devstack import DevStack, Proc, wait_until
 from worker.outbox import Outbox
 from worker.runtime import make_broker
 from worker.settings import Settings, settings_from_env

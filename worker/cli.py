@@ -83,8 +83,8 @@ def _print_json(value: Any) -> None:
 
 # --- processes -------------------------------------------------------------------------------------
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from worker.sandbox import server
-    from worker.sandbox.config import config_from_args
+    from worker.devtools.sandbox import server
+    from worker.devtools.sandbox.config import config_from_args
 
     # The flags are checked here, so a mistake is one line (server.run raises ValueError for them).
     if not args.allow_remote:
@@ -665,7 +665,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo
+    from worker.devtools.demo import run_demo
 
     return run_demo(messages=args.messages, keep_logs=args.keep_logs, keep=args.keep)
 
@@ -705,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sandbox", help="run the local icomm API sandbox",
                        epilog="example:\n  sms-worker sandbox --port 8900 --api-key dev-key --rate-429 0.05",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    from worker.sandbox.config import add_arguments as add_sandbox_arguments
+    from worker.devtools.sandbox.config import add_arguments as add_sandbox_arguments
 
     p.add_argument("--port", type=_port, default=8900)
     p.add_argument("--api-key", required=True)

@@ -225,7 +225,7 @@ def publish(health: RedisHealth) -> None:
 
 
 def marker_key(store: Store) -> str:
-    return store.key(MARKER)
+    return store.instance_marker
 
 
 def marker_since(value: bytes | None) -> str | None:

@@ -154,13 +154,13 @@ class ReportKeys:
     @classmethod
     def of(cls, store: Store) -> ReportKeys:
         return cls(
-            raw=store.key("reports", "raw"),
-            parked=store.key("reports", "parked"),
-            parked_since=store.key("reports", "parked", "since"),
-            stats=store.key("reports", "stats"),
-            lookup=store.key("reports", "lookup"),
-            lookup_tries=store.key("reports", "lookup", "tries"),
-            lookup_cursor=store.key("reports", "lookup", "cursor"),
+            raw=store.reports_raw,
+            parked=store.reports_parked,
+            parked_since=store.reports_parked_since,
+            stats=store.reports_stats,
+            lookup=store.reports_lookup,
+            lookup_tries=store.reports_lookup_tries,
+            lookup_cursor=store.reports_lookup_cursor,
         )
 
 
@@ -657,7 +657,7 @@ class Drainer:
         processing is idempotent, so a page fetched by a drainer that lost its lease during the GET
         is applied like any other (it used to be dead-lettered as drain_fenced, where nothing read
         it). A stale token only tells this drainer to stop fetching."""
-        keys = [self.keys.raw, self.store.key("fence", DRAIN_LEASE)]
+        keys = [self.keys.raw, self.store.fence_key(DRAIN_LEASE)]
         current, _ = self.store.run("report_append", keys, [token, page])
         return bool(current)
 
@@ -781,7 +781,7 @@ class Drainer:
         if outcome in ("drained", "page_limit"):
             # For `sms-worker status`: when the endpoint last answered, and what it gave.
             with contextlib.suppress(StoreError), redis_errors():
-                self.store.r.hset(self.store.key("reports", "last_drain"), mapping={
+                self.store.r.hset(self.store.last_drain, mapping={
                     "at": events.now_iso(), "pages": pages, "reports": reports, "outcome": outcome})
         return DrainResult(outcome, pages, reports)
 

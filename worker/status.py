@@ -72,10 +72,10 @@ def collect(settings: Settings, store: Store, *, all_outboxes: bool = False) -> 
             pipe.pttl(store.pause_key(lane))
         pipe.zcard(store.awaiting)
         pipe.xlen(store.dlq)
-        pipe.zcard(store.key("reports", "parked"))
+        pipe.zcard(store.reports_parked)
         pipe.xlen(store.events)
-        pipe.hgetall(store.key("heartbeats"))
-        pipe.hgetall(store.key("reports", "last_drain"))
+        pipe.hgetall(store.heartbeats)
+        pipe.hgetall(store.last_drain)
         pipe.get(store.bucket("mps"))
         pipe.get(redis_health.marker_key(store))
         replies = pipe.execute()
@@ -141,7 +141,7 @@ def _count_ambiguous(store: Store, lanes: list[str]) -> int:
 def heartbeat(store: Store, consumer: str) -> None:
     """A worker process says it is alive (read by `status` and the worker's /healthz)."""
     with redis_errors():
-        store.r.hset(store.key("heartbeats"), consumer, int(time.time() * 1000))
+        store.r.hset(store.heartbeats, consumer, int(time.time() * 1000))
 
 
 UNCONFIGURED = "not configured: its jobs are dead-lettered as unknown_lane"

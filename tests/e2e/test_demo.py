@@ -18,7 +18,7 @@ import httpx
 import orjson
 import redis
 
-from worker.devstack import wait_until
+from worker.devtools.devstack import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -54,7 +54,7 @@ def _shell(env_file: str, command: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_fault_words_are_plain() -> None:
-    from worker.demo import describe_faults
+    from worker.devtools.demo import describe_faults
 
     text = describe_faults({"429": 3, "429_retry_after": 1, "5xx_502": 2, "5xx_503": 1, "timeout": 1}, 0)
     assert "too many requests" in text and "server error" in text and "too late" in text

@@ -22,7 +22,7 @@ import orjson
 import redis
 
 from tests.e2e.test_procfile import VENV_BIN, _descendants, _kill, _running, honcho
-from worker.devstack import free_port, wait_until
+from worker.devtools.devstack import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 README_COMMAND = "honcho -f Procfile.dev -e config/dev.env start"

@@ -12,7 +12,7 @@ import orjson
 
 from tests.support.system import System, jobs, running
 from worker.cli import build_parser
-from worker.devstack import free_port, wait_until
+from worker.devtools.devstack import free_port, wait_until
 
 
 def _cli(system: System, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from tests.support.system import API_KEY, SANDBOX_FLAGS, jobs, running
-from worker.devstack import wait_until
+from worker.devtools.devstack import wait_until
 from worker.triggers import lane_queue
 
 

@@ -17,7 +17,7 @@ import httpx
 import orjson
 
 from tests.support.system import BASE_ENV
-from worker.devstack import DevStack, free_port, wait_until
+from worker.devtools.devstack import DevStack, free_port, wait_until
 from worker.outbox import Outbox
 from worker.settings import settings_from_env
 from worker.store import DISPATCH_GROUP, Store, connect

@@ -14,7 +14,7 @@ import httpx
 import orjson
 
 from tests.support.system import API_KEY, System, running
-from worker.devstack import wait_until
+from worker.devtools.devstack import wait_until
 
 FINAL = frozenset({"delivered", "undeliverable", "expired", "rejected"})
 ENV = {"ICOMM_SEND_RETRY_ATTEMPTS": "3", "SMS_WEBHOOK_AUTH": "basic"}
@@ -135,7 +135,7 @@ def test_a_worker_killed_right_after_the_reports_get_loses_none() -> None:
         assert doomed.returncode == -signal.SIGKILL, doomed.stderr.decode()[-2000:]
         assert "outcome='drained', pages=2, reports=1500" in doomed.stdout.decode()
         assert system.stats()["reports"]["unfetched"] == 0  # gone from the provider for good
-        pending = system.client.xpending(f"{system.store.key('reports', 'raw')}", "reports")
+        pending = system.client.xpending(f"{system.store.reports_raw}", "reports")
         assert pending["pending"] == 2 and {c["name"] for c in pending["consumers"]} == {b"doomed"}
         system.stack.start_clock()  # wakes the processors; they take the pages over once stale
         stats = wait_for_every_report(system, 40)

@@ -6,7 +6,7 @@ import signal
 import time
 
 from tests.support.system import SANDBOX_FLAGS, jobs, running
-from worker.devstack import wait_until
+from worker.devtools.devstack import wait_until
 from worker.store import DISPATCH_GROUP
 
 

@@ -10,14 +10,14 @@ from typing import Any
 import orjson
 import pytest
 
-from worker.devstack import wait_until
+from worker.devtools.devstack import wait_until
+from worker.devtools.sandbox.config import SandboxConfig
+from worker.devtools.sandbox.process import SandboxProcess
 from worker.dispatch import Dispatcher
 from worker.errors import JobValidationError
 from worker.outbox import Outbox
 from worker.provider import Provider
 from worker.ratelimit import RateLimiter
-from worker.sandbox.config import SandboxConfig
-from worker.sandbox.process import SandboxProcess
 from worker.settings import Settings
 from worker.store import Store
 

@@ -13,9 +13,9 @@ import pytest
 
 from tests.integration.test_dispatch import API_KEY, NO_FAULTS, Rig, _settings
 from worker.cli import main
+from worker.devtools.sandbox.config import SandboxConfig
+from worker.devtools.sandbox.process import SandboxProcess
 from worker.reports import Processor, ReportKeys
-from worker.sandbox.config import SandboxConfig
-from worker.sandbox.process import SandboxProcess
 from worker.store import Store
 
 Cli = Callable[..., tuple[int, str, str]]

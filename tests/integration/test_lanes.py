@@ -8,8 +8,8 @@ import orjson
 import pytest
 
 from tests.integration.test_dispatch import API_KEY, NO_FAULTS, Rig, _jobs, _settings
-from worker.sandbox.config import SandboxConfig
-from worker.sandbox.process import SandboxProcess
+from worker.devtools.sandbox.config import SandboxConfig
+from worker.devtools.sandbox.process import SandboxProcess
 from worker.store import Store
 
 

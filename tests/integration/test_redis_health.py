@@ -19,7 +19,7 @@ from redis.retry import Retry
 from structlog.testing import capture_logs
 
 from worker import redis_health
-from worker.devstack import DevStack
+from worker.devtools.devstack import DevStack
 from worker.dispatch import Dispatcher
 from worker.provider import Provider
 from worker.ratelimit import RateLimiter

@@ -19,13 +19,13 @@ from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from worker import reports
-from worker.devstack import free_port, wait_until
+from worker.devtools.devstack import free_port, wait_until
+from worker.devtools.sandbox.config import SandboxConfig
+from worker.devtools.sandbox.process import SandboxProcess
 from worker.provider import Provider
 from worker.ratelimit import RateLimiter
 from worker.reconcile import force_reconcile
 from worker.reports import Processor, Sweeper
-from worker.sandbox.config import SandboxConfig
-from worker.sandbox.process import SandboxProcess
 from worker.settings import Settings
 from worker.store import Store
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import httpx
 import orjson
 
-from worker.devstack import wait_until
+from worker.devtools.devstack import wait_until
+from worker.devtools.sandbox.config import SandboxConfig
+from worker.devtools.sandbox.process import SandboxProcess
 from worker.provider import Provider
 from worker.reports import Processor, Sweeper
-from worker.sandbox.config import SandboxConfig
-from worker.sandbox.process import SandboxProcess
 from worker.settings import Settings
 from worker.store import Store
 

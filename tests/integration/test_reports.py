@@ -16,6 +16,8 @@ from structlog.testing import capture_logs
 
 from tests.support.redis_server import RedisServer
 from worker import events, reports
+from worker.devtools.sandbox.config import SandboxConfig
+from worker.devtools.sandbox.process import SandboxProcess
 from worker.errors import StoreError
 from worker.provider import Provider
 from worker.reports import (
@@ -28,8 +30,6 @@ from worker.reports import (
     ReportKeys,
     Sweeper,
 )
-from worker.sandbox.config import SandboxConfig
-from worker.sandbox.process import SandboxProcess
 from worker.settings import Settings
 from worker.store import Store, connect
 
@@ -374,7 +374,7 @@ def test_drain_fetches_every_page_and_each_report_becomes_one_event(
     events = _events(store)
     assert Counter(e["message_id"] for e in events) == Counter(mids)
     assert len({e["event_id"] for e in events}) == 2500
-    assert store.r.exists(store.key("lease", DRAIN_LEASE)) == 0  # released for the next drain
+    assert store.r.exists(store.lease_key(DRAIN_LEASE)) == 0  # released for the next drain
 
 
 def test_a_processor_that_dies_after_the_get_loses_no_report(
@@ -414,7 +414,7 @@ def test_a_drainer_whose_lease_was_taken_over_stores_its_page_and_stops(settings
     def handler(request: httpx.Request) -> httpx.Response:
         gets.append(request.url.path)
         # The GET takes so long that the lease expires and another drainer takes it over.
-        store.r.delete(store.key("lease", DRAIN_LEASE))
+        store.r.delete(store.lease_key(DRAIN_LEASE))
         assert store.lease(DRAIN_LEASE, "the-new-drainer", 60_000) > 0
         return httpx.Response(200, content=page)
 
@@ -425,7 +425,7 @@ def test_a_drainer_whose_lease_was_taken_over_stores_its_page_and_stops(settings
     [(_, fields)] = store.r.xrange(ReportKeys.of(store).raw)
     assert fields[b"page"] == page and fields[b"src"] == b"drain"
     assert _dead(store) == []
-    assert store.r.get(store.key("lease", DRAIN_LEASE)) == b"the-new-drainer"  # not released by the loser
+    assert store.r.get(store.lease_key(DRAIN_LEASE)) == b"the-new-drainer"  # not released by the loser
     assert [e["log_level"] for e in logs if e["event"] == "reports_drain_lease_lost"] == ["error"]
     for n in range(reports.PAGE_SIZE):
         _message(store, f"m-{n}", n=n)
@@ -666,7 +666,7 @@ def test_a_page_an_out_of_memory_redis_refuses_is_stored_once_memory_is_back(
             thread.start()
             assert retried.wait(20), "the drain never retried the refused page"
             assert int(store.r.xlen(ReportKeys.of(store).raw)) == 0 and endpoint.gets == 1
-            assert store.r.get(store.key("lease", DRAIN_LEASE)) is not None  # still held: nobody else fetches
+            assert store.r.get(store.lease_key(DRAIN_LEASE)) is not None  # still held: nobody else fetches
         finally:
             store.r.config_set("maxmemory", 0)
         thread.join(20)
@@ -713,7 +713,7 @@ def test_a_drain_interrupted_while_storing_leaves_the_page_to_its_next_drain(set
         with pytest.raises(TimeLimitExceeded):
             drainer.drain()
         assert _raw_left(store) == 0 and endpoint.gets == 1
-        store.r.delete(store.key("lease", DRAIN_LEASE))  # long enough later: the lease expired
+        store.r.delete(store.lease_key(DRAIN_LEASE))  # long enough later: the lease expired
         result = drainer.drain()
 
     assert (result.outcome, result.pages, result.reports) == ("drained", 1, 1)

@@ -20,8 +20,8 @@ import httpx
 import pytest
 from jsonschema import Draft202012Validator
 
-from worker.sandbox import SandboxConfig, SandboxProcess
-from worker.sandbox.validation import parse_datetime
+from worker.devtools.sandbox import SandboxConfig, SandboxProcess
+from worker.devtools.sandbox.validation import parse_datetime
 
 API_KEY = "integration-key"
 FORBIDDEN_KEY = "forbidden-key"

@@ -22,13 +22,13 @@ from tests.integration.test_dispatch import (  # noqa: F401 - sandbox and sbx ar
     sandbox,
     sbx,
 )
-from worker.devstack import wait_until
+from worker.devtools.devstack import wait_until
+from worker.devtools.sandbox.process import SandboxProcess
 from worker.dispatch import Dispatcher
 from worker.errors import SendWindowClosed
 from worker.outbox import Outbox
 from worker.provider import Provider, SendResponse, WireRequest
 from worker.ratelimit import RateLimiter
-from worker.sandbox.process import SandboxProcess
 from worker.settings import Settings
 from worker.store import Entry, Outcome, Store, Submitted
 

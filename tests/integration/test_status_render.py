@@ -30,8 +30,8 @@ def _populate(store: Store) -> None:
     store.r.xadd(store.outbox("bulk"), {"job": b'{"to":"41790000001","text":"hi"}'})
     store.r.xadd(store.outbox("marketing"), {"job": b'{"to":"41790000001","text":"hi"}'})
     store.pause("otp", "auth", 25)
-    store.r.hset(store.key("heartbeats"), "host-1", 1)
-    store.r.hset(store.key("reports", "last_drain"),
+    store.r.hset(store.heartbeats, "host-1", 1)
+    store.r.hset(store.last_drain,
                  mapping={"at": "2026-11-27T10:00:02.120Z", "pages": 1, "reports": 3, "outcome": "drained"})
 
 

@@ -1,6 +1,6 @@
 """What the reliability suites share: sizes, a running stack, the checks of the two promises, result rows.
 
-Every suite starts the real processes (worker.devstack.DevStack: redis-server, the sandbox, `sms-worker
+Every suite starts the real processes (worker.devtools.devstack.DevStack: redis-server, the sandbox, `sms-worker
 worker` and `clock`, optionally `web`), injects its faults, waits with bounded polls, then measures:
 
 - lost: a queued job with neither a send outcome event (accepted / rejected / failed) nor a final
@@ -30,7 +30,7 @@ import httpx
 import orjson
 import redis
 
-from worker.devstack import DevStack, Proc, free_port, wait_until
+from worker.devtools.devstack import DevStack, Proc, free_port, wait_until
 from worker.outbox import Outbox
 from worker.runtime import make_broker
 from worker.settings import Settings, settings_from_env
@@ -287,9 +287,9 @@ def settled(system: System) -> bool:
         return False
     store = system.store
     with system.client.pipeline(transaction=False) as pipe:
-        pipe.exists(store.key("lease", "reports-drain"))
-        pipe.xlen(store.key("reports", "raw"))
-        pipe.hlen(store.key("reports", "parked"))
+        pipe.exists(store.lease_key("reports-drain"))
+        pipe.xlen(store.reports_raw)
+        pipe.hlen(store.reports_parked)
         pipe.zcard(store.awaiting)
         draining, raw, parked, awaiting = pipe.execute()
     return not draining and not raw and not parked and not awaiting

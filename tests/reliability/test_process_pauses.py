@@ -36,7 +36,7 @@ from tests.reliability.harness import (
     verify,
     wait_settled,
 )
-from worker.devstack import Proc
+from worker.devtools.devstack import Proc
 
 MOMENTS = ("pool_wait", "mid_post", "reconcile")
 LEASE_S = 3.2

@@ -23,7 +23,7 @@ from tests.reliability.harness import (
     verify,
     wait_settled,
 )
-from worker.devstack import wait_until
+from worker.devtools.devstack import wait_until
 
 RECOVERY_FLOOR_MPS = 250
 STORM = ("--error-5xx-rate", "0.2", "--rate-429", "0.1", "--retry-after-share", "0.5", "--retry-after-s", "1",

@@ -28,7 +28,7 @@ from tests.reliability.harness import (
     wait_settled,
 )
 from worker.clock import Clock
-from worker.devstack import DevStack, wait_until
+from worker.devtools.devstack import DevStack, wait_until
 from worker.errors import SmsWorkerError
 from worker.runtime import make_broker
 from worker.settings import Settings
@@ -152,7 +152,7 @@ def test_redis_killed_during_a_store_call_surfaces_as_store_error(record: Row, t
             store.r.close()
     record.note = f"a Store call cut by kill -9 raised: {dict(outcomes)}"
     assert outcomes == {"worker.errors.StoreError": record.trials}, (
-        f"Store.pipeline let {dict(outcomes)} escape: the socket read in store._read_replies is outside "
+        f"Store.pipeline let {dict(outcomes)} escape: the socket read in store.resp.read_replies is outside "
         "redis_errors(), so `except StoreError` in Outbox callers, Clock.run and Drainer.append misses it"
     )
 

@@ -36,7 +36,7 @@ from tests.reliability.harness import (
     verify,
     wait_settled,
 )
-from worker.devstack import DevStack, Proc, free_port, wait_until
+from worker.devtools.devstack import DevStack, Proc, free_port, wait_until
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -46,7 +46,7 @@ from tests.reliability.harness import (
     verify,
     wait_settled,
 )
-from worker.devstack import DevStack
+from worker.devtools.devstack import DevStack
 from worker.errors import StoreError
 from worker.settings import settings_from_env
 
@@ -167,8 +167,8 @@ def _reports_waiting(system: System, n: int, timeout_s: float) -> None:
 
 def _drain_leader(system: System) -> tuple[int, int]:
     """(pid of the process holding the drain lease, its fencing token)."""
-    holder = system.client.get(system.store.key("lease", DRAIN_LEASE))
-    token = system.client.get(system.store.key("fence", DRAIN_LEASE))
+    holder = system.client.get(system.store.lease_key(DRAIN_LEASE))
+    token = system.client.get(system.store.fence_key(DRAIN_LEASE))
     assert holder and token, "nobody holds the drain lease while a page is on its way"
     # The holder id is `{hostname}-{pid}:{random}` (worker.store.consumer_name).
     return int(holder.decode().split(":", 1)[0].rsplit("-", 1)[1]), int(token)
@@ -198,7 +198,7 @@ def test_a_drain_leader_paused_past_its_lease_loses_no_report(size: Size, record
         os.kill(pid, signal.SIGSTOP)
         try:
             proxy.release.set()  # the page goes to a process that cannot read it now
-            fence = system.store.key("fence", DRAIN_LEASE)
+            fence = system.store.fence_key(DRAIN_LEASE)
             taken_over = poll(lambda: int(system.client.get(fence) or 0) > token, 30, 0.05)
         finally:
             os.kill(pid, signal.SIGCONT)
@@ -382,7 +382,7 @@ def test_poison_webhook_bodies_block_no_report(size: Size, record: Row, tmp_path
         guessed = [e for e in system.events() if (e.get("status") or {}).get("groupName") == "SCHEDULED"]
         reasons = Counter(d.get("reason") for d in system.dead_letters())
         crashes = system.worker_log_errors()
-        stuck = int(system.client.xlen(system.store.key("reports", "raw")))  # stored, never acknowledged
+        stuck = int(system.client.xlen(system.store.reports_raw))  # stored, never acknowledged
     record.add(verdict)
     record.note = (f"webhook answers to the poison: {dict(answers)}; dead letters: {dict(reasons)}; "
                    f"raw pages left unprocessed: {stuck}")

@@ -27,7 +27,7 @@ from tests.reliability.harness import (
     verify,
     wait_settled,
 )
-from worker.devstack import wait_until
+from worker.devtools.devstack import wait_until
 from worker.reports import ReportKeys
 from worker.web import create_app
 

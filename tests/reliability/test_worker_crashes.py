@@ -36,7 +36,7 @@ from tests.reliability.harness import (
     verify,
     wait_settled,
 )
-from worker.devstack import Proc, wait_until
+from worker.devtools.devstack import Proc, wait_until
 
 MOMENTS = ("claim", "mid_post", "after_post", "drain")
 VALIDITY = {"amount": 15, "time_unit": "SECONDS"}
@@ -62,7 +62,7 @@ def _wait_for_moment(system: System, moment: str) -> bool:
     if moment == "claim":
         return poll(lambda: system.pending() > 0, 30)
     if moment == "drain":
-        lease, raw = system.store.key("lease", "reports-drain"), system.store.key("reports", "raw")
+        lease, raw = system.store.lease_key("reports-drain"), system.store.reports_raw
         return poll(lambda: bool(system.client.exists(lease)) or int(system.client.xlen(raw)) > 0, 30, 0.002)
     if moment == "mid_post":
         counter, knobs = "latency", {"latency_ms": 600}

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import orjson
 
-from worker.devstack import DevStack, free_port, wait_until
+from worker.devtools.devstack import DevStack, free_port, wait_until
 from worker.outbox import Outbox
 from worker.runtime import make_broker
 from worker.settings import settings_from_env

@@ -14,9 +14,9 @@ import pytest
 import redis
 
 from worker.cli import _worker_queues
-from worker.devstack import DevStack
+from worker.devtools.devstack import DevStack
+from worker.devtools.sandbox.process import SandboxProcess
 from worker.errors import SmsWorkerError
-from worker.sandbox.process import SandboxProcess
 from worker.settings import ENV_FILE_VARIABLE, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]

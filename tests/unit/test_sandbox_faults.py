@@ -15,12 +15,12 @@ from typing import Any
 import orjson
 import pytest
 
-from worker.sandbox.app import SandboxApp
-from worker.sandbox.codes import PENDING_ACCEPTED, REJECTED_DESTINATION, SCHEDULED_ACCEPTED
-from worker.sandbox.config import SandboxConfig, add_arguments, apply_updates, config_from_args, config_to_args
-from worker.sandbox.faults import After, FaultInjector, SendFaults, reshape_results
-from worker.sandbox.state import SandboxState
-from worker.sandbox.validation import format_datetime, parse_logs_query
+from worker.devtools.sandbox.app import SandboxApp
+from worker.devtools.sandbox.codes import PENDING_ACCEPTED, REJECTED_DESTINATION, SCHEDULED_ACCEPTED
+from worker.devtools.sandbox.config import SandboxConfig, add_arguments, apply_updates, config_from_args, config_to_args
+from worker.devtools.sandbox.faults import After, FaultInjector, SendFaults, reshape_results
+from worker.devtools.sandbox.state import SandboxState
+from worker.devtools.sandbox.validation import format_datetime, parse_logs_query
 
 NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC).timestamp()
 NEW_KNOBS = {

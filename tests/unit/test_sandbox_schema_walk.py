@@ -34,10 +34,10 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker, ValidationError, validators
 from jsonschema.exceptions import best_match
 
-from worker.sandbox.config import SandboxConfig
-from worker.sandbox.reports import log_of
-from worker.sandbox.state import SandboxState
-from worker.sandbox.validation import validate_send_request
+from worker.devtools.sandbox.config import SandboxConfig
+from worker.devtools.sandbox.reports import log_of
+from worker.devtools.sandbox.state import SandboxState
+from worker.devtools.sandbox.validation import validate_send_request
 
 NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC).timestamp()
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1

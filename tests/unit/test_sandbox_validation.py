@@ -16,8 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from worker.sandbox import codes
-from worker.sandbox.config import (
+from worker.devtools.sandbox import codes
+from worker.devtools.sandbox.config import (
     SandboxConfig,
     add_arguments,
     apply_updates,
@@ -25,11 +25,11 @@ from worker.sandbox.config import (
     config_to_args,
     parse_outcome_mix,
 )
-from worker.sandbox.records import STATE, STATUS, UNFETCHED
-from worker.sandbox.reports import OutcomePicker, log_of, report_of
-from worker.sandbox.segments import binary_parts, text_parts, text_too_long
-from worker.sandbox.state import SandboxState
-from worker.sandbox.validation import (
+from worker.devtools.sandbox.records import STATE, STATUS, UNFETCHED
+from worker.devtools.sandbox.reports import OutcomePicker, log_of, report_of
+from worker.devtools.sandbox.segments import binary_parts, text_parts, text_too_long
+from worker.devtools.sandbox.state import SandboxState
+from worker.devtools.sandbox.validation import (
     format_datetime,
     parse_datetime,
     parse_logs_query,
@@ -37,7 +37,7 @@ from worker.sandbox.validation import (
     valid_destination,
     validate_send_request,
 )
-from worker.sandbox.webhooks import parse_target
+from worker.devtools.sandbox.webhooks import parse_target
 
 NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC).timestamp()
 

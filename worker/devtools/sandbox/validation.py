@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
-from worker.sandbox.errors import Violation
-from worker.sandbox.segments import is_hex
+from worker.devtools.sandbox.errors import Violation
+from worker.devtools.sandbox.segments import is_hex
 
 MAX_SCHEDULE_AHEAD_S: Final = 180 * 86400
 MAX_PAGE: Final = 1000

@@ -6,8 +6,8 @@ import functools
 import random
 from typing import Any
 
-from worker.sandbox import records as rec
-from worker.sandbox.codes import (
+from worker.devtools.sandbox import records as rec
+from worker.devtools.sandbox.codes import (
     NO_ERROR,
     OUTCOME_KINDS,
     OUTCOME_VARIANTS,
@@ -15,8 +15,20 @@ from worker.sandbox.codes import (
     JsonObj,
     mcc_mnc_for,
 )
-from worker.sandbox.records import BULK, CONTENT, COUNT, DONE_AT, ERROR, EXTRA, MESSAGE_ID, SENDER, STATUS, TO, Record
-from worker.sandbox.validation import format_datetime
+from worker.devtools.sandbox.records import (
+    BULK,
+    CONTENT,
+    COUNT,
+    DONE_AT,
+    ERROR,
+    EXTRA,
+    MESSAGE_ID,
+    SENDER,
+    STATUS,
+    TO,
+    Record,
+)
+from worker.devtools.sandbox.validation import format_datetime
 
 
 class OutcomePicker:

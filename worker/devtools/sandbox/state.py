@@ -10,13 +10,13 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
-from worker.sandbox import codes
-from worker.sandbox import records as rec
-from worker.sandbox.codes import JsonObj, mcc_mnc_for
-from worker.sandbox.config import SandboxConfig
-from worker.sandbox.errors import Violation
-from worker.sandbox.faults import FaultInjector, LogsLimiter
-from worker.sandbox.records import (
+from worker.devtools.sandbox import codes
+from worker.devtools.sandbox import records as rec
+from worker.devtools.sandbox.codes import JsonObj, mcc_mnc_for
+from worker.devtools.sandbox.config import SandboxConfig
+from worker.devtools.sandbox.errors import Violation
+from worker.devtools.sandbox.faults import FaultInjector, LogsLimiter
+from worker.devtools.sandbox.records import (
     DONE_AT,
     ERROR,
     FETCHED,
@@ -31,9 +31,9 @@ from worker.sandbox.records import (
     WEBHOOK,
     Record,
 )
-from worker.sandbox.reports import OutcomePicker
-from worker.sandbox.segments import binary_parts, text_parts, text_too_long
-from worker.sandbox.validation import (
+from worker.devtools.sandbox.reports import OutcomePicker
+from worker.devtools.sandbox.segments import binary_parts, text_parts, text_too_long
+from worker.devtools.sandbox.validation import (
     LogsQuery,
     ReportsQuery,
     parse_body_datetime,

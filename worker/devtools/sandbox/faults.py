@@ -7,8 +7,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from worker.sandbox.codes import SCHEDULED_ACCEPTED, JsonObj
-from worker.sandbox.config import SandboxConfig
+from worker.devtools.sandbox.codes import SCHEDULED_ACCEPTED, JsonObj
+from worker.devtools.sandbox.config import SandboxConfig
 
 
 class TokenBucket:

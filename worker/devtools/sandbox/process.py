@@ -15,7 +15,7 @@ from typing import IO, Any, Self
 
 import httpx
 
-from worker.sandbox.config import SandboxConfig, config_to_args
+from worker.devtools.sandbox.config import SandboxConfig, config_to_args
 
 _HOST = "127.0.0.1"
 
@@ -33,7 +33,7 @@ class SandboxError(RuntimeError):
 
 
 class SandboxProcess:
-    """Runs `python -m worker.sandbox` on a free loopback port; a context manager.
+    """Runs `python -m worker.devtools.sandbox` on a free loopback port; a context manager.
 
     >>> with SandboxProcess(api_key="k", config=SandboxConfig(report_delay_ms=50)) as sandbox:
     ...     sandbox.configure(rate_429=0.5)
@@ -103,7 +103,7 @@ class SandboxProcess:
         argv = [
             sys.executable,
             "-m",
-            "worker.sandbox",
+            "worker.devtools.sandbox",
             "--host",
             _HOST,
             "--port",

@@ -1,4 +1,4 @@
-"""`python -m worker.sandbox`: run the local icomm SMS API sandbox."""
+"""`python -m worker.devtools.sandbox`: run the local icomm SMS API sandbox."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from worker.sandbox.config import add_arguments, config_from_args
-from worker.sandbox.server import run
+from worker.devtools.sandbox.config import add_arguments, config_from_args
+from worker.devtools.sandbox.server import run
 
 __all__ = ["add_arguments", "build_parser", "config_from_args", "main"]
 
@@ -15,7 +15,7 @@ __all__ = ["add_arguments", "build_parser", "config_from_args", "main"]
 def build_parser() -> argparse.ArgumentParser:
     """The sandbox command line: where to listen, the API key, and one flag per knob."""
     parser = argparse.ArgumentParser(
-        prog="python -m worker.sandbox", description="Local icomm SMS API sandbox (loopback only)."
+        prog="python -m worker.devtools.sandbox", description="Local icomm SMS API sandbox (loopback only)."
     )
     parser.add_argument("--port", type=int, default=8089, help="TCP port (default 8089)")
     parser.add_argument("--api-key", required=True, help="the key accepted in 'Authorization: App <key>'")

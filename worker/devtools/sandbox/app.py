@@ -12,14 +12,14 @@ from typing import Any, Final, TypeVar
 
 import orjson
 
-from worker.sandbox import errors
-from worker.sandbox.codes import JsonObj
-from worker.sandbox.config import SandboxConfig, apply_updates, config_as_dict
-from worker.sandbox.faults import After, Before, reshape_results
-from worker.sandbox.reports import log_of, report_of
-from worker.sandbox.state import SandboxState
-from worker.sandbox.validation import parse_logs_query, parse_reports_query
-from worker.sandbox.webhooks import WebhookPusher
+from worker.devtools.sandbox import errors
+from worker.devtools.sandbox.codes import JsonObj
+from worker.devtools.sandbox.config import SandboxConfig, apply_updates, config_as_dict
+from worker.devtools.sandbox.faults import After, Before, reshape_results
+from worker.devtools.sandbox.reports import log_of, report_of
+from worker.devtools.sandbox.state import SandboxState
+from worker.devtools.sandbox.validation import parse_logs_query, parse_reports_query
+from worker.devtools.sandbox.webhooks import WebhookPusher
 
 Scope = dict[str, Any]
 Message = dict[str, Any]

@@ -6,7 +6,7 @@ process; enqueues SMS in both lanes (and a few broken jobs the way a careless pr
 write them with plain Redis commands); shows a progress bar until every message has its final
 status; prints the counts by status, says in plain words what they mean, and what to try next.
 Then it stops everything, or with `--keep` leaves it running and prints the commands to poke at it
-(and the one that stops it: `python -m worker.demo --stop <dir>`, written to `<dir>/stop`).
+(and the one that stops it: `python -m worker.devtools.demo --stop <dir>`, written to `<dir>/stop`).
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from rich.table import Table
 from rich.text import Text
 
 from worker import logs
-from worker.devstack import DevStack, free_port, wait_until
+from worker.devtools.devstack import DevStack, free_port, wait_until
+from worker.devtools.sandbox.config import DEFAULT_OUTCOME_MIX
 from worker.outbox import Outbox
 from worker.runtime import make_broker
-from worker.sandbox.config import DEFAULT_OUTCOME_MIX
 from worker.settings import settings_from_env
 from worker.store import Store, connect
 from worker.triggers import Triggers
@@ -175,8 +175,8 @@ def _write_kept(stack: DevStack, sandbox: str, demo_env: dict[str, str]) -> tupl
     procs = [{"name": p.name, "pid": p.pid, "start": _start_ticks(p.pid)} for p in stack.procs]
     (directory / STACK_FILE).write_text(json.dumps({"sandbox": sandbox, "processes": procs}, indent=1))
     stop = directory / "stop"
-    stop.write_text(f"#!/bin/sh\n# Stops the stack `demo --keep` left running.\n"
-                    f"exec {shlex.quote(sys.executable)} -m worker.demo --stop {shlex.quote(str(directory))}\n")
+    command = f"{shlex.quote(sys.executable)} -m worker.devtools.demo --stop {shlex.quote(str(directory))}"
+    stop.write_text(f"#!/bin/sh\n# Stops the stack `demo --keep` left running.\nexec {command}\n")
     stop.chmod(0o755)
     return env_file, stop
 
@@ -340,7 +340,7 @@ def run_demo(messages: int = 3000, keep_logs: bool = False, keep: bool = False) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m worker.demo`, what ./scripts/demo runs: the same options as `sms-worker demo`."""
+    """`python -m worker.devtools.demo`, what ./scripts/demo runs: the same options as `sms-worker demo`."""
     parser = argparse.ArgumentParser(prog="demo", description="Run the whole system locally and send a few "
                                      "thousand SMS through the sandbox.")
     parser.add_argument("--messages", type=int, default=3000)

@@ -167,8 +167,8 @@ class DevStack:
 
     def start_sandbox(self, api_key: str, *flags: str) -> str:
         self.sandbox_port = free_port()
-        proc = self._spawn("sandbox", [sys.executable, "-m", "worker.sandbox", "--port", str(self.sandbox_port),
-                                       "--api-key", api_key, *flags])
+        argv = [sys.executable, "-m", "worker.devtools.sandbox", "--port", str(self.sandbox_port), "--api-key", api_key]
+        proc = self._spawn("sandbox", [*argv, *flags])
         url = f"http://127.0.0.1:{self.sandbox_port}"
         self._wait_http(proc, f"{url}/_sandbox/stats", "the sandbox")
         self.env["ICOMM_BASE_URL"] = url

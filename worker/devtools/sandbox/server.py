@@ -8,9 +8,9 @@ import os
 
 import uvicorn
 
-from worker.sandbox.app import ASGIApp, SandboxApp
-from worker.sandbox.config import SandboxConfig
-from worker.sandbox.process import SandboxProcess
+from worker.devtools.sandbox.app import ASGIApp, SandboxApp
+from worker.devtools.sandbox.config import SandboxConfig
+from worker.devtools.sandbox.process import SandboxProcess
 
 __all__ = ["ASGIApp", "SandboxApp", "SandboxProcess", "build_app", "run"]
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from worker.sandbox.codes import OUTCOME_KINDS
+from worker.devtools.sandbox.codes import OUTCOME_KINDS
 
 DEFAULT_OUTCOME_MIX: Final = {"delivered": 0.9, "undeliverable": 0.05, "expired": 0.03, "rejected": 0.02}
 GATEWAY_CODES: Final = (500, 502, 503, 504)

@@ -14,10 +14,10 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import httpx
 import orjson
 
-from worker.sandbox import records as rec
-from worker.sandbox.records import DROPPED, MESSAGE_ID, PUSHED, STATE, Record
-from worker.sandbox.reports import report_of
-from worker.sandbox.state import SandboxState
+from worker.devtools.sandbox import records as rec
+from worker.devtools.sandbox.records import DROPPED, MESSAGE_ID, PUSHED, STATE, Record
+from worker.devtools.sandbox.reports import report_of
+from worker.devtools.sandbox.state import SandboxState
 
 BATCH_SIZE: Final = 100  # the provider's default maxBucketSize
 MAX_IN_FLIGHT: Final = 8

@@ -1,0 +1,34 @@
+"""The store layer: the only code that talks to Redis. One module per domain, one `Store` for all.
+
+    keys.py        every key name (the one catalogue)
+    resp.py        the hand-packed RESP path for the calls that carry work per message
+    base.py        the client, the Lua scripts, `connect`
+    outbox.py      outbox streams: enqueue, claim, recover
+    messages.py    message hashes: producer ids, submit, absent verdicts, settle
+    lanes.py       dispatcher slots, kicks, pauses, leases
+    limiter.py     the rate limiter's buckets
+    streams.py     consumer groups on other streams (the events relay)
+
+`Store` joins the domains the way redis-py's `Redis` joins its command groups (one class per group,
+one object for the caller). redis-py's errors become StoreError at this boundary (`redis_errors`);
+no module outside this package imports redis for commands (tests/unit/test_layout.py checks it).
+"""
+
+from __future__ import annotations
+
+from worker.store.base import SCRIPT_CHUNK, connect, consumer_name
+from worker.store.lanes import LaneOps
+from worker.store.limiter import LimiterOps
+from worker.store.messages import FENCE_MARGIN_MS, MessageOps, Outcome, Submitted
+from worker.store.outbox import DISPATCH_GROUP, ENQUEUE_CHUNK, Claim, ClaimKind, Entry, OutboxOps
+from worker.store.resp import redis_errors
+from worker.store.streams import StreamOps
+
+__all__ = [
+    "DISPATCH_GROUP", "ENQUEUE_CHUNK", "FENCE_MARGIN_MS", "SCRIPT_CHUNK", "Claim", "ClaimKind", "Entry", "Outcome",
+    "Store", "Submitted", "connect", "consumer_name", "redis_errors",
+]
+
+
+class Store(OutboxOps, MessageOps, LaneOps, LimiterOps, StreamOps):
+    """Typed operations over one Redis database, each one round trip."""

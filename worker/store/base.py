@@ -1,0 +1,93 @@
+"""The connection to Redis and the Lua scripts of worker/lua: what every part of the store shares."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+from worker.errors import StoreError
+from worker.store import resp
+from worker.store.keys import Keys
+
+# Messages per script call: a 1000-message settle in one call held Redis for 20-100 ms, and every
+# otp send waited behind it; 100 keeps each call near 2 ms.
+SCRIPT_CHUNK = 100
+
+
+def connect(url: str, **kwargs: Any) -> redis.Redis:
+    """One client (and its connection pool) per process, created at boot."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=5,
+        socket_timeout=30,
+        health_check_interval=30,
+        retry_on_timeout=False,
+        **kwargs,
+    )
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def is_nogroup(error: BaseException | None) -> bool:
+    """Redis's answer for a stream or consumer group that does not exist (any more)."""
+    return isinstance(error, redis.ResponseError) and str(error).startswith("NOGROUP")
+
+
+def _load(name: str) -> str:
+    return (resources.files("worker") / "lua" / f"{name}.lua").read_text()
+
+
+class StoreBase(Keys):
+    """One Redis database: its client, key names and scripts."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "sms", message_id_prefix: str = "sw") -> None:
+        super().__init__(prefix, message_id_prefix)
+        # redis-py types replies as unions of str/bytes/None/awaitables; this client always
+        # answers bytes (decode_responses off), so its replies are treated as untyped here.
+        self.r: Any = client
+        self._scripts: dict[str, Script] = {}
+
+    def script(self, name: str) -> Script:
+        script = self._scripts.get(name)
+        if script is None:
+            script = self._scripts[name] = self.r.register_script(_load(name))
+        return script
+
+    def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """EVALSHA a script from worker/lua (loaded on first use, and again after a Redis restart)."""
+        return self.run_many(name, [(keys, args)])[0]
+
+    def run_many(self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """Several calls of one script in one round trip. Redis runs each call atomically but may
+        serve other clients between them, so a big batch cut into calls does not stall an otp send."""
+        script = self.script(name)
+        commands = [(b"EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in calls]
+        try:
+            return self.pipeline(commands)
+        except StoreError as error:
+            if not isinstance(error.__cause__, redis.exceptions.NoScriptError):
+                raise
+        # Redis restarted and forgot its scripts: nothing of this call ran (scripts are all-or-nothing
+        # per call, and the cache is empty for all of them), so load and send again.
+        with resp.redis_errors():
+            self.r.script_load(script.script)
+        return self.pipeline(commands)
+
+    def pipeline(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Many commands in one round trip (the hand-packed path, see resp.py)."""
+        return resp.pipeline(self.r, commands)
+
+    def ping(self) -> None:
+        with resp.redis_errors():
+            self.r.ping()
+
+    def close(self) -> None:
+        self.r.close()

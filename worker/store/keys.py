@@ -1,0 +1,121 @@
+"""Every Redis key name of the worker: the one catalogue (prefix `sms` by default).
+
+    {p}:outbox:{lane}             stream, one entry per job (`job` JSON, optional `mid`), group `dispatch`
+    {p}:msg:{message_id}          hash, the message's state, job, attempts, bulk id... (TTL: state TTL)
+    {p}:idem:{producer_id}        string, the message id a producer id was queued as (TTL: retention)
+    {p}:events                    stream, status events (`event` JSON)
+    {p}:dlq                       stream, dead letters (`message_id`, `entry` JSON)
+    {p}:awaiting                  sorted set, accepted message ids by report deadline (ms)
+    {p}:rl:{bucket}               GCRA bucket (TAT, microseconds)
+    {p}:dispatchers:{lane}        sorted set, dispatcher slots by lease expiry (ms)
+    {p}:kick:{lane}               de-duplicates dispatch kicks
+    {p}:pause:{lane}              set while a lane is paused (value: the reason); expires by itself
+    {p}:fence:{token}             lives while a batch may still write its request (TTL: the send window)
+    {p}:lease:{name}              a named lease's holder (the reports drain); {p}:fence:{name} its token
+    {p}:reports:raw               stream, report pages as fetched or pushed, group `reports`
+    {p}:reports:parked            hash, reports that arrived before their message's acceptance
+    {p}:reports:parked:since      sorted set, parked message ids by first arrival (ms)
+    {p}:reports:stats             hash, report counters (applied, parked, dropped...)
+    {p}:reports:lookup            sorted set, overdue message ids to look up in the logs, by due time
+    {p}:reports:lookup:tries      hash, logs lookups made per message id
+    {p}:reports:lookup:cursor     the awaiting-set score the overdue scan has reached
+    {p}:reports:last_drain        hash, the last drain's time, pages and results
+    {p}:heartbeats                hash, consumer name -> last heartbeat (ms)
+    {p}:instance                  the Redis instance marker (a restart that lost data changes it)
+Redis Cluster is not supported: scripts touch keys of several slots in one call.
+"""
+
+from __future__ import annotations
+
+
+class Keys:
+    """Key names under one prefix; `Store` inherits them, so `store.outbox(lane)` names a key."""
+
+    def __init__(self, prefix: str = "sms", message_id_prefix: str = "sw") -> None:
+        self.p = prefix
+        self.mid_prefix = message_id_prefix
+
+    # --- per lane, message, producer id or token ---------------------------------------------------
+    def outbox(self, lane: str) -> str:
+        return f"{self.p}:outbox:{lane}"
+
+    def msg(self, message_id: str) -> str:
+        return f"{self.p}:msg:{message_id}"
+
+    def idem(self, producer_id: str) -> str:
+        return f"{self.p}:idem:{producer_id}"
+
+    def bucket(self, name: str) -> str:
+        return f"{self.p}:rl:{name}"
+
+    def dispatchers(self, lane: str) -> str:
+        return f"{self.p}:dispatchers:{lane}"
+
+    def kick_key(self, lane: str) -> str:
+        return f"{self.p}:kick:{lane}"
+
+    def pause_key(self, lane: str) -> str:
+        return f"{self.p}:pause:{lane}"
+
+    def fence_key(self, token: str) -> str:
+        return f"{self.p}:fence:{token}"
+
+    def lease_key(self, name: str) -> str:
+        return f"{self.p}:lease:{name}"
+
+    def lane_prefix(self, lane: str) -> str:
+        """The message id prefix of a lane's jobs (`sw-otp-...`)."""
+        return f"{self.mid_prefix}-{lane}-"
+
+    # --- one per namespace ------------------------------------------------------------------------
+    @property
+    def events(self) -> str:
+        return f"{self.p}:events"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.p}:dlq"
+
+    @property
+    def awaiting(self) -> str:
+        return f"{self.p}:awaiting"
+
+    @property
+    def reports_raw(self) -> str:
+        return f"{self.p}:reports:raw"
+
+    @property
+    def reports_parked(self) -> str:
+        return f"{self.p}:reports:parked"
+
+    @property
+    def reports_parked_since(self) -> str:
+        return f"{self.p}:reports:parked:since"
+
+    @property
+    def reports_stats(self) -> str:
+        return f"{self.p}:reports:stats"
+
+    @property
+    def reports_lookup(self) -> str:
+        return f"{self.p}:reports:lookup"
+
+    @property
+    def reports_lookup_tries(self) -> str:
+        return f"{self.p}:reports:lookup:tries"
+
+    @property
+    def reports_lookup_cursor(self) -> str:
+        return f"{self.p}:reports:lookup:cursor"
+
+    @property
+    def last_drain(self) -> str:
+        return f"{self.p}:reports:last_drain"
+
+    @property
+    def heartbeats(self) -> str:
+        return f"{self.p}:heartbeats"
+
+    @property
+    def instance_marker(self) -> str:
+        return f"{self.p}:instance"

@@ -1,0 +1,125 @@
+"""Message hashes through their life: producer-id claims, submit under a fence, the absent verdicts
+of reconciliation, settle with its events and dead letters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from worker.store import resp
+from worker.store.base import SCRIPT_CHUNK, StoreBase
+from worker.store.outbox import DISPATCH_GROUP, Entry
+
+# A takeover waits this long past a SUBMITTING message's send_by before reconciling it: a request
+# written just before the deadline is on its way, and a batch's submit calls (one per SCRIPT_CHUNK)
+# set its fence a few ms apart.
+FENCE_MARGIN_MS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """submit.lua's / absent.lua's answer for one message: a state or verdict, attempts, a wait."""
+
+    state: str
+    attempts: int
+    wait_ms: int = 0
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What settle.lua records for one message.
+
+    `guard` makes an outcome that is our own decision (not sent, ambiguous, given up) conditional on
+    still owning the message: "f:<fence>" (the batch's fence is still the message's) or "c:<consumer>"
+    (we still hold its reconciliation lease); "" for the provider's facts (accepted, rejected)."""
+
+    message_id: str
+    entry_id: str
+    state: str
+    ack: bool
+    event: bytes = b""
+    deadline_ms: int | None = None
+    fields: dict[str, str | int] | None = None
+    dead_letter: bytes = b""
+    guard: str = ""
+
+
+class MessageOps(StoreBase):
+    def claim_producer_ids(self, pairs: Sequence[tuple[str, str]], ttl_s: int) -> list[str]:
+        """(producer id, message id) pairs -> the message id that owns each producer id.
+
+        The first message to claim a producer id owns it for `ttl_s`; a later one gets the
+        owner's message id back and is a repeat.
+        """
+        if not pairs:
+            return []
+        earlier = self.pipeline(
+            [(b"SET", self.idem(pid), mid, b"NX", b"GET", b"EX", ttl_s) for pid, mid in pairs]
+        )
+        return [mid if prev is None else prev.decode() for prev, (_, mid) in zip(earlier, pairs, strict=True)]
+
+    def submit(
+        self, lane: str, items: Sequence[Entry], *, consumer: str, lease_ms: int, state_ttl_s: int, fence: str,
+        send_window_ms: int, margin_ms: int = FENCE_MARGIN_MS,
+    ) -> list[Submitted]:
+        """Mark messages SUBMITTING under the batch's fence before their POST (submit.lua)."""
+        calls = []
+        for start in range(0, len(items), SCRIPT_CHUNK):
+            chunk = items[start : start + SCRIPT_CHUNK]
+            args: list[Any] = [state_ttl_s, consumer, lease_ms, fence, send_window_ms, margin_ms]
+            for e in chunk:
+                args += [lane, e.entry_id, e.job]
+            calls.append(([self.fence_key(fence), *(self.msg(e.message_id) for e in chunk)], args))
+        return [Submitted(state.decode(), int(n), int(wait)) for reply in self.run_many("submit", calls)
+                for state, n, wait in reply]
+
+    def fences_alive(self, fences: Sequence[str]) -> bool:
+        """True while every one of these fences still lives: their batches may still write requests."""
+        keys = {self.fence_key(f) for f in fences}
+        with resp.redis_errors():
+            return int(self.r.exists(*keys)) == len(keys)
+
+    def absent(
+        self, items: Sequence[Entry], *, consumer: str, checks: int, window_ms: int, fence: str, send_window_ms: int,
+        max_attempts: int,
+    ) -> list[Submitted]:
+        """The verdict on messages missing from the provider's logs (absent.lua): RESEND (under the
+        new fence), WAIT, EXHAUSTED or STALE, with attempts and the wait."""
+        calls = []
+        for start in range(0, len(items), SCRIPT_CHUNK):
+            chunk = items[start : start + SCRIPT_CHUNK]
+            calls.append(([self.fence_key(fence), *(self.msg(e.message_id) for e in chunk)],
+                          [consumer, checks, window_ms, fence, send_window_ms, max_attempts]))
+        return [Submitted(state.decode(), int(n), int(wait)) for reply in self.run_many("absent", calls)
+                for state, n, wait in reply]
+
+    def renew_checks(self, message_ids: Sequence[str], consumer: str, lease_ms: int) -> int:
+        """Extend this consumer's reconciliation leases on these messages; how many it still held."""
+        calls = [([self.msg(m) for m in message_ids[start : start + SCRIPT_CHUNK]], [consumer, lease_ms])
+                 for start in range(0, len(message_ids), SCRIPT_CHUNK)]
+        return sum(int(n) for n in self.run_many("check_renew", calls)) if calls else 0
+
+    def settle(self, lane: str, outcomes: Sequence[Outcome], *, now_ms: int, events_maxlen: int,
+               state_ttl_s: int) -> list[bool]:
+        """Record outcomes with their events (settle.lua); returns whether each was applied."""
+        calls = []
+        for start in range(0, len(outcomes), SCRIPT_CHUNK):
+            keys = [self.outbox(lane), self.events, self.awaiting, self.dlq]
+            args: list[Any] = [DISPATCH_GROUP, now_ms, events_maxlen, state_ttl_s]
+            for o in outcomes[start : start + SCRIPT_CHUNK]:
+                keys.append(self.msg(o.message_id))
+                fields = o.fields or {}
+                args += [
+                    o.message_id, o.entry_id, o.state, "1" if o.ack else "0", o.event,
+                    "" if o.deadline_ms is None else o.deadline_ms, o.dead_letter, o.guard, len(fields),
+                ]
+                for name, value in fields.items():
+                    args += [name, value]
+            calls.append((keys, args))
+        return [bool(x) for reply in self.run_many("settle", calls) for x in reply]
+
+    def message(self, message_id: str) -> dict[str, str]:
+        with resp.redis_errors():
+            raw = self.r.hgetall(self.msg(message_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
