@@ -8,6 +8,9 @@
     lanes.py       dispatcher slots, kicks, pauses, leases
     limiter.py     the rate limiter's buckets
     streams.py     consumer groups on other streams (the events relay)
+    reports.py     report pages, parked reports, counters, the logs lookup
+    deadletters.py the dead-letter stream
+    ops.py         status snapshots, heartbeats, the instance marker
 
 `Store` joins the domains the way redis-py's `Redis` joins its command groups (one class per group,
 one object for the caller). redis-py's errors become StoreError at this boundary (`redis_errors`);
@@ -17,10 +20,13 @@ no module outside this package imports redis for commands (tests/unit/test_layou
 from __future__ import annotations
 
 from worker.store.base import SCRIPT_CHUNK, connect, consumer_name
+from worker.store.deadletters import DeadLetterOps
 from worker.store.lanes import LaneOps
 from worker.store.limiter import LimiterOps
 from worker.store.messages import FENCE_MARGIN_MS, MessageOps, Outcome, Submitted
+from worker.store.ops import OperationsOps
 from worker.store.outbox import DISPATCH_GROUP, ENQUEUE_CHUNK, Claim, ClaimKind, Entry, OutboxOps
+from worker.store.reports import ReportOps
 from worker.store.resp import redis_errors
 from worker.store.streams import StreamOps
 
@@ -30,5 +36,5 @@ __all__ = [
 ]
 
 
-class Store(OutboxOps, MessageOps, LaneOps, LimiterOps, StreamOps):
+class Store(OutboxOps, MessageOps, LaneOps, LimiterOps, StreamOps, ReportOps, DeadLetterOps, OperationsOps):
     """Typed operations over one Redis database, each one round trip."""
