@@ -54,6 +54,11 @@ class StoreError(SmsWorkerError):
     """Redis could not be reached or refused a command."""
 
 
+class StoreUnavailable(StoreError):
+    """Redis is unreachable, timed out or still loading: an outage, not a bug (the work is in Redis
+    and comes back when it does)."""
+
+
 class EnqueueIncomplete(StoreError):
     """An enqueue call failed after part of it was written.
 

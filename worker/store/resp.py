@@ -21,7 +21,10 @@ from typing import Any
 import hiredis
 import redis
 
-from worker.errors import StoreError
+from worker.errors import StoreError, StoreUnavailable
+
+# Errors that mean Redis is not there (yet), as opposed to a refused command.
+_OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
 @contextlib.contextmanager
@@ -30,7 +33,8 @@ def redis_errors() -> Iterator[None]:
     try:
         yield
     except redis.RedisError as error:
-        raise StoreError(f"Redis: {type(error).__name__}: {error}") from error
+        kind = StoreUnavailable if isinstance(error, _OUTAGES) else StoreError
+        raise kind(f"Redis: {type(error).__name__}: {error}") from error
 
 
 def bulk(value: bytes) -> bytes:
