@@ -32,7 +32,7 @@ import redis
 from pydantic import SecretStr
 
 from worker.devtools.devstack import DevStack
-from worker.reports import Processor, ReportKeys
+from worker.reports import ProcessConfig, Processor
 from worker.settings import Settings
 from worker.store import Store, connect
 
@@ -57,7 +57,6 @@ def _report(mid: str, n: int) -> dict[str, Any]:
 
 
 def prepare(store: Store, n: int, page_size: int, *, raw_pages: bool = True) -> None:
-    keys = ReportKeys.of(store)
     pipe = store.r.pipeline(transaction=False)
     for i in range(n):
         mid = f"sw-bulk-{1764230000000 + i}-0"
@@ -73,7 +72,7 @@ def prepare(store: Store, n: int, page_size: int, *, raw_pages: bool = True) -> 
         return
     for start in range(0, n, page_size):
         page = [_report(f"sw-bulk-{1764230000000 + i}-0", i) for i in range(start, min(n, start + page_size))]
-        pipe.xadd(keys.raw, {"page": orjson.dumps({"results": page}), "src": "drain"})
+        pipe.xadd(store.reports_raw, {"page": orjson.dumps({"results": page}), "src": "drain"})
         if start % (page_size * 50) == 0:
             pipe.execute()
     pipe.execute()
@@ -85,7 +84,8 @@ def run_processor(redis_url: str, index: int, threads: int, start_at: float, out
 
     logs.configure(fmt="json", level="WARNING")
     store = Store(connect(redis_url))  # one pool per process, shared by its threads (as in a worker)
-    processors = [Processor(settings, store, consumer=f"bench-{index}") for _ in range(threads)]
+    config = ProcessConfig.from_settings(settings)
+    processors = [Processor(config, store, consumer=f"bench-{index}") for _ in range(threads)]
     processors[0]._ensure_group()
     applied: list[int] = []
 
@@ -105,8 +105,8 @@ def run_processor(redis_url: str, index: int, threads: int, start_at: float, out
 
 def run_drain(args: argparse.Namespace) -> None:
     from worker.devtools.sandbox import SandboxConfig, SandboxProcess
-    from worker.provider import Provider
-    from worker.reports import Drainer
+    from worker.provider import Provider, ProviderConfig
+    from worker.reports import DrainConfig, Drainer
 
     with DevStack() as stack, SandboxProcess(api_key="bench-key", config=SandboxConfig(report_delay_ms=0)) as sbx:
         url = stack.start_redis()
@@ -127,7 +127,8 @@ def run_drain(args: argparse.Namespace) -> None:
                 client.post("/sms/3/messages", json={"messages": messages}).raise_for_status()
         while sbx.stats()["reports"]["generated"] < args.reports:
             time.sleep(0.05)
-        processors = [Processor(settings, store, consumer=f"bench-{i}") for i in range(args.threads)]
+        config = ProcessConfig.from_settings(settings)
+        processors = [Processor(config, store, consumer=f"bench-{i}") for i in range(args.threads)]
         processors[0]._ensure_group()
         done = threading.Event()
 
@@ -140,8 +141,9 @@ def run_drain(args: argparse.Namespace) -> None:
         pool = [threading.Thread(target=process, args=(p,)) for p in processors]
         for t in pool:
             t.start()
-        with Provider(settings) as provider:
-            drained = Drainer(settings, store, provider, max_pages=args.reports // 1000 + 2).drain()
+        with Provider(ProviderConfig.from_settings(settings)) as provider:
+            drained = Drainer(DrainConfig.from_settings(settings), store, provider,
+                              max_pages=args.reports // 1000 + 2).drain()
         drained_s = time.perf_counter() - began
         while store.r.xlen(store.events) < args.reports:
             time.sleep(0.001)
@@ -187,7 +189,7 @@ def main() -> None:
         wall = max(r[2] for r in results)
         applied = sum(r[1] for r in results)
         events = store.r.xlen(store.events)
-        left = store.r.xlen(ReportKeys.of(store).raw)
+        left = store.r.xlen(store.reports_raw)
         ids = set()
         for _, fields in store.r.xrange(store.events, "-", "+"):
             ids.add(orjson.loads(fields[b"event"])["event_id"])

@@ -174,7 +174,7 @@ def rows_reports(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[R
 def _reports_unavailable() -> str | None:
     """Why scenario 5 cannot run (worker.reports missing or without Drainer/Processor), else None."""
     if importlib.util.find_spec("worker.reports") is None:
-        return "worker/reports.py does not exist yet"
+        return "worker.reports does not exist yet"
     try:
         from worker import reports
     except Exception as error:  # noqa: BLE001 -- any import failure of a module in progress means "not yet"

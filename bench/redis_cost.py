@@ -24,7 +24,7 @@ from bench import procs
 from bench.scenarios import jobs
 from bench.system import BenchStack
 from worker import events
-from worker.dispatch import Dispatcher
+from worker.dispatch.classify import accepted
 from worker.store import Entry
 
 BATCH = 1000
@@ -35,7 +35,6 @@ STATUS = {"groupId": 1, "groupName": "PENDING", "id": 26, "name": "PENDING_ACCEP
 def measure(stack: BenchStack, n: int) -> dict[str, float]:
     """Redis CPU us per message for each step, over `n` messages."""
     store, settings = stack.store, stack.settings
-    dispatcher = Dispatcher(settings, store, None, None, None, "bench")  # type: ignore[arg-type]
     store.r.flushall()
     encoded = [(orjson.dumps(job), None) for job in jobs(n)]
     cost: dict[str, float] = {}
@@ -65,7 +64,8 @@ def measure(stack: BenchStack, n: int) -> dict[str, float]:
 
     def settle_all() -> None:
         for batch in batches:
-            outcomes = [dispatcher._accepted("bulk", e, orjson.loads(e.job), "bench-bulk", STATUS) for e in batch]
+            outcomes = [accepted("bulk", e, orjson.loads(e.job), "bench-bulk", STATUS, now_ms=events.now_ms(),
+                                 grace_s=settings.sms_no_report_grace_s) for e in batch]
             store.settle("bulk", outcomes, now_ms=events.now_ms(), events_maxlen=settings.sms_events_stream_maxlen,
                          state_ttl_s=settings.sms_state_ttl_s)
 

@@ -23,10 +23,10 @@ from bench.procs import CpuMeter, cpu_seconds, status_kb
 from bench.stats import percentile
 from bench.system import NO_REPORTS, BenchStack, entry_ms
 from worker.devtools.devstack import wait_until
-from worker.outbox import Outbox
+from worker.outbox import Outbox, OutboxConfig
+from worker.producer import producer
 from worker.settings import settings_from_env
-from worker.store import Store, connect
-from worker.triggers import DRAIN_REPORTS, Triggers
+from worker.triggers import DRAIN_REPORTS
 
 # A producer streaming a campaign hands it over in chunks; each chunk wakes a dispatcher.
 CHUNK = 10_000
@@ -112,7 +112,7 @@ def run_ours(stack: BenchStack, n: int, *, chunk: int = CHUNK, timeout_s: float 
     end_s = stack.nth_event_ms(events, before + n) / 1000
     cpu["producer"] = producer_cpu_s
     seconds = max(end_s - t0, 1e-3)
-    sandbox = stack.sandbox_stats()
+    sandbox = stack.sandbox.stats()
     types = _event_types(stack, events, skip=before)
     ok = types == Counter({"accepted": n}) and sandbox["duplicates"] == 0
     return {
@@ -131,7 +131,7 @@ def run_ours(stack: BenchStack, n: int, *, chunk: int = CHUNK, timeout_s: float 
 def run_baseline(stack: BenchStack, n: int, *, workers: int, timeout_s: float = 600) -> dict[str, Any]:
     """The baseline on the same Redis and sandbox: one Dramatiq message and one POST per SMS."""
     stack.stop_workers()
-    stack.sandbox_reset()
+    stack.sandbox.reset()
     stack.start_baseline(workers)
     return run_baseline_started(stack, n, timeout_s=timeout_s)
 
@@ -157,7 +157,7 @@ def run_baseline_started(stack: BenchStack, n: int, *, timeout_s: float = 600) -
         broker.close()
     cpu["producer"] = producer_cpu_s
     seconds = max(stack.nth_event_ms(stream, before + n) / 1000 - t0, 1e-3)
-    sandbox = stack.sandbox_stats()
+    sandbox = stack.sandbox.stats()
     return {
         "messages": n, "seconds": round(seconds, 3), "rate": round(n / seconds, 1),
         "cpu_us_per_msg": _per_message_us(cpu, n),
@@ -192,7 +192,7 @@ def slow_provider(n: int, latency_ms: float = 100.0, workers: int = 2, env: dict
 def producer_rate(n: int, with_ids: bool, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Scenario 2: one `Outbox.enqueue_many` call of `n` jobs (validated, encoded, pipelined); no workers."""
     with BenchStack(env=env, sandbox_flags=None) as stack:
-        outbox = Outbox(stack.settings, stack.store)  # no wake-up: nothing consumes here
+        outbox = Outbox(OutboxConfig.from_settings(stack.settings), stack.store)  # no wake-up: nothing consumes here
         batch = jobs(n, ids=with_ids)
         redis0 = cpu_seconds(stack.redis_pid)
         cpu0 = time.process_time()
@@ -221,12 +221,8 @@ def _bulk_campaign(env: dict[str, str], n: int, chunk: int, ready: Any, go: mult
                    done: Any) -> None:
     """Child process: enqueue a bulk campaign when told to; report when it started and finished."""
     settings = settings_from_env(env)
-    client = connect(settings.redis_url)
-    store = Store(client, settings.sms_key_prefix, settings.sms_message_id_prefix)
-    from worker.runtime import make_broker
-
-    broker, _ = make_broker(settings)
-    outbox = Outbox(settings, store, wake=Triggers(store, broker).dispatch)
+    wired = producer(settings)
+    outbox = wired.outbox
     batch = jobs(n, start=1_000_000)
     ready.put(True)
     go.wait()
@@ -234,7 +230,7 @@ def _bulk_campaign(env: dict[str, str], n: int, chunk: int, ready: Any, go: mult
     for start in range(0, n, chunk):
         outbox.enqueue_many(batch[start : start + chunk], "bulk")
     done.put((started, time.time()))
-    client.close()
+    wired.close()
 
 
 def latency(bulk_n: int, otp_rate: float, workers: int = 2, env: dict[str, str] | None = None, tail_s: float = 0.5,
@@ -281,7 +277,7 @@ def latency(bulk_n: int, otp_rate: float, workers: int = 2, env: dict[str, str] 
                 bulk_end = max(bulk_end, published)
         during = [lat for t, lat in otp_ms if bulk_started * 1000 <= t <= bulk_end]
         every = [lat for _, lat in otp_ms]
-        sandbox = stack.sandbox_stats()
+        sandbox = stack.sandbox.stats()
     return {
         "otp_offered_per_s": otp_rate, "otp_sent": n_otp, "otp_during_drain": len(during),
         "otp_p50_ms": percentile(during, 50), "otp_p99_ms": percentile(during, 99),
@@ -367,7 +363,7 @@ def reports(n: int, workers: int = 2, env: dict[str, str] | None = None, timeout
 
 def drain_reports(stack: BenchStack, n: int, timeout_s: float = 600) -> dict[str, Any]:
     """Once the sandbox holds `n` unfetched reports: one drain message, then wait for `n` report events."""
-    wait_until(lambda: stack.sandbox_stats()["reports"]["generated"] >= n, 120, "the sandbox's reports",
+    wait_until(lambda: stack.sandbox.stats()["reports"]["generated"] >= n, 120, "the sandbox's reports",
                interval_s=0.1)
     events = stack.store.events
     before = int(stack.client.xlen(events))
@@ -378,7 +374,7 @@ def drain_reports(stack: BenchStack, n: int, timeout_s: float = 600) -> dict[str
     drained_s = None
     deadline = time.monotonic() + timeout_s
     while int(stack.client.xlen(events)) < before + n:
-        if drained_s is None and stack.sandbox_stats()["reports"]["fetched"] >= n:
+        if drained_s is None and stack.sandbox.stats()["reports"]["fetched"] >= n:
             drained_s = time.time() - t0
         if time.monotonic() > deadline:
             print(stack.dev.logs())
@@ -387,7 +383,7 @@ def drain_reports(stack: BenchStack, n: int, timeout_s: float = 600) -> dict[str
     cpu = meter.stop()
     seconds = max(stack.nth_event_ms(events, before + n) / 1000 - t0, 1e-3)
     types = _event_types(stack, events, skip=before)
-    fetched = stack.sandbox_stats()["reports"]["fetched"]
+    fetched = stack.sandbox.stats()["reports"]["fetched"]
     return {
         "reports": n, "seconds": round(seconds, 3), "rate": round(n / seconds, 1),
         "drain_s": round(drained_s, 3) if drained_s is not None else round(seconds, 3),

@@ -1,8 +1,10 @@
 """One benchmark stack: private redis-server and sandbox, our workers and clock, or the baseline workers.
 
 Built on worker.devtools.devstack (the processes the Procfile runs, on free loopback ports), plus what a
-benchmark needs on top: the pids of each component for CPU accounting, producer-side objects,
-and event-stream readers that take times from the stream entry ids (Redis's clock, in ms).
+benchmark needs on top: the pids of each component for CPU accounting, producer-side objects (from
+worker.producer, as any producer process builds them), the sandbox's admin client (tests.support.sandbox,
+importable because `python -m bench` runs from the repository root), and event-stream readers that
+take times from the stream entry ids (Redis's clock, in ms).
 """
 
 from __future__ import annotations
@@ -13,14 +15,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench import procs
+from tests.support.sandbox import SandboxAdmin
 from worker.devtools.devstack import DevStack, Proc, wait_until
-from worker.outbox import Outbox
-from worker.runtime import make_broker
+from worker.outbox import Outbox, OutboxConfig
+from worker.producer import connect_store, connect_triggers
 from worker.settings import Settings, settings_from_env
-from worker.store import Store, connect
 from worker.triggers import Triggers
 
 API_KEY = "bench-key-0123456789"
@@ -57,11 +57,12 @@ class BenchStack:
             self.dev.stop()
             raise
         self.settings: Settings = settings_from_env(self.dev.env)
-        self.client: Any = connect(self.settings.redis_url)
-        self.store = Store(self.client, self.settings.sms_key_prefix, self.settings.sms_message_id_prefix)
-        self.http = httpx.Client(base_url=self.sandbox_url, timeout=30, trust_env=False)
+        self.store = connect_store(self.settings)
+        self.client: Any = self.store.r  # raw Redis, to read the streams and INFO a benchmark measures
+        self.sandbox = SandboxAdmin(self.sandbox_url)
         self.workers: list[Proc] = []
         self.clock: Proc | None = None
+        self._triggers: Triggers | None = None
         self._outbox: Outbox | None = None
 
     def __enter__(self) -> BenchStack:
@@ -71,8 +72,10 @@ class BenchStack:
         self.close()
 
     def close(self) -> None:
-        self.http.close()
-        self.client.close()
+        self.sandbox.close()
+        if self._triggers is not None:
+            self._triggers.broker.close()
+        self.store.close()
         self.dev.stop()
 
     # --- components --------------------------------------------------------------------------------
@@ -127,14 +130,16 @@ class BenchStack:
         self.wait_for_workers()
 
     def outbox(self) -> Outbox:
+        """The producer's Outbox, waking the lanes it writes to."""
         if self._outbox is None:
-            broker, _ = make_broker(self.settings)
-            self._outbox = Outbox(self.settings, self.store, wake=Triggers(self.store, broker).dispatch)
+            self._outbox = Outbox(OutboxConfig.from_settings(self.settings), self.store, wake=self.triggers().dispatch)
         return self._outbox
 
     def triggers(self) -> Triggers:
-        broker, _ = make_broker(self.settings)
-        return Triggers(self.store, broker)
+        """The stack's Triggers (one broker, made on first use and closed with the stack)."""
+        if self._triggers is None:
+            self._triggers = connect_triggers(self.settings, self.store)
+        return self._triggers
 
     # --- the baseline ---------------------------------------------------------------------------------
     def start_baseline(self, workers: int = 2, threads: int = WORKER_THREADS) -> None:
@@ -143,7 +148,7 @@ class BenchStack:
         for i in range(workers):
             argv = [sys.executable, "-m", "dramatiq", "bench.baseline_actors", "--processes", "1",
                     "--threads", str(threads)]
-            self.workers.append(self.dev._spawn(f"baseline-{i + 1}", argv, env))
+            self.workers.append(self.dev.spawn(f"baseline-{i + 1}", argv, env))
         self.wait_for_workers()
 
     def stop_workers(self) -> None:
@@ -187,17 +192,4 @@ class BenchStack:
 
     def events(self, stream: str | None = None) -> list[tuple[bytes, dict[bytes, bytes]]]:
         return list(self.client.xrange(stream or self.store.events))
-
-    # --- the sandbox ---------------------------------------------------------------------------------
-    def sandbox_stats(self) -> dict[str, Any]:
-        response = self.http.get("/_sandbox/stats")
-        response.raise_for_status()
-        data: dict[str, Any] = response.json()
-        return data
-
-    def sandbox_reset(self) -> None:
-        self.http.post("/_sandbox/reset").raise_for_status()
-
-    def sandbox_configure(self, **knobs: Any) -> None:
-        self.http.post("/_sandbox/config", json=knobs).raise_for_status()
 

@@ -1,4 +1,7 @@
-"""Thin Dramatiq actors: each unwraps its arguments and calls the code that does the work."""
+"""The Dramatiq actors: owns their declarations; each unwraps its arguments and calls the code that does the work.
+
+Names and queues come from worker.triggers; what they call is the process's Runtime (worker.runtime).
+"""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""The composition root: the only module with import-time effects (settings, logging, broker).
+"""The worker process's entry: owns the only import-time effects (settings, logging, the broker).
 
 The `dramatiq` CLI imports worker.actors, which imports this: the settings are read and validated
 (a wrong one stops the process with a clear message), logging is configured, and the broker is
-set. Everything it wires is defined, effect-free, in worker.runtime.
+set. What it wires is defined, effect-free, in worker.runtime (the composition root).
 """
 
 from __future__ import annotations

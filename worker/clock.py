@@ -1,4 +1,4 @@
-"""The clock process: only enqueues periodic actor messages; a Redis lease makes a second one idle.
+"""The clock process: owns the periodic wake-ups; it only enqueues, and a Redis lease idles a second one.
 
 Every tick it wakes a dispatcher for each lane (jobs written with plain Redis commands, and
 retries after a pause, are picked up this way); the report drain and the sweeps run on their own
@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -18,7 +19,7 @@ from worker import triggers as names
 from worker.errors import StoreError
 from worker.settings import Settings
 from worker.store import Store
-from worker.triggers import Triggers
+from worker.triggers import Wakes
 
 log = structlog.get_logger(__name__)
 
@@ -31,26 +32,48 @@ def sweep_interval_s(settings: Settings) -> float:
     return max(1.0, settings.sms_reports_drain_interval_s)
 
 
+@dataclass(frozen=True, slots=True)
+class ClockConfig:
+    """The settings the clock reads: what to wake, and how often."""
+
+    lanes: tuple[str, ...]
+    tick_ms: int
+    drain_interval_s: float
+    sweep_interval_s: float
+    relay_events: bool  # SMS_EVENTS_DRAMATIQ_QUEUE is set: the event relay runs every second
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ClockConfig:
+        return cls(
+            lanes=tuple(settings.sms_lanes),
+            tick_ms=settings.sms_dispatch_tick_ms,
+            drain_interval_s=settings.sms_reports_drain_interval_s,
+            sweep_interval_s=sweep_interval_s(settings),
+            relay_events=bool(settings.sms_events_dramatiq_queue),
+        )
+
+
 class Clock:
-    def __init__(self, settings: Settings, store: Store, triggers: Triggers, now: Callable[[], float] = time.monotonic):
-        self.settings = settings
+    """Wakes every lane each tick and sends the periodic report, sweep and relay messages, while it
+    holds the clock lease. `triggers` is worker.triggers.Triggers in production; any `Wakes` will do."""
+
+    def __init__(self, config: ClockConfig, store: Store, triggers: Wakes, now: Callable[[], float] = time.monotonic):
+        self.config = config
         self.store = store
         self.triggers = triggers
         self.now = now
         self.id = f"clock-{uuid.uuid4().hex[:12]}"
-        self.tick_s = settings.sms_dispatch_tick_ms / 1000
+        self.tick_s = config.tick_ms / 1000
         # name -> (interval in s, what to send); the lanes are woken every tick.
         self.periodic: dict[str, tuple[float, Callable[[], None]]] = {
-            names.DRAIN_REPORTS: (
-                settings.sms_reports_drain_interval_s, lambda: self.triggers.send(names.DRAIN_REPORTS)
-            ),
+            names.DRAIN_REPORTS: (config.drain_interval_s, lambda: self.triggers.send(names.DRAIN_REPORTS)),
             names.PROCESS_REPORTS: (1.0, self.triggers.process_reports),
-            names.SWEEP: (sweep_interval_s(settings), lambda: self.triggers.send(names.SWEEP)),
+            names.SWEEP: (config.sweep_interval_s, lambda: self.triggers.send(names.SWEEP)),
             # Outbox streams of lanes nobody configured (a plain XADD to a misspelt lane): SCAN is
             # linear in the keyspace, so now and then, not every tick.
             names.SWEEP_OUTBOXES: (OUTBOX_SWEEP_S, lambda: self.triggers.send(names.SWEEP_OUTBOXES)),
         }
-        if settings.sms_events_dramatiq_queue:
+        if config.relay_events:
             self.periodic[names.RELAY_EVENTS] = (1.0, lambda: self.triggers.send(names.RELAY_EVENTS))
         self._last: dict[str, float] = {}
 
@@ -59,7 +82,7 @@ class Clock:
         ttl_ms = int(max(3 * self.tick_s, 2.0) * 1000)
         if not self.store.lease(LEASE, self.id, ttl_ms):
             return False
-        for lane in self.settings.sms_lanes:
+        for lane in self.config.lanes:
             self.triggers.dispatch(lane)
         now = self.now()
         for name, (interval_s, send) in self.periodic.items():
@@ -69,7 +92,7 @@ class Clock:
         return True
 
     def run(self, stop: threading.Event) -> None:
-        log.info("clock_started", clock_id=self.id, tick_ms=self.settings.sms_dispatch_tick_ms)
+        log.info("clock_started", clock_id=self.id, tick_ms=self.config.tick_ms)
         leader = False
         while not stop.is_set():
             try:

@@ -3,9 +3,10 @@
     SmsWorkerError
     ├── ConfigError              a setting is missing or wrong (raised at start-up)
     ├── JobValidationError       a job was refused at enqueue; `.problems` lists every field
-    ├── StoreError               Redis is unreachable or answered an error (store.py maps redis.*)
+    ├── StoreError               Redis is unreachable or answered an error (worker.store maps redis.*)
+    │   ├── StoreUnavailable     Redis unreachable, timed out or loading: an outage, not a bug
     │   └── EnqueueIncomplete    an enqueue call failed part-way; `.queued` says exactly what was written
-    └── ProviderError            the icomm API (provider.py maps httpx.* and HTTP statuses)
+    └── ProviderError            the icomm API (worker.provider.classify maps httpx.* and HTTP statuses)
         ├── ProviderNotActedOn   connect error, 429, 503: the request was not acted on, safe to retry
         │   ├── ProviderRateLimited   429, `.retry_after_s` when the provider said so
         │   └── SendWindowClosed      the batch's send deadline passed before a byte was written:

@@ -1,4 +1,6 @@
-"""Status events (schema version 1): one per state change, published to the events stream.
+"""Status events: owns their schema (version 1), their JSON, and the relay to a Dramatiq queue.
+
+One event per state change, published to the events stream:
 
     {"v": 1, "event_id": "<messageId>:<type>", "type": "accepted", "at": "2026-11-27T10:00:00.000Z",
      "message_id": "...", "bulk_id": "...", "lane": "bulk", "id": "<producer id>",
@@ -15,9 +17,14 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:  # the relay's collaborators; importing them here would tie this module to Redis
+    import dramatiq
+
+    from worker.store import Store
 
 SCHEMA_VERSION = 1
 
@@ -115,7 +122,7 @@ class EventRelay:
     again, so consumers drop repeats by `event_id`.
     """
 
-    def __init__(self, store: Any, broker: Any, queue: str, actor: str, lease_ms: int = 60_000) -> None:
+    def __init__(self, store: Store, broker: dramatiq.Broker, queue: str, actor: str, lease_ms: int = 60_000) -> None:
         self.store = store
         self.broker = broker
         self.queue = queue

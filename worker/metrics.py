@@ -1,4 +1,4 @@
-"""Prometheus metrics: counters kept by every process, gauges read from Redis at scrape time.
+"""Prometheus metrics: owns the counters every process keeps, and the gauges read from Redis at scrape time.
 
 Worker processes are forked by Dramatiq, so counters use prometheus_client's multiprocess mode
 (PROMETHEUS_MULTIPROC_DIR, set by `sms-worker worker` before anything imports prometheus_client);
@@ -13,13 +13,18 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from worker.errors import StoreError
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
+    from worker.status import StatusConfig
+    from worker.store import Store
 
 MESSAGES = Counter("sms_messages_total", "Messages by lane and send outcome", ["lane", "outcome"])
 BATCH_SIZE = Histogram("sms_batch_size", "Messages per bulk request", buckets=(1, 10, 50, 100, 250, 500, 1000, 2000))
@@ -52,15 +57,15 @@ REPORTS = Counter("sms_reports_total", "Delivery reports processed, by source an
 class RedisStateCollector(Collector):
     """Gauges computed from Redis when scraped (outbox depth and age, pauses, parked, DLQ)."""
 
-    def __init__(self, settings: Any, store: Any) -> None:
-        self.settings = settings
+    def __init__(self, config: StatusConfig, store: Store) -> None:
+        self.config = config
         self.store = store
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         from worker.status import collect
 
         try:
-            status = collect(self.settings, self.store)
+            status = collect(self.config, self.store)
         except StoreError:  # a scrape must answer even when Redis does not
             up = GaugeMetricFamily("sms_redis_up", "Redis answered the scrape")
             up.add_metric([], 0)
@@ -91,7 +96,7 @@ class RedisStateCollector(Collector):
             yield gauge
 
 
-def registries(settings: Any, store: Any) -> list[CollectorRegistry]:
+def registries(settings: Settings, store: Store) -> list[CollectorRegistry]:
     """What an exposition endpoint serves: this process's (or all worker processes') counters, and
     the Redis gauges."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -101,8 +106,10 @@ def registries(settings: Any, store: Any) -> list[CollectorRegistry]:
         multiprocess.MultiProcessCollector(counters)  # type: ignore[no-untyped-call]
     else:
         counters = REGISTRY
+    from worker.status import StatusConfig
+
     state = CollectorRegistry()
-    state.register(RedisStateCollector(settings, store))
+    state.register(RedisStateCollector(StatusConfig.from_settings(settings), store))
     return [counters, state]
 
 
@@ -110,7 +117,7 @@ def render(regs: list[CollectorRegistry]) -> tuple[bytes, str]:
     return b"".join(generate_latest(reg) for reg in regs), CONTENT_TYPE_LATEST
 
 
-def serve_worker_endpoints(settings: Any, store: Any, port: int, host: str = "0.0.0.0") -> None:  # noqa: S104
+def serve_worker_endpoints(settings: Settings, store: Store, port: int, host: str = "0.0.0.0") -> None:  # noqa: S104
     """The worker container's /metrics and /healthz (healthy: a local worker process sent a
     heartbeat recently). Runs forever; Dramatiq forks it next to the workers."""
     from worker.status import HEARTBEAT_STALE_S
@@ -174,11 +181,11 @@ def _worker_health(stale_s: float) -> tuple[int, bytes, str]:
 
 def serve_worker_endpoints_forever() -> int:
     """Dramatiq fork entry point: settings from the environment, then serve until stopped."""
+    from worker.producer import connect_store
     from worker.settings import load_settings
-    from worker.store import Store, connect
 
     settings = load_settings()
-    store = Store(connect(settings.redis_url), settings.sms_key_prefix, settings.sms_message_id_prefix)
+    store = connect_store(settings)
     serve_worker_endpoints(settings, store, settings.sms_metrics_port)
     return 0
 

@@ -35,7 +35,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class State(StrEnum):
-    """Where one message is; see docs/architecture.md for the transitions."""
+    """Where one message is; docs/architecture.md draws the transitions, worker.transitions lists
+    which script makes each."""
 
     QUEUED = "QUEUED"
     SUBMITTING = "SUBMITTING"
@@ -173,9 +174,7 @@ class ValidityPeriod(_Strict):
     time_unit: Literal["SECONDS", "MINUTES", "HOURS"] = "MINUTES"
 
     def seconds(self) -> int:
-        # The API clamps anything above 48 h to 48 h.
-        factor = {"SECONDS": 1, "MINUTES": 60, "HOURS": 3600}[self.time_unit]
-        return min(self.amount * factor, 48 * 3600)
+        return validity_seconds(self.amount, self.time_unit)
 
 
 class Platform(_Strict):
@@ -344,29 +343,39 @@ def _plain_job(data: Any, max_text_parts: int, metadata_max_bytes: int, json_siz
     if type(to) is not str or type(text) is not str or not _PHONE.match(to) or not text.strip():
         return None
     producer_id, sender, metadata = data.get("id"), data.get("sender"), data.get("metadata")
-    if producer_id is not None and (type(producer_id) is not str or not 0 < len(producer_id) <= 200):
-        return None
-    if sender is not None and (type(sender) is not str or not 0 < len(sender) <= 64):
-        return None
-    if data.get("v", 1) != 1:
+    if not _plain_options(producer_id, sender, metadata, data.get("v", 1)):
         return None
     # A lone surrogate anywhere (no UTF-8 form) is named by validate_job. (JSON parsed by orjson
     # never holds one, but a producer's dict may.)
-    if not utf8_checked and (
-            (not text.isascii() and _SURROGATE.search(text) is not None)
-            or (producer_id is not None and not producer_id.isascii() and _SURROGATE.search(producer_id) is not None)
-            or (sender is not None and not sender.isascii() and _SURROGATE.search(sender) is not None)
-            or (type(metadata) is dict and _has_lone_surrogate(metadata))):
+    if not utf8_checked and _plain_has_lone_surrogate(text, producer_id, sender, metadata):
         return None
     # Counting parts costs ~1 us: only texts that may have too many are counted (see text_problem).
     if len(text) > 33 * max_text_parts and text_problem(text, max_text_parts) is not None:
         return None
-    if metadata is not None and type(metadata) is not dict:
-        return None
-    # The whole job bounds its metadata: only a large job needs the metadata measured alone.
+    # The whole job bounds its metadata: only a large job needs the metadata measured alone. (Last:
+    # orjson raises on metadata that is not JSON; the checks above may turn the job away first.)
     if metadata is not None and json_size > metadata_max_bytes and len(orjson.dumps(metadata)) > metadata_max_bytes:
         return None
     return {**data, "to": to[1:]} if to[0] == "+" else data
+
+
+def _plain_options(producer_id: Any, sender: Any, metadata: Any, version: Any) -> bool:
+    """A plain job's id and sender are short strings (or absent), metadata a dict (or absent), v 1."""
+    if producer_id is not None and (type(producer_id) is not str or not 0 < len(producer_id) <= 200):
+        return False
+    if sender is not None and (type(sender) is not str or not 0 < len(sender) <= 64):
+        return False
+    return version == 1 and (metadata is None or type(metadata) is dict)
+
+
+def _plain_has_lone_surrogate(text: str, producer_id: str | None, sender: str | None,
+                              metadata: dict[str, Any] | None) -> bool:
+    """True when a plain job's text, id, sender or metadata holds a lone surrogate."""
+    # One check of the strings joined finds one in any of them (joining makes or hides no surrogate).
+    strings = text + (producer_id or "") + (sender or "")
+    if not strings.isascii() and _SURROGATE.search(strings) is not None:
+        return True
+    return metadata is not None and _has_lone_surrogate(metadata)
 
 
 def encode_plain_job(data: Any, *, max_text_parts: int, metadata_max_bytes: int) -> bytes | None:
@@ -381,3 +390,15 @@ def encode_plain_job(data: Any, *, max_text_parts: int, metadata_max_bytes: int)
     if job is None:
         return None
     return encoded if job is data else orjson.dumps(job)
+
+
+# The API clamps a validity period above 48 h to 48 h; a job without one gets the 48 h.
+MAX_VALIDITY_S = 48 * 3600
+_UNIT_SECONDS = {"SECONDS": 1, "MINUTES": 60, "HOURS": 3600}
+
+
+def validity_seconds(amount: int, time_unit: str = "MINUTES") -> int:
+    """How long the platform keeps trying a message with this validity period, in seconds: the one
+    place the unit and the 48 h cap are applied (ValidityPeriod and the dispatcher's report
+    deadline). An unknown unit counts as minutes, the API's default."""
+    return min(amount * _UNIT_SECONDS.get(time_unit, 60), MAX_VALIDITY_S)

@@ -1,4 +1,4 @@
-"""Producer API: validate jobs at the door, append them to a lane's outbox, wake a dispatcher.
+"""Producer API: owns the door of the outbox — validate jobs, append them to a lane's stream, wake a dispatcher.
 
 The wire format other languages use is one stream entry per job on `{prefix}:outbox:{lane}` with a
 field `job` holding the job's JSON (see README, "Enqueue from any language"):
@@ -20,6 +20,27 @@ from worker.store import Store
 
 
 @dataclass(frozen=True, slots=True)
+class OutboxConfig:
+    """The settings an Outbox reads: the lanes it accepts and the limits a job is validated against."""
+
+    lanes: tuple[str, ...]
+    default_lane: str
+    max_text_parts: int
+    metadata_max_bytes: int
+    idempotency_ttl_s: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OutboxConfig:
+        return cls(
+            lanes=tuple(settings.sms_lanes),
+            default_lane=settings.sms_default_lane,
+            max_text_parts=settings.sms_max_text_parts,
+            metadata_max_bytes=settings.sms_metadata_max_bytes,
+            idempotency_ttl_s=settings.sms_idempotency_ttl_s,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Enqueued:
     """What `enqueue` did with one job: its message id, and False if it was a duplicate."""
 
@@ -35,15 +56,15 @@ class Enqueued:
 class Outbox:
     """Validated, pipelined writes to the outbox streams; one instance per producer process."""
 
-    def __init__(self, settings: Settings, store: Store, wake: Callable[[str], object] | None = None) -> None:
-        self.settings = settings
+    def __init__(self, config: OutboxConfig, store: Store, wake: Callable[[str], object] | None = None) -> None:
+        self.config = config
         self.store = store
         self.wake = wake
 
     def _lane(self, lane: str | None) -> str:
-        lane = lane or self.settings.sms_default_lane
-        if lane not in self.settings.sms_lanes:
-            known = ", ".join(self.settings.sms_lanes)
+        lane = lane or self.config.default_lane
+        if lane not in self.config.lanes:
+            known = ", ".join(self.config.lanes)
             raise JobValidationError([Problem("lane", f"unknown lane {lane!r}; lanes: {known}")])
         return lane
 
@@ -52,16 +73,16 @@ class Outbox:
             job = job.model_dump(exclude_none=True, by_alias=True)
         return validate_job(
             job,
-            max_text_parts=self.settings.sms_max_text_parts,
-            metadata_max_bytes=self.settings.sms_metadata_max_bytes,
+            max_text_parts=self.config.max_text_parts,
+            metadata_max_bytes=self.config.metadata_max_bytes,
             index=index,
         )
 
     def _encode(self, job: Job | Mapping[str, Any], index: int | None = None) -> tuple[bytes, str | None]:
         """(wire JSON, producer id) of a valid job; JobValidationError otherwise."""
         fast = encode_plain_job(
-            job, max_text_parts=self.settings.sms_max_text_parts,
-            metadata_max_bytes=self.settings.sms_metadata_max_bytes,
+            job, max_text_parts=self.config.max_text_parts,
+            metadata_max_bytes=self.config.metadata_max_bytes,
         )
         if fast is not None:
             assert isinstance(job, dict)
@@ -107,7 +128,7 @@ class Outbox:
         """Store.enqueue, then wake the lane if anything new was queued, also by a call that failed
         part-way (EnqueueIncomplete is raised after the wake; a failing wake does not replace it)."""
         try:
-            answers = self.store.enqueue(lane, encoded, self.settings.sms_idempotency_ttl_s)
+            answers = self.store.enqueue(lane, encoded, self.config.idempotency_ttl_s)
         except EnqueueIncomplete as error:
             if self.wake is not None and any(answer is not None and answer[1] for answer in error.queued):
                 with contextlib.suppress(StoreError):  # the clock's tick wakes the lane anyway

@@ -1,4 +1,4 @@
-"""Policy over the GCRA script: which buckets a send charges, and the push-back after a 429.
+"""The rate limiter: which GCRA buckets a send charges, and the push-back after a 429.
 
 Buckets are shared by every process on every host (they live in Redis and use its clock):
     mps          messages per second, all lanes          (SMS_RATE_LIMIT_MPS)
@@ -10,6 +10,8 @@ Buckets are shared by every process on every host (they live in Redis and use it
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from worker.settings import Settings
 from worker.store import Store
@@ -19,25 +21,45 @@ DEFAULT_429_PAUSE_S = 1.0
 UNLIMITED = 1e9
 
 
+@dataclass(frozen=True, slots=True)
+class RateLimiterConfig:
+    """The limits a RateLimiter applies (0 = no limit), read once from the settings."""
+
+    mps: float = 0.0  # SMS_RATE_LIMIT_MPS
+    rps: float = 0.0  # SMS_RATE_LIMIT_RPS
+    burst_s: float = 1.0  # SMS_RATE_LIMIT_BURST_S
+    logs_per_min: int = 120  # SMS_LOGS_RATE_PER_MIN
+    # lane -> its share of `mps` (SMS_LANES[..].rate_share); every configured lane is here.
+    lane_shares: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RateLimiterConfig:
+        return cls(
+            mps=settings.sms_rate_limit_mps, rps=settings.sms_rate_limit_rps,
+            burst_s=settings.sms_rate_limit_burst_s, logs_per_min=settings.sms_logs_rate_per_min,
+            lane_shares={lane: cfg.rate_share for lane, cfg in settings.sms_lanes.items()},
+        )
+
+
 class RateLimiter:
-    def __init__(self, settings: Settings, store: Store) -> None:
-        self.settings = settings
+    def __init__(self, config: RateLimiterConfig, store: Store) -> None:
+        self.config = config
         self.store = store
 
     def _buckets(self, lane: str) -> list[tuple[str, float, float, str]]:
-        s = self.settings
+        c = self.config
         # With no limit set, an effectively unlimited bucket still carries the 429 push-back.
         buckets: list[tuple[str, float, float, str]] = [("mps", UNLIMITED, UNLIMITED, "messages")]
-        if s.sms_rate_limit_mps > 0:
-            burst = max(1.0, s.sms_rate_limit_mps * s.sms_rate_limit_burst_s)
-            buckets[0] = ("mps", s.sms_rate_limit_mps, burst, "messages")
-            share = s.sms_lanes[lane].rate_share
+        if c.mps > 0:
+            burst = max(1.0, c.mps * c.burst_s)
+            buckets[0] = ("mps", c.mps, burst, "messages")
+            share = c.lane_shares[lane]
             if share < 1:
-                rate = s.sms_rate_limit_mps * share
-                buckets.append((f"mps:{lane}", rate, max(1.0, rate * s.sms_rate_limit_burst_s), "messages"))
-        if s.sms_rate_limit_rps > 0:
-            burst = max(1.0, s.sms_rate_limit_rps * s.sms_rate_limit_burst_s)
-            buckets.append(("rps", s.sms_rate_limit_rps, burst, "request"))
+                rate = c.mps * share
+                buckets.append((f"mps:{lane}", rate, max(1.0, rate * c.burst_s), "messages"))
+        if c.rps > 0:
+            burst = max(1.0, c.rps * c.burst_s)
+            buckets.append(("rps", c.rps, burst, "request"))
         return buckets
 
     def acquire(self, lane: str, want: int) -> tuple[int, int]:
@@ -53,7 +75,7 @@ class RateLimiter:
 
     def acquire_logs_call(self) -> int:
         """One GET /sms/3/logs call: 0 if allowed now, else ms to wait."""
-        rate = self.settings.sms_logs_rate_per_min / 60.0
+        rate = self.config.logs_per_min / 60.0
         # A small burst lets a crashed batch reconcile quickly; the provider allows 120/min.
         granted, wait_ms = self.store.acquire_tokens(1, [("logs", rate, min(10.0, rate * 5), "request")])
         return 0 if granted else wait_ms
@@ -66,6 +88,6 @@ class RateLimiter:
     def penalize(self, retry_after_s: float | None) -> None:
         """The provider said 429: push every send bucket back so all processes pause together."""
         pause_ms = int(1000 * (retry_after_s if retry_after_s is not None else DEFAULT_429_PAUSE_S))
-        buckets = {name: (name, rate, burst) for lane in self.settings.sms_lanes
+        buckets = {name: (name, rate, burst) for lane in self.config.lane_shares
                    for name, rate, burst, _ in self._buckets(lane)}
         self.store.penalize(pause_ms, list(buckets.values()))

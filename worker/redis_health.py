@@ -38,15 +38,15 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-import redis
 import structlog
 
 from worker import metrics
 from worker.errors import StoreError
 from worker.settings import Settings
-from worker.store import Store, consumer_name, redis_errors
+from worker.store import Store, consumer_name
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +56,7 @@ WARNING = "warning"
 RISKS = ("eviction", "no_persistence", "replica", "unknown")
 CHECK_EVERY_S = 5.0  # marker checks, per process
 INSPECT_EVERY_S = 30.0  # configuration re-read by running processes (a live CONFIG SET is seen this late)
-MARKER = "instance"
+CONFIG_NAMES = ("maxmemory-policy", "appendonly", "save")
 ALLOW_VOLATILE = "SMS_REDIS_ALLOW_VOLATILE"
 
 
@@ -141,80 +141,74 @@ def evaluate(info: dict[str, Any], config: dict[str, str] | None, *, allow_volat
     """The verdict from an `INFO` reply and `CONFIG GET` answers (None when CONFIG is not allowed)."""
     cfg = config or {}
     policy = cfg.get("maxmemory-policy") or info.get("maxmemory_policy")
-    policy = str(policy) if policy is not None else None
     maxmemory = info.get("maxmemory")
-    if "appendonly" in cfg:
-        appendonly: bool | None = cfg["appendonly"] == "yes"
-    elif "aof_enabled" in info:
-        appendonly = int(info["aof_enabled"]) == 1
-    else:
-        appendonly = None
     save = cfg.get("save") if config is not None else None
-    role = info.get("role")
-    findings: list[Finding] = []
-    if policy is None:
-        findings.append(Finding(
-            "unknown", WARNING, "maxmemory-policy", "unknown (neither INFO nor CONFIG GET show it)",
-            "cannot tell whether Redis may evict queued jobs", "make sure it is noeviction"))
-    elif policy != "noeviction":
-        limit = f"maxmemory {_human_bytes(int(maxmemory))}" if maxmemory else "no maxmemory yet: evicts once set"
-        findings.append(Finding(
-            "eviction", ERROR, "maxmemory-policy", f"{policy} ({limit})",
-            "under memory pressure Redis silently deletes keys: queued jobs, message states, producer-id claims",
-            "CONFIG SET maxmemory-policy noeviction (and maxmemory-policy noeviction in redis.conf or your "
-            "provider's parameter group)"))
-    if role is not None and role != "master":
-        where = f" of {info.get('master_host')}:{info.get('master_port')}" if info.get("master_host") else ""
-        findings.append(Finding(
-            "replica", ERROR, "role", f"replica{where}",
-            "writes fail (READONLY) or land on a copy the next sync discards",
-            "point REDIS_URL at the primary"))
     health = RedisHealth(
-        version=info.get("redis_version"), role=role, maxmemory_policy=policy,
-        maxmemory=int(maxmemory) if maxmemory is not None else None, appendonly=appendonly,
+        version=info.get("redis_version"), role=info.get("role"),
+        maxmemory_policy=str(policy) if policy is not None else None,
+        maxmemory=int(maxmemory) if maxmemory is not None else None, appendonly=_appendonly(info, cfg),
         save=str(save) if save is not None else None, config_readable=config is not None,
         run_id=info.get("run_id"), findings=(),
     )
-    if health.persistence == "none":
-        findings.append(Finding(
-            "no_persistence", WARNING, "persistence", 'off (appendonly no, save "")',
-            "a restart loses every queued job, message state and consumer group",
-            f"CONFIG SET appendonly yes (and appendonly yes in redis.conf), or {ALLOW_VOLATILE}=true to accept it",
-            acknowledged=allow_volatile))
-    elif health.persistence == "unknown":
-        findings.append(Finding(
-            "unknown", WARNING, "persistence", "unknown (appendonly no; RDB save points unreadable: CONFIG GET "
-            "is not allowed)", "cannot tell whether a restart keeps the queued jobs",
-            f"turn on AOF or snapshots in your provider's settings, or {ALLOW_VOLATILE}=true to accept the risk",
-            acknowledged=allow_volatile))
+    findings = [*_eviction(health), *_replica(health, info), *_persistence(health, allow_volatile)]
     return dataclasses.replace(health, findings=tuple(findings))
 
 
-def inspect(client: Any, allow_volatile: bool = False) -> RedisHealth:
+def _appendonly(info: dict[str, Any], cfg: dict[str, str]) -> bool | None:
+    if "appendonly" in cfg:
+        return cfg["appendonly"] == "yes"
+    if "aof_enabled" in info:
+        return int(info["aof_enabled"]) == 1
+    return None
+
+
+def _eviction(health: RedisHealth) -> list[Finding]:
+    policy = health.maxmemory_policy
+    if policy is None:
+        return [Finding(
+            "unknown", WARNING, "maxmemory-policy", "unknown (neither INFO nor CONFIG GET show it)",
+            "cannot tell whether Redis may evict queued jobs", "make sure it is noeviction")]
+    if policy == "noeviction":
+        return []
+    limit = f"maxmemory {_human_bytes(health.maxmemory)}" if health.maxmemory else "no maxmemory yet: evicts once set"
+    return [Finding(
+        "eviction", ERROR, "maxmemory-policy", f"{policy} ({limit})",
+        "under memory pressure Redis silently deletes keys: queued jobs, message states, producer-id claims",
+        "CONFIG SET maxmemory-policy noeviction (and maxmemory-policy noeviction in redis.conf or your "
+        "provider's parameter group)")]
+
+
+def _replica(health: RedisHealth, info: dict[str, Any]) -> list[Finding]:
+    if health.role is None or health.role == "master":
+        return []
+    where = f" of {info.get('master_host')}:{info.get('master_port')}" if info.get("master_host") else ""
+    return [Finding(
+        "replica", ERROR, "role", f"replica{where}",
+        "writes fail (READONLY) or land on a copy the next sync discards",
+        "point REDIS_URL at the primary")]
+
+
+def _persistence(health: RedisHealth, allow_volatile: bool) -> list[Finding]:
+    if health.persistence == "none":
+        return [Finding(
+            "no_persistence", WARNING, "persistence", 'off (appendonly no, save "")',
+            "a restart loses every queued job, message state and consumer group",
+            f"CONFIG SET appendonly yes (and appendonly yes in redis.conf), or {ALLOW_VOLATILE}=true to accept it",
+            acknowledged=allow_volatile)]
+    if health.persistence == "unknown":
+        return [Finding(
+            "unknown", WARNING, "persistence", "unknown (appendonly no; RDB save points unreadable: CONFIG GET "
+            "is not allowed)", "cannot tell whether a restart keeps the queued jobs",
+            f"turn on AOF or snapshots in your provider's settings, or {ALLOW_VOLATILE}=true to accept the risk",
+            acknowledged=allow_volatile)]
+    return []
+
+
+def inspect(store: Store, allow_volatile: bool = False) -> RedisHealth:
     """Ask the server (one round trip). StoreError when it does not answer at all; a refused or
     renamed CONFIG is not an error: what INFO cannot tell is reported as unknown."""
-    with redis_errors():
-        pipe = client.pipeline(transaction=False)
-        pipe.info()
-        for name in ("maxmemory-policy", "appendonly", "save"):
-            pipe.config_get(name)
-        info, *answers = pipe.execute(raise_on_error=False)
-    if isinstance(info, Exception):
-        raise StoreError(f"Redis: INFO failed: {info}") from info
-    config: dict[str, str] | None = {}
-    for answer in answers:
-        if isinstance(answer, redis.ResponseError):  # renamed, disabled or NOPERM
-            config = None
-            break
-        if isinstance(answer, Exception):
-            raise StoreError(f"Redis: {type(answer).__name__}: {answer}") from answer
-        assert config is not None
-        config.update({_text(k): _text(v) for k, v in answer.items()})
+    info, config = store.server_config(CONFIG_NAMES)
     return evaluate(info, config, allow_volatile=allow_volatile)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def publish(health: RedisHealth) -> None:
@@ -222,10 +216,6 @@ def publish(health: RedisHealth) -> None:
     found = {f.risk for f in health.findings}
     for risk in RISKS:
         metrics.REDIS_CONFIG_RISK.labels(risk).set(1 if risk in found else 0)
-
-
-def marker_key(store: Store) -> str:
-    return store.instance_marker
 
 
 def marker_since(value: bytes | None) -> str | None:
@@ -239,14 +229,22 @@ def marker_since(value: bytes | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
 
 
+@dataclasses.dataclass(frozen=True)
+class RedisWatchConfig:
+    allow_volatile: bool  # SMS_REDIS_ALLOW_VOLATILE: no persistence is accepted
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisWatchConfig:
+        return cls(allow_volatile=settings.sms_redis_allow_volatile)
+
+
 class RedisWatch:
     """One per process (see `watch`): says what the server will do with our data, at the first look
     and whenever that changes, and notices when the server forgot what it had."""
 
-    def __init__(self, settings: Settings, client: Any) -> None:
-        self.client = client
-        self.allow_volatile = settings.sms_redis_allow_volatile
-        self.key = marker_key(Store(client, settings.sms_key_prefix))
+    def __init__(self, store: Store, config: RedisWatchConfig) -> None:
+        self.store = store
+        self.allow_volatile = config.allow_volatile
         self.lock = threading.Lock()
         self.health: RedisHealth | None = None
         self.losses = 0
@@ -267,7 +265,7 @@ class RedisWatch:
             if self.health is None or time.monotonic() >= self._next_inspect:
                 self.inspect_now()
             self.check_marker()
-        except (StoreError, redis.RedisError, OSError):
+        except (StoreError, OSError):
             pass  # Redis away: dispatchers, the clock and the web say so; the next look asks again
         except Exception as error:  # noqa: BLE001 -- a watch must never break the process it watches
             log.warning("redis_watch_failed", error=f"{type(error).__name__}: {error}")
@@ -276,7 +274,7 @@ class RedisWatch:
 
     def inspect_now(self) -> RedisHealth:
         """Inspect now (call with `lock` held); logs when the verdict changed. StoreError if unreachable."""
-        health = inspect(self.client, self.allow_volatile)
+        health = inspect(self.store, self.allow_volatile)
         self.health = health
         self._next_inspect = time.monotonic() + INSPECT_EVERY_S
         publish(health)
@@ -305,13 +303,8 @@ class RedisWatch:
     def check_marker(self) -> None:
         """Compare the instance marker with the one this process saw last (call with `lock` held)."""
         fresh = f"{secrets.token_hex(8)}@{int(time.time() * 1000)}".encode()
-        with redis_errors():
-            pipe = self.client.pipeline(transaction=True)
-            pipe.set(self.key, fresh, nx=True)
-            pipe.get(self.key)
-            pipe.info("server")
-            made, value, server = pipe.execute()
-        run_id = server.get("run_id")
+        seen = self.store.check_instance_marker(fresh)
+        made, value, run_id = seen.made, seen.value, seen.run_id
         if self._marker is None:
             log.info("redis_instance_seen", marker_since=marker_since(value), marked_now=bool(made), run_id=run_id,
                      process=consumer_name())
@@ -336,21 +329,22 @@ _watches: dict[tuple[int, str, str], RedisWatch] = {}
 _watches_lock = threading.Lock()
 
 
-def watch(settings: Settings, client: Any) -> RedisWatch:
-    """This process's watch of settings' Redis (made on first use, with `client`; per pid, so a
-    forked child gets its own)."""
+def watch(settings: Settings, store: Store | Callable[[], Store]) -> RedisWatch:
+    """This process's watch of settings' Redis (made on first use, through `store`, or the Store
+    the callable makes then; per pid, so a forked child gets its own)."""
     key = (os.getpid(), settings.redis_url, settings.sms_key_prefix)
     with _watches_lock:
         found = _watches.get(key)
         if found is None:
-            found = _watches[key] = RedisWatch(settings, client)
+            found = _watches[key] = RedisWatch(store if isinstance(store, Store) else store(),
+                                               RedisWatchConfig.from_settings(settings))
     return found
 
 
-def readiness(settings: Settings, client: Any) -> tuple[bool, dict[str, Any], str | None]:
+def readiness(settings: Settings, store: Store) -> tuple[bool, dict[str, Any], str | None]:
     """For /readyz: (ready, detail, error). Inspects at every call (three commands), so a fixed
     policy is seen at once. StoreError when Redis does not answer."""
-    w = watch(settings, client)
+    w = watch(settings, store)
     with w.lock:
         health = w.inspect_now()
         if time.monotonic() >= w._next_check:

@@ -1,9 +1,11 @@
-"""Wiring without side effects: the broker with its middleware, and per-process resources.
+"""The composition root: owns how a worker process is wired — the broker with its middleware, the Runtime.
 
-`make_broker` builds a Dramatiq RedisBroker with an explicit middleware list; `Resources` builds
-the Runtime (Redis client, provider client, dispatcher) when a worker process boots and closes it
-at shutdown. worker.broker calls these at import time for the worker processes; the CLI and
-producers call them directly.
+`make_broker` builds a Dramatiq RedisBroker with an explicit middleware list; `build_runtime` is
+the one place that builds every component of a worker process from the Settings (each from its
+own small config: `ProviderConfig.from_settings(settings)`, ...); `Resources` builds that Runtime
+when a worker process boots and closes it at shutdown. Nothing here has import-time effects:
+worker.broker calls these at import time for the worker processes, and processes that only
+produce (the CLI, the web, the clock) are wired by worker.producer.
 """
 
 from __future__ import annotations
@@ -15,21 +17,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
-import redis
 import structlog
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
 
 from worker import metrics, redis_health
-from worker.dispatch import Dispatcher
-from worker.errors import StoreError
+from worker.dispatch import DispatchConfig, Dispatcher
+from worker.errors import StoreError, StoreUnavailable
 from worker.events import EventRelay
-from worker.provider import Provider
-from worker.ratelimit import RateLimiter
-from worker.reports import Drainer, Processor, Sweeper
+from worker.producer import connect_store
+from worker.provider import Provider, ProviderConfig
+from worker.ratelimit import RateLimiter, RateLimiterConfig
+from worker.reports import DrainConfig, Drainer, ProcessConfig, Processor, SweepConfig, Sweeper
 from worker.settings import Settings
 from worker.status import heartbeat
-from worker.store import Store, connect, consumer_name
+from worker.store import Store, consumer_name
 from worker.triggers import Triggers, lane_queue
 
 log = structlog.get_logger(__name__)
@@ -42,7 +44,6 @@ class Runtime:
     """What the actors of one worker process share."""
 
     settings: Settings
-    redis: redis.Redis
     store: Store
     provider: Provider
     triggers: Triggers
@@ -55,7 +56,7 @@ class Runtime:
 
     def close(self) -> None:
         self.provider.close()
-        self.redis.close()
+        self.store.close()
 
 
 @contextlib.contextmanager
@@ -65,26 +66,25 @@ def redis_outage_is_one_line(actor: str) -> Iterator[None]:
     Any other error keeps its traceback."""
     try:
         yield
-    except StoreError as error:
-        if not isinstance(error.__cause__, redis.ConnectionError | redis.TimeoutError | redis.BusyLoadingError):
-            raise
+    except StoreUnavailable as error:  # the store's name for unreachable, timed out or loading
         log.warning("actor_redis_unavailable", actor=actor, error=str(error))
 
 def build_runtime(settings: Settings, broker: dramatiq.Broker) -> Runtime:
-    client = connect(settings.redis_url)
-    store = Store(client, settings.sms_key_prefix, settings.sms_message_id_prefix)
-    provider = Provider(settings)
+    store = connect_store(settings)
+    provider = Provider(ProviderConfig.from_settings(settings))
     triggers = Triggers(store, broker)
     stopping = threading.Event()
     dispatcher = Dispatcher(
-        settings, store, provider, RateLimiter(settings, store), triggers, consumer_name(),
+        DispatchConfig.from_settings(settings), store, provider,
+        RateLimiter(RateLimiterConfig.from_settings(settings), store), triggers, consumer_name(),
         stopping=stopping.is_set,
     )
-    processor = Processor(settings, store, triggers)
+    processor = Processor(ProcessConfig.from_settings(settings), store, triggers)
     return Runtime(
-        settings, client, store, provider, triggers, dispatcher, stopping,
-        drainer=Drainer(settings, store, provider, triggers, stopping=stopping.is_set), processor=processor,
-        sweeper=Sweeper(settings, store, processor, provider=provider,
+        settings, store, provider, triggers, dispatcher, stopping,
+        drainer=Drainer(DrainConfig.from_settings(settings), store, provider, triggers, stopping=stopping.is_set),
+        processor=processor,
+        sweeper=Sweeper(SweepConfig.from_settings(settings), store, processor, provider=provider,
                         before_logs_call=dispatcher.limiter.wait_for_logs_call),
         relay=EventRelay(store, broker, settings.sms_events_dramatiq_queue, settings.sms_events_dramatiq_actor)
         if settings.sms_events_dramatiq_queue and settings.sms_events_dramatiq_actor else None,
@@ -119,7 +119,7 @@ class Resources(dramatiq.Middleware):
         # Before the worker threads start, so no message ever runs without its resources.
         self.settings.require_api_key()
         self.runtime = build_runtime(self.settings, broker)
-        redis_health.watch(self.settings, self.runtime.redis).tick(force=True)  # never raises
+        redis_health.watch(self.settings, self.runtime.store).tick(force=True)  # never raises
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         assert self.runtime is not None
@@ -127,7 +127,7 @@ class Resources(dramatiq.Middleware):
 
     def _heartbeat(self, runtime: Runtime) -> None:
         consumer = consumer_name()
-        watch = redis_health.watch(self.settings, runtime.redis)
+        watch = redis_health.watch(self.settings, runtime.store)
         while not self._beating.is_set():
             metrics.touch_local_heartbeat()
             # Redis down: the dispatchers say so loudly; the local heartbeat still beats.
@@ -141,7 +141,8 @@ class Resources(dramatiq.Middleware):
         # due at most every redis_health.CHECK_EVERY_S, so almost every call returns at once.
         client = getattr(broker, "client", None)
         if client is not None:
-            redis_health.watch(self.settings, client).tick()
+            # The Store is made only by the first look of this process (`watch` keeps it).
+            redis_health.watch(self.settings, lambda: Store(client, self.settings.sms_key_prefix)).tick()
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         self._beating.set()

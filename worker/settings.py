@@ -1,4 +1,4 @@
-"""The only reader of the environment: every setting typed, validated once at start-up, frozen.
+"""The settings: owns every knob of the worker, typed, validated once at start-up, frozen.
 
 Field names are the environment variable names in lower case (`ICOMM_API_KEY` -> `icomm_api_key`);
 units are in the names. Tests build `Settings(...)` directly instead of patching the environment.
@@ -8,16 +8,17 @@ file named by SMS_ENV_FILE (`sms-worker --env-file FILE` sets it for the command
 starts); a variable set in the real environment wins over the file. An empty value means unset.
 Every mistake is one line of the ConfigError naming the variable; `unknown_variables()` lists the
 SMS_*/ICOMM_* variables that are no setting (a misspelt one would otherwise be ignored silently).
+
+The env file and the unknown variables are found by worker.settings_env, the mistakes worded by
+worker.settings_problems; import their names from here. Each component takes a small config of
+its own built from these settings (`OutboxConfig.from_settings(settings)`, ...).
 """
 
 from __future__ import annotations
 
-import difflib
 import json
-import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -31,27 +32,32 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from worker import settings_env
 from worker.errors import ConfigError
+from worker.settings_env import (
+    DEFAULT_ENV_FILE,
+    ENV_FILE_VARIABLE,
+    NOT_SETTINGS,
+    NOT_SETTINGS_PREFIXES,
+    UnknownVariable,
+    env_file_path,
+    read_env_file,
+)
+from worker.settings_problems import EXAMPLES, format_problems
+
+# What other modules and the tests import from here (the env-file and problem helpers live in
+# worker.settings_env and worker.settings_problems).
+__all__ = [
+    "DEFAULT_ENV_FILE", "ENV_FILE_VARIABLE", "EXAMPLES", "NOT_SETTINGS", "NOT_SETTINGS_PREFIXES", "SETTING_NAMES",
+    "LaneConfig", "Settings", "UnknownVariable", "env_file_path", "load_settings", "settings_from_env",
+    "unknown_variables",
+]
 
 _LANE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 # Dramatiq's own rule for queue names (dramatiq.actor._queue_name_re); actor names follow it too.
 _DRAMATIQ_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9._-]*$")
-
-# The env file: SMS_ENV_FILE names it (`sms-worker --env-file` sets it, so the processes a command
-# starts read the same file); otherwise `.env` in the working directory, when there is one.
-ENV_FILE_VARIABLE = "SMS_ENV_FILE"
-DEFAULT_ENV_FILE = ".env"
-# SMS_*/ICOMM_* variables this project uses that are not settings (no warning for these):
-NOT_SETTINGS = frozenset({
-    ENV_FILE_VARIABLE,  # the env file to read, above
-    "SMS_WORKER_IMAGE",  # deploy/compose.yaml: the image docker compose runs
-    "SMS_RELIABILITY",  # scripts/reliability and tests/reliability: the suites' size ...
-})
-NOT_SETTINGS_PREFIXES = ("SMS_RELIABILITY_",)  # ... and the harness's knobs (_TRIALS, _SEED, _ENV, ...)
-_OUR_PREFIXES = ("SMS_", "ICOMM_")
 
 
 class LaneConfig(BaseModel):
@@ -79,67 +85,6 @@ def _default_lanes() -> dict[str, LaneConfig]:
         # 8 bulks in flight keep a provider that takes 100 ms per POST from bounding throughput.
         "bulk": LaneConfig(batch_size=1000, max_wait_ms=250, concurrency=8),
     }
-
-
-# One example per variable, shown when the value is wrong (and used by config/example.env tests).
-EXAMPLES: dict[str, str] = {
-    "ICOMM_BASE_URL": "https://apisms.trx.icommarketing.com",
-    "ICOMM_API_KEY": "0123456789abcdef0123456789abcdef-01234567-89ab-cdef-0123-456789abcdef",
-    "ICOMM_CONNECT_TIMEOUT_S": "3",
-    "ICOMM_READ_TIMEOUT_S": "15",
-    "ICOMM_WRITE_TIMEOUT_S": "10",
-    "ICOMM_POOL_TIMEOUT_S": "5",
-    "ICOMM_MAX_CONNECTIONS": "32",
-    "ICOMM_SEND_RETRY_ATTEMPTS": "4",
-    "ICOMM_RETRY_BACKOFF_BASE_S": "0.2",
-    "ICOMM_RETRY_BACKOFF_MAX_S": "5",
-    "REDIS_URL": "redis://127.0.0.1:6379/0",
-    "SMS_KEY_PREFIX": "sms",
-    "SMS_REDIS_ALLOW_VOLATILE": "false",
-    "SMS_MESSAGE_ID_PREFIX": "sw",
-    "SMS_LANES": '{"otp":{"batch_size":100,"max_wait_ms":0},"bulk":{"batch_size":1000,"max_wait_ms":250}}',
-    "SMS_DEFAULT_LANE": "bulk",
-    "SMS_DEFAULT_SENDER": "ACME",
-    "SMS_RATE_LIMIT_MPS": "500",
-    "SMS_RATE_LIMIT_RPS": "20",
-    "SMS_RATE_LIMIT_BURST_S": "1",
-    "SMS_LEASE_S": "180",
-    "SMS_MAX_ATTEMPTS": "10",
-    "SMS_RETRY_HORIZON_S": "21600",
-    "SMS_RECONCILE_DELAY_S": "5",
-    "SMS_RECONCILE_CHECKS": "3",
-    "SMS_RECONCILE_WINDOW_S": "60",
-    "SMS_SEND_WINDOW_S": "150",
-    "SMS_AUTH_PAUSE_S": "30",
-    "SMS_OUTAGE_PAUSE_S": "10",
-    "SMS_LOGS_RATE_PER_MIN": "120",
-    "SMS_IDEMPOTENCY_TTL_S": "172800",
-    "SMS_STATE_TTL_S": "259200",
-    "SMS_METADATA_MAX_BYTES": "2048",
-    "SMS_MAX_TEXT_PARTS": "25",
-    "SMS_EVENTS_STREAM_MAXLEN": "1000000",
-    "SMS_EVENTS_DRAMATIQ_QUEUE": "sms_status",
-    "SMS_EVENTS_DRAMATIQ_ACTOR": "handle_sms_status",
-    "SMS_DISPATCH_TICK_MS": "500",
-    "SMS_REPORTS_DRAIN_INTERVAL_S": "5",
-    "SMS_REPORTS_ENTITY_ID": "my-entity",
-    "SMS_REPORTS_APPLICATION_ID": "my-app",
-    "SMS_REPORTS_CAMPAIGN_REFERENCE_ID": "spring-sale",
-    "SMS_REPORT_PARK_TIMEOUT_S": "3600",
-    "SMS_UNKNOWN_REPORTS": "emit",
-    "SMS_NO_REPORT_GRACE_S": "3600",
-    "SMS_REPORT_LOOKUP_AFTER_S": "3600",
-    "SMS_REPORT_LOOKUP_BATCH": "200",
-    "SMS_WEBHOOK_PUBLIC_URL": "https://sms-worker.example.com",
-    "SMS_WEBHOOK_PATH": "/webhooks/icomm/delivery",
-    "SMS_WEBHOOK_SECRET": "s3cr3t-long-random-string",
-    "SMS_WEBHOOK_AUTH": "header",
-    "SMS_WEBHOOK_MAX_BODY_BYTES": "1048576",
-    "SMS_SHUTDOWN_TIMEOUT_S": "20",
-    "SMS_METRICS_PORT": "9191",
-    "LOG_FORMAT": "json",
-    "LOG_LEVEL": "INFO",
-}
 
 
 class Settings(BaseSettings):
@@ -340,10 +285,20 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
+        # In this order: the first rule broken is the one named.
+        self._lanes_coherent()
+        self._timeouts_coherent()
+        self._events_coherent()
+        self._webhook_coherent()
+        return self
+
+    def _lanes_coherent(self) -> None:
         if self.sms_default_lane not in self.sms_lanes:
             raise ValueError(
                 f"SMS_DEFAULT_LANE={self.sms_default_lane!r} is not one of SMS_LANES ({', '.join(self.sms_lanes)})"
             )
+
+    def _timeouts_coherent(self) -> None:
         # A claimed batch must not be recovered by another worker while its POST may still run.
         worst_post_s = (self.icomm_connect_timeout_s + self.icomm_write_timeout_s + self.icomm_read_timeout_s) * (
             self.icomm_send_retry_attempts
@@ -360,11 +315,15 @@ class Settings(BaseSettings):
                 f"{self.icomm_read_timeout_s:g}: a provider may act on a request after our read timeout, so "
                 "absence from its logs only counts once it held for longer than that"
             )
+
+    def _events_coherent(self) -> None:
         if (self.sms_events_dramatiq_queue is None) != (self.sms_events_dramatiq_actor is None):
             given, missing = ("SMS_EVENTS_DRAMATIQ_QUEUE", "SMS_EVENTS_DRAMATIQ_ACTOR")[
                 :: 1 if self.sms_events_dramatiq_queue is not None else -1]
             raise ValueError(f"{given} is set but {missing} is not: SMS_EVENTS_DRAMATIQ_QUEUE and "
                              "SMS_EVENTS_DRAMATIQ_ACTOR go together")
+
+    def _webhook_coherent(self) -> None:
         if self.sms_webhook_public_url and self.sms_webhook_secret is None:
             # The provider would push reports to a webhook that refuses every call (503), and a
             # report pushed is not in GET /sms/3/reports any more.
@@ -374,7 +333,6 @@ class Settings(BaseSettings):
         if secret and self.sms_webhook_auth != "header" and not re.fullmatch(r"[A-Za-z0-9._~-]+", secret):
             raise ValueError(f"SMS_WEBHOOK_AUTH={self.sms_webhook_auth} puts SMS_WEBHOOK_SECRET in the webhook URL, "
                              "so it may only contain letters, digits and . _ ~ - (e.g. `openssl rand -hex 32`)")
-        return self
 
     def worst_send_s(self) -> float:
         """The longest one bulk POST can take, tenacity's retries and pool waits included."""
@@ -423,82 +381,13 @@ def _check_http_url(value: str) -> str:
     return value.rstrip("/")
 
 
-_SECRET_VARIABLES = frozenset({"ICOMM_API_KEY", "SMS_WEBHOOK_SECRET"})
-_LANE_KEYS = tuple(LaneConfig.model_fields)
-
-
-def _shown(variable: str, raw: Any) -> str:
-    """`=value` as the mistake was given: never a secret, never a URL's password."""
-    if variable in _SECRET_VARIABLES:
-        return ""
-    if isinstance(raw, str):
-        raw = re.sub(r"(://[^/@:\s]*:)[^/@\s]*@", r"\1***@", raw)
-    return f"={raw!r}"
-
-
-def _problem_line(item: ErrorDetails) -> str:
-    """One line per mistake: the variable, what was given, what is wrong, and a right example."""
-    loc = [str(part) for part in item["loc"]]
-    message = item["msg"].removeprefix("Value error, ")
-    if not loc:  # a rule across settings: the message names the variables
-        return message
-    variable = loc[0].upper()
-    example = EXAMPLES.get(variable)
-    hint = f" (example: {variable}={example})" if example else ""
-    if variable == "SMS_LANES" and len(loc) == 1 and item["type"] == "dict_type":
-        return f"SMS_LANES={item.get('input')!r}: must be a JSON object of lanes, lane name to its settings{hint}"
-    if variable == "SMS_LANES" and len(loc) > 1:
-        lane, inner = loc[1], loc[2:]
-        if item["type"] == "extra_forbidden" and len(inner) == 1:
-            close = difflib.get_close_matches(inner[0], _LANE_KEYS, n=1)
-            guess = f"did you mean {close[0]}? " if close else ""
-            keys = ", ".join(_LANE_KEYS)
-            return f"SMS_LANES: lane {lane!r} has an unknown key {inner[0]!r} ({guess}a lane has {keys})"
-        if not inner and item["type"] in {"model_type", "model_attributes_type", "dict_type"}:
-            return f"SMS_LANES: lane {lane!r} must be a JSON object of {', '.join(_LANE_KEYS)}{hint}"
-        where = ".".join(inner)
-        return f"SMS_LANES: lane {lane!r}: {where}={item.get('input')!r}: {message}{hint}"
-    return f"{variable}{_shown(variable, item.get('input'))}: {message}{hint}"
-
-
-def _format(error: ValidationError) -> str:
-    """The ConfigError text: one line per mistake, no header, no traceback."""
-    return "\n".join(_problem_line(item) for item in error.errors())
-
-
-def env_file_path(environ: Mapping[str, str] | None = None) -> Path | None:
-    """The env file the settings are read from: SMS_ENV_FILE's, else `.env` here when it exists."""
-    environ = os.environ if environ is None else environ
-    named = environ.get(ENV_FILE_VARIABLE)
-    if named:
-        path = Path(named)
-        if not path.exists():
-            raise ConfigError(f"{ENV_FILE_VARIABLE}={named}: no such file")
-        if not path.is_file():
-            raise ConfigError(f"{ENV_FILE_VARIABLE}={named}: not a file")
-        return path
-    default = Path(DEFAULT_ENV_FILE)
-    return default if default.is_file() else None
-
-
-def _read_env_file(path: Path) -> dict[str, str | None]:
-    from dotenv import dotenv_values  # python-dotenv, pydantic-settings' own reader
-
-    try:
-        return dict(dotenv_values(path, encoding="utf-8-sig"))
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
-
-
 def _validated(env_file: Path | None, values: Mapping[str, Any]) -> Settings:
     if env_file is not None:
-        _read_env_file(env_file)  # unreadable or not UTF-8: one clear line, before pydantic-settings reads it
+        read_env_file(env_file)  # unreadable or not UTF-8: one clear line, before pydantic-settings reads it
     try:
         return Settings(_env_file=env_file, **values)  # type: ignore[call-arg]
     except ValidationError as error:
-        raise ConfigError(_format(error)) from None
+        raise ConfigError(format_problems(error, _LANE_KEYS)) from None
     except SettingsError as error:  # a source could not be parsed at all
         raise ConfigError(str(error)) from None
 
@@ -523,45 +412,11 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 # --- variables that are no setting ------------------------------------------------------------------
-@dataclass(frozen=True)
-class UnknownVariable:
-    """A variable that looks meant for this worker but is no setting, so it is ignored."""
-
-    name: str
-    source: str  # "the environment" or the env file's path
-    closest: str | None  # the setting it is most likely a misspelling of
-
-    def line(self) -> str:
-        hint = f"did you mean {self.closest}?" if self.closest else "the settings are listed in config/example.env"
-        return f"{self.name} (in {self.source}) is not a setting and is ignored; {hint}"
-
-
 SETTING_NAMES = tuple(name.upper() for name in Settings.model_fields)
-_UNPREFIXED_SETTINGS = tuple(name for name in SETTING_NAMES if not name.startswith(_OUR_PREFIXES))
-
-
-def _unknown(name: str, source: str, *, near_misses_too: bool) -> UnknownVariable | None:
-    upper = name.upper()
-    if upper in SETTING_NAMES or upper in NOT_SETTINGS or upper.startswith(NOT_SETTINGS_PREFIXES):
-        return None
-    if upper.startswith(_OUR_PREFIXES):
-        close = difflib.get_close_matches(upper, SETTING_NAMES, n=1, cutoff=0.6)
-        return UnknownVariable(name, source, close[0] if close else None)
-    if near_misses_too:  # REDIS_ULR in the env file: ours, misspelt
-        close = difflib.get_close_matches(upper, _UNPREFIXED_SETTINGS, n=1, cutoff=0.8)
-        if close:
-            return UnknownVariable(name, source, close[0])
-    return None
+_LANE_KEYS = tuple(LaneConfig.model_fields)
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[UnknownVariable]:
     """Every SMS_*/ICOMM_* variable of the environment and the env file that is no setting (and, in
     the env file, a near miss of REDIS_URL or LOG_*), with the setting it most likely meant."""
-    environ = os.environ if environ is None else environ
-    found = [u for name in environ if (u := _unknown(name, "the environment", near_misses_too=False))]
-    try:
-        env_file = env_file_path(environ)
-        names = list(_read_env_file(env_file)) if env_file is not None else []
-    except ConfigError:  # load_settings says so, as an error
-        return found
-    return found + [u for name in names if (u := _unknown(name, str(env_file), near_misses_too=True))]
+    return settings_env.unknown_variables(SETTING_NAMES, environ)

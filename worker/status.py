@@ -1,4 +1,5 @@
-"""What the system looks like right now, read from Redis: for `sms-worker status` and the metrics."""
+"""What the system looks like right now (`SystemStatus`), and how it reads for people: for
+`sms-worker status` and the metrics. The reads themselves are the store's (`Store.snapshot`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-import redis
-
 from worker import redis_health
 from worker.settings import Settings
-from worker.store import DISPATCH_GROUP, Store, redis_errors
+from worker.store import Store
+from worker.store.ops import LaneSnapshot
 
 HEARTBEAT_STALE_S = 30.0
 
@@ -47,101 +47,69 @@ class SystemStatus:
         return asdict(self)
 
 
-def _age_s(entry_id: bytes | str, now_s: float) -> float:
-    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return max(0.0, now_s - int(raw.split("-", 1)[0]) / 1000)
+def _age_s(entry_id: str, now_s: float) -> float:
+    return max(0.0, now_s - int(entry_id.split("-", 1)[0]) / 1000)
 
 
-def collect(settings: Settings, store: Store, *, all_outboxes: bool = False) -> SystemStatus:
+@dataclass(frozen=True)
+class StatusConfig:
+    """The settings a status snapshot reads."""
+
+    lanes: tuple[str, ...]  # the configured lanes, in SMS_LANES order
+    allow_volatile: bool  # SMS_REDIS_ALLOW_VOLATILE
+    rate_limit_mps: float  # 0: no limit
+    rate_limit_rps: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StatusConfig:
+        return cls(lanes=tuple(settings.sms_lanes), allow_volatile=settings.sms_redis_allow_volatile,
+                   rate_limit_mps=settings.sms_rate_limit_mps, rate_limit_rps=settings.sms_rate_limit_rps)
+
+
+def collect(config: StatusConfig, store: Store, *, all_outboxes: bool = False) -> SystemStatus:
     """One snapshot, a handful of round trips (pipelined).
 
     `all_outboxes` adds every other outbox stream that exists (a lane nobody configured, written
     with plain XADD) after the configured lanes; finding them SCANs the whole keyspace, so the
     `status` command does it and the metrics scrape does not."""
     now = time.time()
-    r = store.r
-    lanes = list(settings.sms_lanes)
+    lanes = list(config.lanes)
     if all_outboxes:
-        lanes += [lane for lane in store.outbox_lanes() if lane not in settings.sms_lanes]
-    with redis_errors():
-        pipe = r.pipeline(transaction=False)
-        for lane in lanes:
-            pipe.xlen(store.outbox(lane))
-            pipe.xrange(store.outbox(lane), "-", "+", count=1)
-            pipe.get(store.pause_key(lane))
-            pipe.pttl(store.pause_key(lane))
-        pipe.zcard(store.awaiting)
-        pipe.xlen(store.dlq)
-        pipe.zcard(store.reports_parked)
-        pipe.xlen(store.events)
-        pipe.hgetall(store.heartbeats)
-        pipe.hgetall(store.last_drain)
-        pipe.get(store.bucket("mps"))
-        pipe.get(redis_health.marker_key(store))
-        replies = pipe.execute()
-        marker = replies.pop()
-        pending = []
-        for lane in lanes:
-            try:
-                pending.append(int(r.xpending(store.outbox(lane), DISPATCH_GROUP)["pending"]))
-            except redis.ResponseError:  # NOGROUP before the first dispatch: nothing pending
-                pending.append(0)
-        ambiguous = _count_ambiguous(store, lanes)
-    health = redis_health.inspect(r, settings.sms_redis_allow_volatile)
-    redis_info = {**health.as_dict(), "data_since": redis_health.marker_since(marker)}
-    statuses = []
-    for i, lane in enumerate(lanes):
-        depth, head, paused, pause_ms = replies[4 * i : 4 * i + 4]
-        statuses.append(LaneStatus(
-            lane=lane, depth=int(depth), waiting=max(0, int(depth) - pending[i]), in_flight=pending[i],
-            oldest_age_s=round(_age_s(head[0][0], now), 3) if head else None,
-            paused=paused.decode() if paused else None,
-            paused_for_s=round(int(pause_ms) / 1000, 1) if paused and int(pause_ms) >= 0 else None,
-            configured=lane in settings.sms_lanes,
-        ))
-    awaiting, dlq, parked, events, heartbeats, last_drain, tat = replies[4 * len(lanes) :]
+        lanes += [lane for lane in store.outbox_lanes() if lane not in config.lanes]
+    snap = store.snapshot(lanes)
+    ambiguous = store.count_ambiguous(lanes)
+    health = redis_health.inspect(store, config.allow_volatile)
+    redis_info = {**health.as_dict(), "data_since": redis_health.marker_since(snap.marker)}
+    statuses = [_lane_status(lane, raw, now, configured=lane in config.lanes)
+                for lane, raw in zip(lanes, snap.lanes, strict=True)]
     workers = []
-    for name, beat in sorted(heartbeats.items()):
-        age = now - float(beat) / 1000
-        workers.append({"consumer": name.decode(), "last_seen_s": round(age, 1), "alive": age < HEARTBEAT_STALE_S})
+    for name, beat in sorted(snap.heartbeats.items()):
+        age = now - beat / 1000
+        workers.append({"consumer": name, "last_seen_s": round(age, 1), "alive": age < HEARTBEAT_STALE_S})
+    tat = snap.booked_until_us
     limiter: dict[str, Any] = {
-        "messages_per_s": settings.sms_rate_limit_mps or None,
-        "requests_per_s": settings.sms_rate_limit_rps or None,
+        "messages_per_s": config.rate_limit_mps or None,
+        "requests_per_s": config.rate_limit_rps or None,
         # How far ahead of now the shared bucket is booked (0 = tokens available now).
-        "booked_ahead_ms": max(0.0, round((int(tat) / 1e6 - now) * 1000, 1)) if tat else 0.0,
+        "booked_ahead_ms": max(0.0, round((tat / 1e6 - now) * 1000, 1)) if tat is not None else 0.0,
     }
-    drain = {k.decode(): v.decode() for k, v in last_drain.items()} or None
-    return SystemStatus(statuses, ambiguous, int(awaiting), int(dlq), int(parked), int(events), limiter, drain, workers,
-                        redis=redis_info)
+    return SystemStatus(statuses, ambiguous, snap.awaiting, snap.dead_letters, snap.parked, snap.events, limiter,
+                        snap.last_drain or None, workers, redis=redis_info)
 
 
-def _count_ambiguous(store: Store, lanes: list[str]) -> int:
-    """Messages waiting for a reconciliation verdict: pending entries whose state is AMBIGUOUS."""
-    total = 0
-    for lane in lanes:
-        try:
-            pending = store.r.xpending_range(store.outbox(lane), DISPATCH_GROUP, "-", "+", 10_000)
-        except redis.ResponseError:  # NOGROUP: nothing pending in this lane yet
-            continue
-        ids = [item["message_id"].decode() for item in pending]
-        if not ids:
-            continue
-        pipe = store.r.pipeline(transaction=False)
-        for entry_id in ids:
-            pipe.xrange(store.outbox(lane), entry_id, entry_id)
-        entries = [found[0] for found in pipe.execute() if found]
-        mids = [store.entry_message_id(lane, entry_id.decode(), fields) for entry_id, fields in entries]
-        pipe = store.r.pipeline(transaction=False)
-        for mid in mids:
-            pipe.hget(store.msg(mid), "state")
-        total += sum(1 for state in pipe.execute() if state == b"AMBIGUOUS")
-    return total
+def _lane_status(lane: str, raw: LaneSnapshot, now: float, *, configured: bool) -> LaneStatus:
+    return LaneStatus(
+        lane=lane, depth=raw.depth, waiting=max(0, raw.depth - raw.pending), in_flight=raw.pending,
+        oldest_age_s=round(_age_s(raw.head_id, now), 3) if raw.head_id is not None else None,
+        paused=raw.paused,
+        paused_for_s=round(raw.pause_ms / 1000, 1) if raw.paused and raw.pause_ms >= 0 else None,
+        configured=configured,
+    )
 
 
 def heartbeat(store: Store, consumer: str) -> None:
     """A worker process says it is alive (read by `status` and the worker's /healthz)."""
-    with redis_errors():
-        store.r.hset(store.heartbeats, consumer, int(time.time() * 1000))
+    store.heartbeat(consumer)
 
 
 UNCONFIGURED = "not configured: its jobs are dead-lettered as unknown_lane"

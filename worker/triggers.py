@@ -1,4 +1,5 @@
-"""Wake-ups: de-duplicated Dramatiq messages that start dispatchers, reconciliations and report work.
+"""Wake-ups: owns the actor and queue names, and the de-duplicated Dramatiq messages that start
+dispatchers, reconciliations and report work.
 
 Producers, the clock, the web process and the actors all wake the workers through here, so the
 actor and queue names live in one place and importing this module needs no broker of its own.
@@ -7,7 +8,7 @@ actor and queue names live in one place and importing this module needs no broke
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import dramatiq
 import dramatiq.errors
@@ -37,8 +38,24 @@ SWEEP_OUTBOXES = "sweep_outboxes"
 KICK_DEDUPE_MS = 20
 
 
+class Wakes(Protocol):
+    """The wake-ups code can ask for: `Triggers` in production; a test passes a recorder of its own
+    (a class with these methods) instead of patching a Triggers."""
+
+    def send(self, actor: str, *args: Any, delay_ms: int = 0, queue: str = QUEUE) -> None: ...
+
+    def dispatch(self, lane: str, delay_ms: int = 0) -> bool: ...
+
+    def reconcile(self, lane: str, entry_ids: Sequence[str], delay_ms: int) -> None: ...
+
+    def process_reports(self) -> None: ...
+
+
 class Triggers:
-    """Sends actor messages by name through a broker; `store` de-duplicates the frequent ones."""
+    """Sends actor messages by name through a broker; `store` de-duplicates the frequent ones.
+
+    Both are constructor arguments, so a test can hand it a stub broker (dramatiq's StubBroker) and
+    see the messages it sent, or pass any other `Wakes` where Triggers is expected."""
 
     def __init__(self, store: Store, broker: dramatiq.Broker) -> None:
         self.store = store

@@ -1,4 +1,4 @@
-"""The web process: the delivery-report webhook, /healthz and /readyz (a Starlette ASGI app).
+"""The web process: owns the delivery-report webhook, /healthz, /readyz and /metrics (a Starlette ASGI app).
 
     POST {SMS_WEBHOOK_PATH}            reports from the provider, authenticated by `header` or `basic`
     POST {SMS_WEBHOOK_PATH}/{secret}   the same, authenticated by the path token (`path`)
@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import structlog
 from starlette.applications import Starlette
@@ -36,13 +37,37 @@ from starlette.routing import Route
 
 from worker import metrics, redis_health
 from worker.errors import SmsWorkerError, StoreError
+from worker.producer import connect_store, connect_triggers
 from worker.reports import WebhookBodyError, ingest_webhook
 from worker.settings import Settings
-from worker.store import Store, connect, redis_errors
+from worker.store import Store, redis_errors
+from worker.triggers import Triggers
 
 log = structlog.get_logger(__name__)
 
 SECRET_HEADER = "x-webhook-secret"  # noqa: S105 -- a header name, not a secret
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    """The settings the webhook reads (the lifespan, /readyz and /metrics get the whole Settings:
+    they build a producer, check the Redis server and render the gauges)."""
+
+    path: str
+    auth: Literal["header", "basic", "path"]
+    secret: str | None
+    max_body_bytes: int
+    lanes: tuple[str, ...]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WebConfig:
+        return cls(
+            path=settings.sms_webhook_path,
+            auth=settings.sms_webhook_auth,
+            secret=settings.webhook_secret(),
+            max_body_bytes=settings.sms_webhook_max_body_bytes,
+            lanes=tuple(settings.sms_lanes),
+        )
 
 
 @dataclass
@@ -78,34 +103,29 @@ def create_app(
 ) -> Starlette:
     """The ASGI app; without `store`, the lifespan connects to Redis and a Dramatiq broker."""
     state = WebState(store, wake)
-    secret = settings.webhook_secret()
-    mode = settings.sms_webhook_auth
-    max_body = settings.sms_webhook_max_body_bytes
+    web = WebConfig.from_settings(settings)
+    secret = web.secret
+    mode = web.auth
+    max_body = web.max_body_bytes
     if not secret:
         log.warning("webhook_disabled", reason="SMS_WEBHOOK_SECRET is not set; the webhook answers 503",
-                    path=settings.sms_webhook_path)
+                    path=web.path)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        owned = state.store is None
-        broker = None
-        if owned:
-            from worker.runtime import make_broker
-            from worker.triggers import Triggers
-
-            client = connect(settings.redis_url)
-            state.store = Store(client, settings.sms_key_prefix, settings.sms_message_id_prefix)
-            broker, _ = make_broker(settings)
-            state.wake = Triggers(state.store, broker).process_reports
-        log.info("web_started", webhook_path=settings.sms_webhook_path, webhook_auth=mode,
+        triggers: Triggers | None = None
+        if state.store is None:
+            state.store = connect_store(settings)
+            triggers = connect_triggers(settings, state.store)
+            state.wake = triggers.process_reports
+        log.info("web_started", webhook_path=web.path, webhook_auth=mode,
                  webhook_enabled=bool(secret), max_body_bytes=max_body)
         try:
             yield
         finally:
-            if owned and state.store is not None:
-                state.store.r.close()
-                if broker is not None:
-                    broker.close()
+            if triggers is not None:  # only what the lifespan opened: a test's store is the test's
+                state.store.close()
+                triggers.broker.close()
 
     def authenticated(request: Request, secret: str) -> bool:
         if mode == "header":
@@ -180,10 +200,10 @@ def create_app(
             return False, {"redis": "not connected"}
         try:
             with redis_errors():
-                store.r.ping()
-            paused = {lane: store.paused(lane) for lane in settings.sms_lanes}
+                store.ping()
+            paused = {lane: store.paused(lane) for lane in web.lanes}
             # A Redis that may evict keys (or a replica) is not ready; no persistence is only reported.
-            config_ok, config, config_error = redis_health.readiness(settings, store.r)
+            config_ok, config, config_error = redis_health.readiness(settings, store)
         except StoreError:
             return False, {"redis": "unreachable"}
         auth = sorted(lane for lane, reason in paused.items() if reason == "auth")
@@ -206,7 +226,7 @@ def create_app(
         body, content_type = await run_in_threadpool(metrics.render, metrics.registries(settings, state.store))
         return Response(body, media_type=content_type)
 
-    path = settings.sms_webhook_path.rstrip("/") or "/"
+    path = web.path.rstrip("/") or "/"
     routes = [
         Route(path, webhook, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),

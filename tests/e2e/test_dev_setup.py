@@ -22,6 +22,7 @@ import orjson
 import redis
 
 from tests.e2e.test_procfile import VENV_BIN, _descendants, _kill, _running, honcho
+from tests.support.sandbox import SandboxAdmin
 from worker.devtools.devstack import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,7 +130,8 @@ def test_readme_development_command_delivers_reports(tmp_path: Path) -> None:
             wait_until(lambda: len(_final(client)) >= MESSAGES, 25, f"{MESSAGES} final delivery reports",
                        interval_s=0.2)
             status = sms_worker("status")
-            stats = httpx.get(f"{ports['ICOMM_BASE_URL']}/_sandbox/stats", timeout=5).json()
+            with SandboxAdmin(ports["ICOMM_BASE_URL"]) as sandbox:
+                stats = sandbox.stats()
             os.kill(proc.pid, signal.SIGTERM)
             proc.wait(30)
     except BaseException:

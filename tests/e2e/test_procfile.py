@@ -16,15 +16,15 @@ from typing import IO, Any
 import httpx
 import orjson
 
+from tests.support.sandbox import API_KEY, SandboxAdmin
 from tests.support.system import BASE_ENV
 from worker.devtools.devstack import DevStack, free_port, wait_until
-from worker.outbox import Outbox
+from worker.producer import producer
 from worker.settings import settings_from_env
-from worker.store import DISPATCH_GROUP, Store, connect
+from worker.store import DISPATCH_GROUP
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent  # where `sms-worker` and `honcho` are installed
-API_KEY = "procfile-key-0123456789"
 JOBS = 200
 # The e2e tests' short timeouts. The shutdown timeout stays below honcho's own 5 s between the
 # first child exiting and SIGKILL for the rest, so a clean stop is observable.
@@ -120,11 +120,11 @@ def test_procfile_runs_under_honcho_and_stops_cleanly_on_sigterm() -> None:
             "WORKER_PROCESSES": "1",
         }
         settings = settings_from_env(env)
-        client = connect(settings.redis_url)
-        store = Store(client, settings.sms_key_prefix, settings.sms_message_id_prefix)
-        # No wake-up callback: only the clock's dispatch tick can start these sends, so all three
-        # Procfile processes have to work for the test to pass.
-        outbox = Outbox(settings, store)
+        # No wake-up: only the clock's dispatch tick can start these sends, so all three Procfile
+        # processes have to work for the test to pass.
+        wired = producer(settings, wake=False)
+        store, outbox = wired.store, wired.outbox
+        client = store.r  # to assert on the streams
         log_path = stack.log_dir / "honcho.log"
         processes: set[int] = set()
         try:
@@ -151,13 +151,14 @@ def test_procfile_runs_under_honcho_and_stops_cleanly_on_sigterm() -> None:
             accepted = _accepted(client, store.events)
             left = {lane: (int(client.xlen(store.outbox(lane))), _pending(client, store.outbox(lane)))
                     for lane in settings.sms_lanes}
-            stats = httpx.get(f"{env['ICOMM_BASE_URL']}/_sandbox/stats", timeout=5).json()
+            with SandboxAdmin(env["ICOMM_BASE_URL"]) as sandbox:
+                stats = sandbox.stats()
         except BaseException:
             print(log_path.read_text(errors="replace")[-8000:] if log_path.exists() else "(no honcho log)")
             print(stack.logs())
             raise
         finally:
-            client.close()
+            wired.close()
             _kill({p for p in processes if _running(p)})  # survivors of a failed stop; none when it passes
     assert len(processes) >= 6  # three `sh -c` and at least web, clock and the Dramatiq parent
     assert stopped_in_s < 30

@@ -106,16 +106,16 @@ def test_every_report_by_webhook_or_drain_reaches_exactly_one_final_event() -> N
 # raw stream), read the pages as a processor, and die by SIGKILL at the moment it would apply them.
 DOOMED = """
 import os, signal
-from worker.provider import Provider
-from worker.reports import Drainer, Processor
+from worker.provider import Provider, ProviderConfig
+from worker.reports import DrainConfig, Drainer, ProcessConfig, Processor
 from worker.settings import load_settings
-from worker.store import Store, connect
+from worker.producer import connect_store
 
 settings = load_settings()
-store = Store(connect(settings.redis_url))
-with Provider(settings) as provider:
-    print(Drainer(settings, store, provider).drain(), flush=True)
-processor = Processor(settings, store, consumer="doomed")
+store = connect_store(settings)
+with Provider(ProviderConfig.from_settings(settings)) as provider:
+    print(Drainer(DrainConfig.from_settings(settings), store, provider).drain(), flush=True)
+processor = Processor(ProcessConfig.from_settings(settings), store, consumer="doomed")
 processor.state.apply = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
 processor.process()
 """

@@ -4,56 +4,42 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import orjson
 import pytest
 
+from tests.support.sandbox import API_KEY
 from worker.devtools.devstack import wait_until
-from worker.devtools.sandbox.config import SandboxConfig
 from worker.devtools.sandbox.process import SandboxProcess
-from worker.dispatch import Dispatcher
+from worker.dispatch import DispatchConfig, Dispatcher
 from worker.errors import JobValidationError
-from worker.outbox import Outbox
-from worker.provider import Provider
-from worker.ratelimit import RateLimiter
+from worker.outbox import Outbox, OutboxConfig
+from worker.provider import Provider, ProviderConfig
+from worker.ratelimit import RateLimiter, RateLimiterConfig
 from worker.settings import Settings
 from worker.store import Store
 
-API_KEY = "dispatch-test-key-0123"
-NO_FAULTS = {
-    "latency_ms": 0, "error_5xx_rate": 0, "rate_429": 0, "accept_then_timeout_rate": 0, "drop_rate": 0,
-    "down": False, "forbidden_keys": [], "request_rate_limit": 0,
-}
-
 
 class RecordingWake:
-    """Stands in for Dramatiq: records what the dispatcher asked to be woken."""
+    """Stands in for Dramatiq: records what the dispatcher asked to be woken. `on_dispatch`, when set,
+    runs at each dispatch wake-up, for a test that looks at the store at that moment."""
 
     def __init__(self) -> None:
         self.dispatches: list[tuple[str, int]] = []
         self.reconciles: list[tuple[str, list[str], int]] = []
+        self.on_dispatch: Callable[[str], object] | None = None
 
     def dispatch(self, lane: str, delay_ms: int = 0) -> bool:
         self.dispatches.append((lane, delay_ms))
+        if self.on_dispatch is not None:
+            self.on_dispatch(lane)
         return True
 
     def reconcile(self, lane: str, entry_ids: Any, delay_ms: int) -> None:
         self.reconciles.append((lane, list(entry_ids), delay_ms))
-
-
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[SandboxProcess]:
-    with SandboxProcess(api_key=API_KEY, config=SandboxConfig(report_delay_ms=600_000, seed=1)) as proc:
-        yield proc
-
-
-@pytest.fixture
-def sbx(sandbox: SandboxProcess) -> SandboxProcess:
-    sandbox.reset()
-    sandbox.configure(**NO_FAULTS)
-    return sandbox
 
 
 def _settings(redis_url: str, sandbox: SandboxProcess, **overrides: Any) -> Settings:
@@ -71,11 +57,18 @@ class Rig:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
-        self.provider = Provider(settings)
+        self.provider = Provider(ProviderConfig.from_settings(settings))
         self.wake = RecordingWake()
-        self.outbox = Outbox(settings, store)
-        self.dispatcher = Dispatcher(settings, store, self.provider, RateLimiter(settings, store), self.wake, "t1",
-                                     recover_every_s=0, listen=False)
+        self.outbox = Outbox(OutboxConfig.from_settings(settings), store)
+        self.config = replace(DispatchConfig.from_settings(settings), recover_every_s=0, listen=False)
+        self.limiter = RateLimiter(RateLimiterConfig.from_settings(settings), store)
+        self.dispatcher = Dispatcher(self.config, store, self.provider, self.limiter, self.wake, "t1")
+
+    def reconfigure(self, stopping: Callable[[], bool] = lambda: False, **changes: Any) -> None:
+        """Rebuild the rig's dispatcher with these config changes (kept for later calls), e.g. lease_ms=0."""
+        self.config = replace(self.config, **changes)
+        self.dispatcher = Dispatcher(self.config, self.store, self.provider, self.limiter, self.wake, "t1",
+                                     stopping=stopping)
 
     def events(self) -> list[dict[str, Any]]:
         return [orjson.loads(f[b"event"]) for _, f in self.store.r.xrange(self.store.events)]
@@ -174,7 +167,7 @@ def test_401_pauses_the_lane_and_keeps_every_job(rig: Rig, sbx: SandboxProcess) 
     sbx.configure(forbidden_keys=[])
     rig.store.resume("bulk")
     # Pending entries come back through recovery once their lease is over; force it now.
-    rig.dispatcher.lease_ms = 0
+    rig.reconfigure(lease_ms=0)
     rig.dispatcher.run("bulk")
     assert sorted(set(rig.types().values())) == ["accepted"] and len(rig.types()) == 20
     assert sbx.stats()["duplicates"] == 0
@@ -201,12 +194,12 @@ def test_a_crash_before_the_post_is_resent_after_reconciliation(
     """Messages left SUBMITTING by a dead worker are checked in the logs, then sent once: only after
     its send window, and only once they stayed absent over the reconcile window."""
     rig = Rig(_settings(redis_url, sbx, sms_reconcile_window_s=0.5, sms_reconcile_checks=2), store)
-    rig.dispatcher.fence_margin_ms = 0
+    rig.reconfigure(fence_margin_ms=0)
     rig.outbox.enqueue_many(_jobs(30), "bulk")
     claim = rig.store.claim("bulk", "dead-worker", 30, lease_ms=0, max_wait_ms=0, recover=False)
     rig.store.submit("bulk", claim.entries, consumer="dead-worker", lease_ms=0, state_ttl_s=3600, fence="dead",
                      send_window_ms=300)
-    rig.dispatcher.lease_ms = 100  # recovery takes the entries over after 100 ms
+    rig.reconfigure(lease_ms=100)  # recovery takes the entries over after 100 ms
 
     def taken_over() -> bool:
         rig.dispatcher.run("bulk")
@@ -261,8 +254,7 @@ def test_an_immediate_lane_listens_for_jobs_for_the_rest_of_its_budget(
     sent by the same run, without any wake-up message. A stop request ends the wait within a slice."""
     rig = Rig(_settings(redis_url, sbx), store)
     stop = threading.Event()
-    rig.dispatcher.listen = True
-    rig.dispatcher.stopping = stop.is_set
+    rig.reconfigure(stopping=stop.is_set, listen=True)
     handled: list[int] = []
     runner = threading.Thread(target=lambda: handled.append(rig.dispatcher.run("otp", budget_s=30)))
     runner.start()
@@ -284,8 +276,7 @@ def test_a_backlog_of_stale_entries_is_recovered_batch_after_batch(rig: Rig, sbx
     batch after batch, not one batch per recovery interval."""
     rig.outbox.enqueue_many(_jobs(35), "otp")
     rig.store.claim("otp", "dead-worker", 35, lease_ms=0, max_wait_ms=0, recover=False)
-    rig.dispatcher.lease_ms = 0
-    rig.dispatcher.recover_every_s = 3600  # only the run's first claim is a scheduled recovery
+    rig.reconfigure(lease_ms=0, recover_every_s=3600)  # only the run's first claim is a scheduled recovery
     assert rig.dispatcher.run("otp") == 35  # batches of 10: 10, 10, 10, 5
     assert len(rig.types()) == 35 and set(rig.types().values()) == {"accepted"}
     stats = sbx.stats()
@@ -299,14 +290,13 @@ def test_a_listening_run_hands_over_to_a_successor_after_releasing_its_slot(
     """At the end of its budget a quiet otp run asks for a successor, once its slot is free again,
     so the successor can take it and the lane keeps a listener."""
     rig = Rig(_settings(redis_url, sbx), store)
-    rig.dispatcher.listen = True
+    rig.reconfigure(listen=True)
     slots_taken_at_hand_over: list[int] = []
 
-    def dispatch(lane: str, delay_ms: int = 0) -> bool:
+    def count_slots(lane: str) -> None:
         slots_taken_at_hand_over.append(int(rig.store.r.zcard(rig.store.dispatchers(lane))))
-        return True
 
-    rig.wake.dispatch = dispatch  # type: ignore[method-assign]
+    rig.wake.on_dispatch = count_slots
     started = time.monotonic()
     assert rig.dispatcher.run("otp", budget_s=0.4) == 0
     assert time.monotonic() - started >= 0.4  # it listened for its whole budget

@@ -11,27 +11,19 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.integration.test_dispatch import API_KEY, NO_FAULTS, Rig, _settings
+from tests.integration.test_dispatch import Rig, _settings
 from worker.cli import main
-from worker.devtools.sandbox.config import SandboxConfig
 from worker.devtools.sandbox.process import SandboxProcess
-from worker.reports import Processor, ReportKeys
+from worker.reports import ProcessConfig, Processor
 from worker.store import Store
 
 Cli = Callable[..., tuple[int, str, str]]
 
 
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[SandboxProcess]:
-    with SandboxProcess(api_key=API_KEY, config=SandboxConfig(report_delay_ms=600_000, seed=3)) as proc:
-        yield proc
-
-
 @pytest.fixture
-def rig(redis_url: str, sandbox: SandboxProcess, store: Store) -> Iterator[Rig]:
-    sandbox.reset()
-    sandbox.configure(**NO_FAULTS, reject_text_containing="")
-    rig = Rig(_settings(redis_url, sandbox), store)
+def rig(redis_url: str, sbx: SandboxProcess, store: Store) -> Iterator[Rig]:
+    sbx.configure(reject_text_containing="")
+    rig = Rig(_settings(redis_url, sbx), store)
     yield rig
     rig.provider.close()
 
@@ -172,8 +164,8 @@ def test_a_message_no_longer_failed_is_not_replayed(rig: Rig, cli: Cli) -> None:
 
 
 def _report_dead_letter(rig: Rig) -> dict[str, Any]:
-    rig.store.r.xadd(ReportKeys.of(rig.store).raw, {"page": b"not json", "src": b"webhook"})
-    Processor(rig.settings, rig.store).process()
+    rig.store.r.xadd(rig.store.reports_raw, {"page": b"not json", "src": b"webhook"})
+    Processor(ProcessConfig.from_settings(rig.settings), rig.store).process()
     [dead] = [d for d in _dead(rig.store) if d["reason"].startswith("report_")]
     return dead
 

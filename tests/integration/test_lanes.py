@@ -7,23 +7,14 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from tests.integration.test_dispatch import API_KEY, NO_FAULTS, Rig, _jobs, _settings
-from worker.devtools.sandbox.config import SandboxConfig
+from tests.integration.test_dispatch import Rig, _jobs, _settings
 from worker.devtools.sandbox.process import SandboxProcess
 from worker.store import Store
 
 
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[SandboxProcess]:
-    with SandboxProcess(api_key=API_KEY, config=SandboxConfig(report_delay_ms=600_000, seed=5)) as proc:
-        yield proc
-
-
 @pytest.fixture
-def rig(redis_url: str, sandbox: SandboxProcess, store: Store) -> Iterator[Rig]:
-    sandbox.reset()
-    sandbox.configure(**NO_FAULTS)
-    rig = Rig(_settings(redis_url, sandbox), store)
+def rig(redis_url: str, sbx: SandboxProcess, store: Store) -> Iterator[Rig]:
+    rig = Rig(_settings(redis_url, sbx), store)
     yield rig
     rig.provider.close()
 

@@ -23,10 +23,10 @@ import pytest
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
-import worker.provider as provider_module
+import worker.provider.client as provider_module
 from worker.errors import ProviderNotActedOn, SendWindowClosed
-from worker.models import Job
-from worker.provider import FENCE_WRITE_GRACE_S, Provider, wire_message, wire_request
+from worker.models import Job, encode_job
+from worker.provider import FENCE_WRITE_GRACE_S, Provider, ProviderConfig, wire_message_from_dict, wire_request
 from worker.settings import Settings
 
 API_KEY = "socket-test-key-0123"
@@ -228,7 +228,7 @@ def providers() -> Iterator[Callable[..., Provider]]:
             "sms_lease_s": 600.0,
         }
         values.update(overrides)
-        provider = Provider(Settings(**values), sleep=lambda s: None)
+        provider = Provider(ProviderConfig.from_settings(Settings(**values)), sleep=lambda s: None)
         made.append(provider)
         return provider
 
@@ -251,7 +251,8 @@ def _reports_held_until(release: threading.Event) -> Callable[[Received], bytes]
 
 def one_request(message_id: str = "sw-1") -> Any:
     job = Job.model_validate({"to": "+" + PHONE, "text": "Hello"})
-    return wire_request([wire_message(job, message_id, default_sender=None, webhook_url=None)])
+    stored = orjson.loads(encode_job(job))
+    return wire_request([wire_message_from_dict(stored, message_id, default_sender=None, webhook_url=None)])
 
 
 def resets(reason: str) -> float:

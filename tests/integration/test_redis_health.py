@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -20,13 +21,14 @@ from structlog.testing import capture_logs
 
 from worker import redis_health
 from worker.devtools.devstack import DevStack
-from worker.dispatch import Dispatcher
-from worker.provider import Provider
-from worker.ratelimit import RateLimiter
-from worker.redis_health import RedisWatch, evaluate, inspect
+from worker.dispatch import DispatchConfig, Dispatcher
+from worker.producer import connect_store
+from worker.provider import Provider, ProviderConfig
+from worker.ratelimit import RateLimiter, RateLimiterConfig
+from worker.redis_health import RedisWatch, RedisWatchConfig, evaluate, inspect
 from worker.settings import Settings
-from worker.status import collect, render
-from worker.store import DISPATCH_GROUP, Store, connect
+from worker.status import StatusConfig, collect, render
+from worker.store import DISPATCH_GROUP, Store
 
 
 @pytest.fixture(scope="module")
@@ -57,29 +59,29 @@ def _settings(stack: DevStack, **changes: Any) -> Settings:
 
 
 def _risks(client: Any, allow_volatile: bool = False) -> list[tuple[str, str, bool]]:
-    return [(f.risk, f.level, f.acknowledged) for f in inspect(client, allow_volatile).findings]
+    return [(f.risk, f.level, f.acknowledged) for f in inspect(Store(client), allow_volatile).findings]
 
 
 # --- what the server will do with our data ------------------------------------------------------------
 
 
 def test_a_volatile_server_is_a_warning_that_fails_check_until_accepted(admin: Any) -> None:
-    health = inspect(admin)
+    health = inspect(Store(admin))
     assert health.persistence == "none" and health.maxmemory_policy == "noeviction" and health.config_readable
     assert _risks(admin) == [("no_persistence", "warning", False)]
     assert [f.risk for f in health.blocking()] == ["no_persistence"] and health.not_ready() == []
     line = health.findings[0].line()
     assert "appendonly" in line and "CONFIG SET appendonly yes" in line and "SMS_REDIS_ALLOW_VOLATILE" in line
-    accepted = inspect(admin, allow_volatile=True)
+    accepted = inspect(Store(admin), allow_volatile=True)
     assert accepted.blocking() == [] and _risks(admin, True) == [("no_persistence", "warning", True)]
 
 
 def test_aof_or_rdb_save_points_count_as_persistence(admin: Any) -> None:
     admin.config_set("save", "3600 1")
-    assert inspect(admin).persistence == "rdb" and _risks(admin) == []
+    assert inspect(Store(admin)).persistence == "rdb" and _risks(admin) == []
     admin.config_set("save", "")
     admin.config_set("appendonly", "yes")
-    assert inspect(admin).persistence == "aof" and _risks(admin) == []
+    assert inspect(Store(admin)).persistence == "aof" and _risks(admin) == []
 
 
 @pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-lru", "allkeys-random", "volatile-ttl"])
@@ -87,7 +89,7 @@ def test_any_eviction_policy_is_an_error_for_check_and_readiness(admin: Any, pol
     """volatile-* too: message states and producer-id claims carry TTLs, so they are eviction candidates."""
     admin.config_set("appendonly", "yes")
     admin.config_set("maxmemory-policy", policy)
-    health = inspect(admin, allow_volatile=True)  # accepting volatility never accepts eviction
+    health = inspect(Store(admin), allow_volatile=True)  # accepting volatility never accepts eviction
     assert _risks(admin, True) == [("eviction", "error", False)]
     assert health.blocking() == health.not_ready() == list(health.findings)
     line = health.findings[0].line()
@@ -100,7 +102,7 @@ def test_without_config_what_info_cannot_tell_is_unknown(stack: DevStack, admin:
                       commands=["+@all", "-config"])
     limited = redis.Redis(port=stack.redis_port, username="no-config", password="pw-no-config")
     try:
-        health = inspect(limited)
+        health = inspect(Store(limited))
         assert not health.config_readable and health.save is None and health.persistence == "unknown"
         assert _risks(limited) == [("unknown", "warning", False)]
         assert health.blocking() == [], "unknown is said, not guessed: it does not fail check"
@@ -108,7 +110,7 @@ def test_without_config_what_info_cannot_tell_is_unknown(stack: DevStack, admin:
         admin.config_set("maxmemory-policy", "allkeys-lru")
         assert ("eviction", "error", False) in _risks(limited), "INFO alone shows the eviction policy"
         admin.config_set("appendonly", "yes")
-        assert inspect(limited).persistence == "aof", "INFO alone shows AOF"
+        assert inspect(Store(limited)).persistence == "aof", "INFO alone shows AOF"
     finally:
         admin.acl_deluser("no-config")
         limited.close()
@@ -119,7 +121,7 @@ def test_a_replica_is_an_error(stack: DevStack, admin: Any, tmp_path: Any) -> No
         other.start_redis(appendonly=True)
         replica = redis.Redis(port=other.redis_port)
         replica.replicaof("127.0.0.1", stack.redis_port)
-        health = inspect(replica)
+        health = inspect(Store(replica))
         assert health.role == "slave" and [f.risk for f in health.not_ready()] == ["replica"]
         assert "point REDIS_URL at the primary" in health.findings[0].line()
         replica.replicaof("NO", "ONE")
@@ -137,13 +139,13 @@ def test_evaluate_reads_info_alone_and_an_unknown_policy_is_said() -> None:
 def test_status_shows_the_findings(stack: DevStack, admin: Any) -> None:
     admin.config_set("maxmemory-policy", "allkeys-lru")
     settings = _settings(stack)
-    store = Store(connect(settings.redis_url))
-    status = collect(settings, store)
+    store = connect_store(settings)
+    status = collect(StatusConfig.from_settings(settings), store)
     assert [f["risk"] for f in status.redis["findings"]] == ["eviction", "no_persistence"]
     text = render(status)
     assert "maxmemory-policy allkeys-lru" in text and "ERROR" in text
     assert "CONFIG SET maxmemory-policy noeviction" in text
-    accepted = render(collect(_settings(stack, sms_redis_allow_volatile=True), store))
+    accepted = render(collect(StatusConfig.from_settings(_settings(stack, sms_redis_allow_volatile=True)), store))
     assert "accepted" in accepted and "SMS_REDIS_ALLOW_VOLATILE=true" in accepted
     store.r.close()
 
@@ -161,7 +163,8 @@ def _events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 
 def test_a_flushed_redis_is_noticed_by_every_process_that_knew_it(stack: DevStack, admin: Any) -> None:
     settings = _settings(stack)
-    one, two = (RedisWatch(settings, redis.Redis(port=stack.redis_port)) for _ in range(2))
+    one, two = (RedisWatch(Store(redis.Redis(port=stack.redis_port)), RedisWatchConfig.from_settings(settings))
+                for _ in range(2))
     before = _lost_total()
     with capture_logs() as logs:
         one.tick(force=True)
@@ -185,7 +188,7 @@ def test_restarts_empty_and_with_persistence_are_told_apart(tmp_path: Any) -> No
     """A restart from the AOF only changes run_id (redis_restarted); a restart with nothing is a loss."""
     with DevStack(log_dir=tmp_path) as own:
         own.start_redis(appendonly=True)  # from the start: a live CONFIG SET appendonly delays SIGTERM
-        watch = RedisWatch(_settings(own), redis.Redis(port=own.redis_port))
+        watch = RedisWatch(Store(redis.Redis(port=own.redis_port)), RedisWatchConfig.from_settings(_settings(own)))
         watch.tick(force=True)
 
         def restart(*, appendonly: bool, wipe: bool) -> None:
@@ -209,13 +212,14 @@ def test_restarts_empty_and_with_persistence_are_told_apart(tmp_path: Any) -> No
 
 def test_a_watch_never_raises_while_redis_is_away() -> None:
     settings = Settings(redis_url="redis://127.0.0.1:1/0", icomm_api_key="k" * 20)
-    watch = RedisWatch(settings, redis.Redis(port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)))
+    watch = RedisWatch(Store(redis.Redis(port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))),
+                       RedisWatchConfig.from_settings(settings))
     watch.tick(force=True)
     assert watch.health is None and watch.losses == 0
 
 
 def test_the_risk_gauge_follows_the_inspection(stack: DevStack, admin: Any) -> None:
-    watch = RedisWatch(_settings(stack), redis.Redis(port=stack.redis_port))
+    watch = RedisWatch(Store(redis.Redis(port=stack.redis_port)), RedisWatchConfig.from_settings(_settings(stack)))
     admin.config_set("maxmemory-policy", "allkeys-lru")
     with watch.lock:
         watch.inspect_now()
@@ -230,10 +234,10 @@ def test_the_risk_gauge_follows_the_inspection(stack: DevStack, admin: Any) -> N
 
 def test_readiness_fails_on_eviction_and_reports_volatility(stack: DevStack, admin: Any) -> None:
     settings = _settings(stack)
-    ok, detail, error = redis_health.readiness(settings, admin)
+    ok, detail, error = redis_health.readiness(settings, Store(admin))
     assert ok and error is None and detail["risks"] == ["no_persistence"] and detail["persistence"] == "none"
     admin.config_set("maxmemory-policy", "allkeys-lru")
-    ok, detail, error = redis_health.readiness(settings, admin)
+    ok, detail, error = redis_health.readiness(settings, Store(admin))
     assert not ok and error is not None and "maxmemory-policy is allkeys-lru" in error
 
 
@@ -278,7 +282,7 @@ def test_status_survives_vanished_groups(store: Store, settings: Settings) -> No
     _pending_batch(store)
     store.r.flushall()
     store.r.xadd(store.outbox("bulk"), {"job": b"{}"})  # a stream again, without its group
-    status = collect(settings, store)
+    status = collect(StatusConfig.from_settings(settings), store)
     assert {lane.lane: lane.in_flight for lane in status.lanes} == {"otp": 0, "bulk": 0}
 
 
@@ -309,10 +313,10 @@ def test_a_reconcile_after_the_group_vanished_is_a_quiet_no_op(store: Store, set
         def reconcile(self, lane: str, entry_ids: Any, delay_ms: int) -> None:
             return None
 
-    provider = Provider(settings)
+    provider = Provider(ProviderConfig.from_settings(settings))
     try:
-        dispatcher = Dispatcher(settings, store, provider, RateLimiter(settings, store), NoWake(), "c2",
-                                listen=False)
+        dispatcher = Dispatcher(replace(DispatchConfig.from_settings(settings), listen=False), store, provider,
+                                RateLimiter(RateLimiterConfig.from_settings(settings), store), NoWake(), "c2")
         assert dispatcher.reconcile("bulk", ids) == 0
     finally:
         provider.close()

@@ -9,7 +9,7 @@ webhook that is down; GET /sms/3/logs still shows the final status.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -18,34 +18,27 @@ import pytest
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
+from tests.support.sandbox import API_KEY
 from worker import reports
 from worker.devtools.devstack import free_port, wait_until
 from worker.devtools.sandbox.config import SandboxConfig
 from worker.devtools.sandbox.process import SandboxProcess
-from worker.provider import Provider
-from worker.ratelimit import RateLimiter
+from worker.provider import Provider, ProviderConfig
+from worker.ratelimit import RateLimiter, RateLimiterConfig
 from worker.reconcile import force_reconcile
-from worker.reports import Processor, Sweeper
+from worker.reports import ProcessConfig, Processor, SweepConfig, Sweeper
 from worker.settings import Settings
 from worker.store import Store
 
-API_KEY = "lookup-test-key-0123"
 HOUR_MS = 3_600_000
 DEADLINE_MS = 49 * HOUR_MS  # 48 h validity + the default 1 h grace
 
 
 @pytest.fixture(scope="module")
-def sandbox() -> Iterator[SandboxProcess]:
-    config = SandboxConfig(report_delay_ms=0, seed=11, outcome_mix={"delivered": 1.0}, webhook_max_attempts=1,
-                           webhook_retry_base_ms=10)
-    with SandboxProcess(api_key=API_KEY, config=config) as proc:
-        yield proc
-
-
-@pytest.fixture
-def sbx(sandbox: SandboxProcess) -> SandboxProcess:
-    sandbox.reset()
-    return sandbox
+def sandbox_config() -> SandboxConfig:
+    """Reports at once, all delivered; a webhook tried once (tests/integration/conftest.py starts the sandbox)."""
+    return SandboxConfig(report_delay_ms=0, seed=11, outcome_mix={"delivered": 1.0}, webhook_max_attempts=1,
+                         webhook_retry_base_ms=10)
 
 
 def _settings(settings: Settings, sandbox: SandboxProcess, **changes: Any) -> Settings:
@@ -142,9 +135,10 @@ def test_a_report_lost_with_the_webhook_is_found_an_hour_after_acceptance_not_tw
     _accepted(store, "recent", at_ms=now - 600_000, n=3)
     before = _lookups("final"), _lookups("not_final")
     calls = Calls()
-    with Provider(settings) as provider:
-        processor = Processor(settings, store)
-        sweeper = Sweeper(settings, store, processor, provider=provider, before_logs_call=calls)
+    with Provider(ProviderConfig.from_settings(settings)) as provider:
+        processor = Processor(ProcessConfig.from_settings(settings), store)
+        sweeper = Sweeper(SweepConfig.from_settings(settings), store, processor, provider=provider,
+                          before_logs_call=calls)
         with capture_logs() as logs:
             result = sweeper.sweep(now)
         processor.process()
@@ -172,9 +166,10 @@ def test_a_message_not_final_in_the_logs_is_looked_up_again_only_after_a_backoff
     accepted = now - 2 * HOUR_MS
     _accepted(store, "absent", at_ms=accepted)
     calls = Calls()
-    with Provider(settings) as provider:
-        processor = Processor(settings, store)
-        sweeper = Sweeper(settings, store, processor, provider=provider, before_logs_call=calls)
+    with Provider(ProviderConfig.from_settings(settings)) as provider:
+        processor = Processor(ProcessConfig.from_settings(settings), store)
+        sweeper = Sweeper(SweepConfig.from_settings(settings), store, processor, provider=provider,
+                          before_logs_call=calls)
 
         def looked_up(at_ms: int) -> int:
             return int(sweeper.sweep(at_ms)["looked_up"])
@@ -205,10 +200,12 @@ def test_lookups_come_in_bounded_batches_per_sweep_through_the_shared_logs_limit
     now = int(time.time() * 1000)
     for n in range(120):
         _accepted(store, f"stuck-{n:03d}", at_ms=now - 2 * HOUR_MS - n * 1000, n=n)
-    limiter = RateLimiter(settings, store)
+    limiter = RateLimiter(RateLimiterConfig.from_settings(settings), store)
     calls = Calls(limiter.wait_for_logs_call)
-    with Provider(settings) as provider:
-        sweeper = Sweeper(settings, store, Processor(settings, store), provider=provider, before_logs_call=calls)
+    with Provider(ProviderConfig.from_settings(settings)) as provider:
+        sweeper = Sweeper(SweepConfig.from_settings(settings), store,
+                          Processor(ProcessConfig.from_settings(settings), store), provider=provider,
+                          before_logs_call=calls)
         counts = [sweeper.sweep(now + i)["looked_up"] for i in range(4)]
 
     assert counts == [50, 50, 20, 0]
@@ -227,8 +224,10 @@ def test_lookups_never_take_more_than_half_the_logs_calls_of_a_sweep_interval(
     for n, mid in enumerate(mids):
         _accepted(store, mid, at_ms=now - 2 * HOUR_MS, n=n)
     calls = Calls()
-    with Provider(settings) as provider:
-        sweeper = Sweeper(settings, store, Processor(settings, store), provider=provider, before_logs_call=calls)
+    with Provider(ProviderConfig.from_settings(settings)) as provider:
+        sweeper = Sweeper(SweepConfig.from_settings(settings), store,
+                          Processor(ProcessConfig.from_settings(settings), store), provider=provider,
+                          before_logs_call=calls)
         first = sweeper.sweep(now)["looked_up"]
         assert calls.n == 1 and 0 < first < len(mids)
         rest = [sweeper.sweep(now + i)["looked_up"] for i in range(1, 4)]
@@ -243,7 +242,7 @@ def test_the_pass_over_the_awaiting_set_goes_round_and_finds_every_validity(
     day ahead of a two-day one accepted with it. The pass visits a bounded number of entries per sweep
     and goes round, so every overdue message is found whatever its validity, and one not overdue yet
     when the pass went by is found on a later round."""
-    monkeypatch.setattr(reports, "LOOKUP_SCAN", 4)
+    monkeypatch.setattr(reports.sweep, "LOOKUP_SCAN", 4)
     settings = _settings(settings, sbx)
     now = int(time.time() * 1000)
     for n in range(6):
@@ -251,15 +250,16 @@ def test_the_pass_over_the_awaiting_set_goes_round_and_finds_every_validity(
     for n in range(2):
         _accepted(store, f"one-day-{n}", at_ms=now - 2 * HOUR_MS, n=10 + n, validity_h=24)
     _accepted(store, "one-day-recent", at_ms=now - 1_800_000, n=20, validity_h=24)
-    with Provider(settings) as provider:
-        sweeper = Sweeper(settings, store, Processor(settings, store), provider=provider)
+    with Provider(ProviderConfig.from_settings(settings)) as provider:
+        sweeper = Sweeper(SweepConfig.from_settings(settings), store,
+                          Processor(ProcessConfig.from_settings(settings), store), provider=provider)
         first_round = [sweeper.sweep(now + i)["looked_up"] for i in range(5)]
         later = now + 1_900_000  # the recent one is an hour old now; the others are backing off
         second_round = [sweeper.sweep(later + i)["looked_up"] for i in range(3)]
 
     assert first_round == [3, 4, 1, 0, 0]  # 4 entries visited per sweep; the recent one skipped
     assert sum(second_round) == 1
-    assert store.r.hget(reports.ReportKeys.of(store).lookup_tries, "one-day-recent") == b"1"
+    assert store.r.hget(store.reports_lookup_tries, "one-day-recent") == b"1"
 
 
 def test_two_sweeps_at_once_never_look_the_same_message_up_twice(
@@ -273,14 +273,18 @@ def test_two_sweeps_at_once_never_look_the_same_message_up_twice(
         _accepted(store, f"slow-{n}", at_ms=now - 2 * HOUR_MS, n=n)
     overlapping: list[dict[str, int]] = []
     other_calls = Calls()
-    with Provider(settings) as provider:
-        other = Sweeper(settings, store, Processor(settings, store), provider=provider, before_logs_call=other_calls)
+    with Provider(ProviderConfig.from_settings(settings)) as provider:
+        other = Sweeper(SweepConfig.from_settings(settings), store,
+                        Processor(ProcessConfig.from_settings(settings), store), provider=provider,
+                        before_logs_call=other_calls)
 
         def meanwhile() -> None:  # the other sweep runs while this one's logs call is on its way
             if not overlapping:
                 overlapping.append(other.sweep(now + 1))
 
-        first = Sweeper(settings, store, Processor(settings, store), provider=provider, before_logs_call=meanwhile)
+        first = Sweeper(SweepConfig.from_settings(settings), store,
+                        Processor(ProcessConfig.from_settings(settings), store), provider=provider,
+                        before_logs_call=meanwhile)
         looked_up = first.sweep(now)["looked_up"]
 
     assert looked_up == 3

@@ -8,8 +8,8 @@ import orjson
 from worker.devtools.devstack import wait_until
 from worker.devtools.sandbox.config import SandboxConfig
 from worker.devtools.sandbox.process import SandboxProcess
-from worker.provider import Provider
-from worker.reports import Processor, Sweeper
+from worker.provider import Provider, ProviderConfig
+from worker.reports import ProcessConfig, Processor, SweepConfig, Sweeper
 from worker.settings import Settings
 from worker.store import Store
 
@@ -31,14 +31,14 @@ def test_a_report_lost_after_the_get_is_recovered_from_the_logs(redis_url: str, 
             job = orjson.dumps({"to": "41790000001", "text": "x", "id": mid})
             store.r.hset(store.msg(mid), mapping={"state": "ACCEPTED", "lane": "bulk", "job": job})
             store.r.zadd(store.awaiting, {mid: 1})  # its report deadline is long past
-        with Provider(settings) as provider:
+        with Provider(ProviderConfig.from_settings(settings)) as provider:
             # The drain that fetched these reports died before storing the page: they are gone.
             wait_until(lambda: b'"lost-2"' in provider.reports_raw(limit=1000) or sandbox.stats()["reports"][
                 "fetched"] == 3, 10, "the reports to be handed out (and lost)")
-            processor = Processor(settings, store)
-            result = Sweeper(settings, store, processor, provider=provider).sweep()
+            processor = Processor(ProcessConfig.from_settings(settings), store)
+            result = Sweeper(SweepConfig.from_settings(settings), store, processor, provider=provider).sweep()
             processor.process()
-            again = Sweeper(settings, store, processor, provider=provider).sweep()
+            again = Sweeper(SweepConfig.from_settings(settings), store, processor, provider=provider).sweep()
     types = {}
     for _, fields in store.r.xrange(store.events):
         event = orjson.loads(fields[b"event"])
@@ -65,9 +65,9 @@ def test_a_status_in_the_logs_whose_group_is_unknown_is_not_taken_for_a_final_on
     job = orjson.dumps({"to": "41790000001", "text": "x", "id": "m-1"})
     store.r.hset(store.msg("m-1"), mapping={"state": "ACCEPTED", "lane": "bulk", "job": job})
     store.r.zadd(store.awaiting, {"m-1": 1})  # its report deadline is long past
-    with Provider(settings, transport=httpx.MockTransport(logs)) as provider:
-        processor = Processor(settings, store)
-        result = Sweeper(settings, store, processor, provider=provider).sweep()
+    with Provider(ProviderConfig.from_settings(settings), transport=httpx.MockTransport(logs)) as provider:
+        processor = Processor(ProcessConfig.from_settings(settings), store)
+        result = Sweeper(SweepConfig.from_settings(settings), store, processor, provider=provider).sweep()
         processor.process()
 
     types = [orjson.loads(f[b"event"])["type"] for _, f in store.r.xrange(store.events)]

@@ -6,7 +6,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import httpx
@@ -15,25 +15,27 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.support.redis_server import RedisServer
+from tests.support.sandbox import API_KEY
 from worker import events, reports
 from worker.devtools.sandbox.config import SandboxConfig
 from worker.devtools.sandbox.process import SandboxProcess
 from worker.errors import StoreError
-from worker.provider import Provider
+from worker.provider import Provider, ProviderConfig
 from worker.reports import (
     CONFLICT,
     DRAIN_LEASE,
     PARKED,
+    DrainConfig,
     Drainer,
     Op,
+    ProcessConfig,
     Processor,
-    ReportKeys,
+    SweepConfig,
     Sweeper,
 )
 from worker.settings import Settings
 from worker.store import Store, connect
 
-API_KEY = "reports-test-key-0123"
 STATUSES = {
     "DELIVERED": {"groupId": 3, "groupName": "DELIVERED", "id": 5, "name": "DELIVERED_TO_HANDSET",
                   "description": "Message delivered to handset"},
@@ -74,7 +76,7 @@ def _report(mid: str, group: str = "DELIVERED", n: int = 0) -> dict[str, Any]:
 
 def _raw(store: Store, *items: Any, src: str = "drain") -> str:
     page = orjson.dumps({"results": list(items)})
-    return str(store.r.xadd(ReportKeys.of(store).raw, {"page": page, "src": src}).decode())
+    return str(store.r.xadd(store.reports_raw, {"page": page, "src": src}).decode())
 
 
 def _events(store: Store) -> list[dict[str, Any]]:
@@ -86,7 +88,7 @@ def _dead(store: Store) -> list[dict[str, Any]]:
 
 
 def _raw_left(store: Store) -> int:
-    return int(store.r.xlen(ReportKeys.of(store).raw))
+    return int(store.r.xlen(store.reports_raw))
 
 
 def _with(settings: Settings, **changes: Any) -> Settings:
@@ -104,12 +106,12 @@ def _poll(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 @pytest.fixture
 def processor(settings: Settings, store: Store) -> Processor:
-    return Processor(settings, store)
+    return Processor(ProcessConfig.from_settings(settings), store)
 
 
 @pytest.fixture
 def sweeper(settings: Settings, store: Store, processor: Processor) -> Sweeper:
-    return Sweeper(settings, store, processor)
+    return Sweeper(SweepConfig.from_settings(settings), store, processor)
 
 
 # --- processing ------------------------------------------------------------------------------------
@@ -176,16 +178,15 @@ def test_intermediate_reports_change_nothing(store: Store, processor: Processor)
     assert tally.intermediate == 2
     assert store.message("m-1")["state"] == "ACCEPTED"
     assert _events(store) == []
-    assert store.r.zcard(ReportKeys.of(store).parked_since) == 0
+    assert store.r.zcard(store.reports_parked_since) == 0
     assert _raw_left(store) == 0
 
 
 def test_malformed_pages_and_items_are_dead_lettered_without_blocking(store: Store, processor: Processor) -> None:
     """A page that is not JSON, one without results, and bad items go to dead letters; the rest applies."""
     _message(store, "good")
-    keys = ReportKeys.of(store)
-    store.r.xadd(keys.raw, {"page": b"<html>502</html>", "src": "drain"})
-    store.r.xadd(keys.raw, {"page": b'{"results": "nope"}', "src": "drain"})
+    store.r.xadd(store.reports_raw, {"page": b"<html>502</html>", "src": "drain"})
+    store.r.xadd(store.reports_raw, {"page": b'{"results": "nope"}', "src": "drain"})
     _raw(store, _report("good"), {"status": STATUSES["DELIVERED"]}, {"messageId": "x", "status": {"groupName": 7}},
          {"messageId": "y", "status": {"groupName": "?"}}, "not an object")
     processor.process()
@@ -218,7 +219,7 @@ def test_apply_calls_acknowledge_the_pages_only_when_no_call_conflicted(
 ) -> None:
     """A batch goes to Redis in several report_apply calls; the pages are acknowledged and the dead
     letters written by the last call, and not at all if an earlier call had a conflict."""
-    monkeypatch.setattr(reports, "APPLY_CALL_OPS", 1)
+    monkeypatch.setattr(reports.ops, "APPLY_CALL_OPS", 1)
     entry = _raw(store, _report("m-1"), _report("m-2"))
     if conflict_first:
         _message(store, "m-1")  # parking m-1's report now conflicts: the message exists
@@ -242,11 +243,10 @@ def test_unknown_report_is_parked_then_resolved_when_the_message_appears(
     """A report for a message with no state yet is kept, and applied on a later run once the message exists."""
     _raw(store, _report("late", "UNDELIVERABLE"))
     tally = processor.process()
-    keys = ReportKeys.of(store)
 
     assert tally.parked == 1 and _events(store) == [] and _raw_left(store) == 0
-    assert orjson.loads(store.r.hget(keys.parked, "late"))["messageId"] == "late"
-    assert store.r.zscore(keys.parked_since, "late") is not None
+    assert orjson.loads(store.r.hget(store.reports_parked, "late"))["messageId"] == "late"
+    assert store.r.zscore(store.reports_parked_since, "late") is not None
     assert sweeper.sweep()["still_parked"] == 1
 
     _message(store, "late", n=7)
@@ -255,7 +255,7 @@ def test_unknown_report_is_parked_then_resolved_when_the_message_appears(
     assert result["resolved"] == 1
     [event] = _events(store)
     assert event["event_id"] == "late:undeliverable" and event["id"] == "order-7"
-    assert store.r.hlen(keys.parked) == 0 and store.r.zcard(keys.parked_since) == 0
+    assert store.r.hlen(store.reports_parked) == 0 and store.r.zcard(store.reports_parked_since) == 0
 
 
 @pytest.mark.parametrize(("policy", "expected_events"), [("emit", 1), ("drop", 0)])
@@ -264,8 +264,8 @@ def test_unknown_report_past_the_park_timeout_is_emitted_or_dropped_and_counted(
 ) -> None:
     """A report still unknown after the park timeout becomes an unknown_message event (or is dropped)."""
     settings = _with(settings, sms_report_park_timeout_s=60.0, sms_unknown_reports=policy)
-    processor = Processor(settings, store)
-    sweeper = Sweeper(settings, store, processor)
+    processor = Processor(ProcessConfig.from_settings(settings), store)
+    sweeper = Sweeper(SweepConfig.from_settings(settings), store, processor)
     _raw(store, _report("stranger", "DELIVERED", n=5))
     processor.process()
 
@@ -281,7 +281,7 @@ def test_unknown_report_past_the_park_timeout_is_emitted_or_dropped_and_counted(
         assert events[0]["to"] == "41790000005" and events[0]["status"]["groupName"] == "DELIVERED"
     counters = processor.state.counters()
     assert counters.get("unknown_emitted" if policy == "emit" else "unknown_dropped") == 1
-    assert store.r.zcard(ReportKeys.of(store).parked_since) == 0
+    assert store.r.zcard(store.reports_parked_since) == 0
 
 
 # --- the no-report sweep ---------------------------------------------------------------------------
@@ -325,15 +325,9 @@ def test_no_report_sweep_expires_overdue_messages_and_a_late_report_replaces_it(
 
 
 @pytest.fixture(scope="module")
-def sandbox() -> Iterator[SandboxProcess]:
-    with SandboxProcess(api_key=API_KEY, config=SandboxConfig(report_delay_ms=0, seed=4)) as proc:
-        yield proc
-
-
-@pytest.fixture
-def sbx(sandbox: SandboxProcess) -> SandboxProcess:
-    sandbox.reset()
-    return sandbox
+def sandbox_config() -> SandboxConfig:
+    """Reports at once (tests/integration/conftest.py starts the sandbox)."""
+    return SandboxConfig(report_delay_ms=0, seed=4)
 
 
 def _sandbox_settings(settings: Settings, sandbox: SandboxProcess) -> Settings:
@@ -364,9 +358,9 @@ def test_drain_fetches_every_page_and_each_report_becomes_one_event(
     settings = _sandbox_settings(settings, sbx)
     mids = _send_direct(sbx, store, 2500)
     _generated(sbx, 2500)
-    with Provider(settings) as provider:
-        result = Drainer(settings, store, provider).drain()
-    Processor(settings, store).process()
+    with Provider(ProviderConfig.from_settings(settings)) as provider:
+        result = Drainer(DrainConfig.from_settings(settings), store, provider).drain()
+    Processor(ProcessConfig.from_settings(settings), store).process()
 
     assert (result.outcome, result.pages, result.reports) == ("drained", 3, 2500)
     stats = sbx.stats()["reports"]
@@ -384,10 +378,10 @@ def test_a_processor_that_dies_after_the_get_loses_no_report(
     settings = _sandbox_settings(settings, sbx)
     mids = _send_direct(sbx, store, 1500)
     _generated(sbx, 1500)
-    with Provider(settings) as provider:
-        Drainer(settings, store, provider).drain()
+    with Provider(ProviderConfig.from_settings(settings)) as provider:
+        Drainer(DrainConfig.from_settings(settings), store, provider).drain()
 
-    doomed = Processor(settings, store, consumer="doomed")
+    doomed = Processor(ProcessConfig.from_settings(settings), store, consumer="doomed")
 
     def crash(*_args: Any, **_kwargs: Any) -> Any:
         raise RuntimeError("killed before the apply")
@@ -397,12 +391,12 @@ def test_a_processor_that_dies_after_the_get_loses_no_report(
         doomed.process()
     assert _events(store) == [] and _raw_left(store) == 2
 
-    survivor = Processor(settings, store, consumer="survivor", claim_idle_ms=50)
+    survivor = Processor(ProcessConfig.from_settings(settings), store, consumer="survivor", claim_idle_ms=50)
     _poll(lambda: survivor.process().applied == 0 and len(_events(store)) >= 1500, 10, "recovery")
 
     assert Counter(e["message_id"] for e in _events(store)) == Counter(mids)
     assert _raw_left(store) == 0
-    assert store.r.xpending(ReportKeys.of(store).raw, "reports")["pending"] == 0
+    assert store.r.xpending(store.reports_raw, "reports")["pending"] == 0
 
 
 def test_a_drainer_whose_lease_was_taken_over_stores_its_page_and_stops(settings: Settings, store: Store) -> None:
@@ -418,31 +412,32 @@ def test_a_drainer_whose_lease_was_taken_over_stores_its_page_and_stops(settings
         assert store.lease(DRAIN_LEASE, "the-new-drainer", 60_000) > 0
         return httpx.Response(200, content=page)
 
-    with capture_logs() as logs, Provider(settings, transport=httpx.MockTransport(handler)) as provider:
-        result = Drainer(settings, store, provider).drain()
+    provider_config = ProviderConfig.from_settings(settings)
+    with capture_logs() as logs, Provider(provider_config, transport=httpx.MockTransport(handler)) as provider:
+        result = Drainer(DrainConfig.from_settings(settings), store, provider).drain()
 
     assert (result.outcome, result.pages, gets) == ("fenced", 1, ["/sms/3/reports"])  # no further page
-    [(_, fields)] = store.r.xrange(ReportKeys.of(store).raw)
+    [(_, fields)] = store.r.xrange(store.reports_raw)
     assert fields[b"page"] == page and fields[b"src"] == b"drain"
     assert _dead(store) == []
     assert store.r.get(store.lease_key(DRAIN_LEASE)) == b"the-new-drainer"  # not released by the loser
     assert [e["log_level"] for e in logs if e["event"] == "reports_drain_lease_lost"] == ["error"]
     for n in range(reports.PAGE_SIZE):
         _message(store, f"m-{n}", n=n)
-    Processor(settings, store).process()
+    Processor(ProcessConfig.from_settings(settings), store).process()
     assert len({e["event_id"] for e in _events(store)}) == reports.PAGE_SIZE
 
 
 def test_append_stores_with_a_stale_fencing_token_and_says_it_is_stale(settings: Settings, store: Store) -> None:
     """report_append.lua writes every page; only the answer tells a stale token from the current one."""
-    with Provider(settings) as provider:
-        drainer = Drainer(settings, store, provider)
+    with Provider(ProviderConfig.from_settings(settings)) as provider:
+        drainer = Drainer(DrainConfig.from_settings(settings), store, provider)
         old = store.lease(DRAIN_LEASE, "a", 60_000)
         store.release_lease(DRAIN_LEASE, "a")
         new = store.lease(DRAIN_LEASE, "b", 60_000)
         assert drainer.append(b'{"results":[]}', new) is True
         assert drainer.append(b'{"results":[]}', old) is False
-    fences = [f[b"fence"] for _, f in store.r.xrange(ReportKeys.of(store).raw)]
+    fences = [f[b"fence"] for _, f in store.r.xrange(store.reports_raw)]
     assert fences == [str(new).encode(), str(old).encode()]
     assert _dead(store) == []
 
@@ -455,8 +450,8 @@ def test_a_second_drainer_does_not_fetch_while_the_lease_is_held(
     _send_direct(sbx, store, 10)
     _generated(sbx, 10)
     assert store.lease(DRAIN_LEASE, "someone-else", 60_000) > 0
-    with Provider(settings) as provider:
-        result = Drainer(settings, store, provider).drain()
+    with Provider(ProviderConfig.from_settings(settings)) as provider:
+        result = Drainer(DrainConfig.from_settings(settings), store, provider).drain()
 
     assert result.outcome == "busy"
     assert sbx.stats()["requests"].get("GET /sms/3/reports", {}) == {}
@@ -472,8 +467,8 @@ def test_two_drainers_at_once_store_each_report_once(settings: Settings, store: 
     outcomes: list[str] = []
 
     def run() -> None:
-        with Provider(settings) as provider:
-            drainer = Drainer(settings, store, provider)
+        with Provider(ProviderConfig.from_settings(settings)) as provider:
+            drainer = Drainer(DrainConfig.from_settings(settings), store, provider)
             start.wait()
             outcomes.append(drainer.drain().outcome)
 
@@ -483,11 +478,11 @@ def test_two_drainers_at_once_store_each_report_once(settings: Settings, store: 
     for t in threads:
         t.join(30)
 
-    stored = [r["messageId"] for _, f in store.r.xrange(ReportKeys.of(store).raw)
+    stored = [r["messageId"] for _, f in store.r.xrange(store.reports_raw)
               for r in orjson.loads(f[b"page"])["results"]]
     assert Counter(stored) == Counter(mids)
     assert "drained" in outcomes
-    Processor(settings, store).process()
+    Processor(ProcessConfig.from_settings(settings), store).process()
     assert len({e["event_id"] for e in _events(store)}) == len(_events(store)) == 3000
 
 
@@ -512,9 +507,9 @@ def test_a_long_backlog_is_drained_in_bounded_runs_that_hand_over(
     _send_direct(sbx, store, 2500)
     _generated(sbx, 2500)
     wake = RecordingWake()
-    with Provider(settings) as provider:
-        first = Drainer(settings, store, provider, wake, max_pages=2).drain()
-        second = Drainer(settings, store, provider, wake, max_pages=2).drain()
+    with Provider(ProviderConfig.from_settings(settings)) as provider:
+        first = Drainer(DrainConfig.from_settings(settings), store, provider, wake, max_pages=2).drain()
+        second = Drainer(DrainConfig.from_settings(settings), store, provider, wake, max_pages=2).drain()
 
     assert (first.outcome, first.pages, first.reports) == ("page_limit", 2, 2000)
     assert (second.outcome, second.pages, second.reports) == ("drained", 1, 500)
@@ -525,8 +520,8 @@ def test_an_idle_drain_stores_nothing(settings: Settings, store: Store, sbx: San
     """With no report waiting, a drain makes one GET and writes no raw entry."""
     settings = _sandbox_settings(settings, sbx)
     wake = RecordingWake()
-    with Provider(settings) as provider:
-        result = Drainer(settings, store, provider, wake).drain()
+    with Provider(ProviderConfig.from_settings(settings)) as provider:
+        result = Drainer(DrainConfig.from_settings(settings), store, provider, wake).drain()
     assert (result.outcome, result.pages) == ("drained", 0)
     assert _raw_left(store) == 0 and wake.sent == []
 
@@ -550,8 +545,10 @@ def test_a_page_already_taken_from_the_provider_survives_a_redis_blip(settings: 
     """Appending a fetched page is retried through a short Redis outage instead of losing the page."""
     page = orjson.dumps({"results": [_report("m-1")]})
     flaky = FlakyStore(store, "report_append", failures=2)
-    with Provider(settings, transport=httpx.MockTransport(lambda _: httpx.Response(200, content=page))) as provider:
-        result = Drainer(settings, flaky, provider).drain()
+    provider_config = ProviderConfig.from_settings(settings)
+    answer = httpx.MockTransport(lambda _: httpx.Response(200, content=page))
+    with Provider(provider_config, transport=answer) as provider:
+        result = Drainer(DrainConfig.from_settings(settings), flaky, provider).drain()
     assert (result.outcome, result.pages) == ("drained", 1)
     assert _raw_left(store) == 1
 
@@ -603,8 +600,8 @@ class Refusing(Store):
 
 @pytest.fixture
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(reports, "STORE_BACKOFF_S", 0.001, raising=False)
-    monkeypatch.setattr(reports, "STORE_BACKOFF_MAX_S", 0.005, raising=False)
+    monkeypatch.setattr(reports.drain, "STORE_BACKOFF_S", 0.001)
+    monkeypatch.setattr(reports.drain, "STORE_BACKOFF_MAX_S", 0.005)
 
 
 def _page(*mids: str) -> bytes:
@@ -619,12 +616,13 @@ def test_a_fetched_page_is_retried_until_stored_and_nothing_more_is_fetched_mean
     full = _page(*[f"m-{i}" for i in range(reports.PAGE_SIZE)])
     endpoint = Recorded(full, _page("m-last"))
     refusing = Refusing(store, lambda n: StoreError("Redis: OOM command not allowed") if n <= 30 else None, endpoint)
-    with capture_logs() as logs, Provider(settings, transport=httpx.MockTransport(endpoint)) as provider:
-        result = Drainer(settings, refusing, provider).drain()
+    provider_config = ProviderConfig.from_settings(settings)
+    with capture_logs() as logs, Provider(provider_config, transport=httpx.MockTransport(endpoint)) as provider:
+        result = Drainer(DrainConfig.from_settings(settings), refusing, provider).drain()
 
     assert (result.outcome, result.pages, result.reports) == ("drained", 2, reports.PAGE_SIZE + 1)
     assert refusing.seen == [1] * 30  # every refusal came while only the first page had been fetched
-    stored = [orjson.loads(f[b"page"])["results"][-1]["messageId"] for _, f in store.r.xrange(ReportKeys.of(store).raw)]
+    stored = [orjson.loads(f[b"page"])["results"][-1]["messageId"] for _, f in store.r.xrange(store.reports_raw)]
     assert stored == [f"m-{reports.PAGE_SIZE - 1}", "m-last"]
     retries = [e for e in logs if e["event"] == "reports_page_store_retry"]
     assert len(retries) == 30 and all(e["reports"] == reports.PAGE_SIZE for e in retries)
@@ -648,8 +646,9 @@ def test_a_page_an_out_of_memory_redis_refuses_is_stored_once_memory_is_back(
 
     def drain() -> None:
         try:
-            with Provider(settings, transport=httpx.MockTransport(get_while_memory_runs_out)) as provider:
-                outcome.append(Drainer(settings, store, provider).drain())
+            provider_config = ProviderConfig.from_settings(settings)
+            with Provider(provider_config, transport=httpx.MockTransport(get_while_memory_runs_out)) as provider:
+                outcome.append(Drainer(DrainConfig.from_settings(settings), store, provider).drain())
         except BaseException as error:  # noqa: BLE001 -- reported by the assertion below
             outcome.append(error)
         retried.set()
@@ -665,7 +664,7 @@ def test_a_page_an_out_of_memory_redis_refuses_is_stored_once_memory_is_back(
             thread = threading.Thread(target=drain, daemon=True)
             thread.start()
             assert retried.wait(20), "the drain never retried the refused page"
-            assert int(store.r.xlen(ReportKeys.of(store).raw)) == 0 and endpoint.gets == 1
+            assert int(store.r.xlen(store.reports_raw)) == 0 and endpoint.gets == 1
             assert store.r.get(store.lease_key(DRAIN_LEASE)) is not None  # still held: nobody else fetches
         finally:
             store.r.config_set("maxmemory", 0)
@@ -673,7 +672,7 @@ def test_a_page_an_out_of_memory_redis_refuses_is_stored_once_memory_is_back(
 
     assert [getattr(o, "outcome", o) for o in outcome] == ["drained"]
     assert any(e["event"] == "reports_page_stored" for e in logs)
-    Processor(settings, store).process()
+    Processor(ProcessConfig.from_settings(settings), store).process()
     assert [e["event_id"] for e in _events(store)] == ["m-1:delivered"]
 
 
@@ -690,8 +689,9 @@ def test_a_drain_that_must_stop_with_its_page_unstored_says_so_loudly(
         return StoreError("Redis: ConnectionError: refused")
 
     refusing = Refusing(store, refuse_then_stop, endpoint)
-    with capture_logs() as logs, Provider(settings, transport=httpx.MockTransport(endpoint)) as provider:
-        drainer = Drainer(settings, refusing, provider, stopping=stopping.is_set)
+    provider_config = ProviderConfig.from_settings(settings)
+    with capture_logs() as logs, Provider(provider_config, transport=httpx.MockTransport(endpoint)) as provider:
+        drainer = Drainer(DrainConfig.from_settings(settings), refusing, provider, stopping=stopping.is_set)
         with pytest.raises(StoreError):
             drainer.drain()
 
@@ -708,8 +708,9 @@ def test_a_drain_interrupted_while_storing_leaves_the_page_to_its_next_drain(set
 
     endpoint = Recorded(_page("m-1"))
     refusing = Refusing(store, lambda n: TimeLimitExceeded() if n == 1 else None, endpoint)
-    with capture_logs() as logs, Provider(settings, transport=httpx.MockTransport(endpoint)) as provider:
-        drainer = Drainer(settings, refusing, provider)
+    provider_config = ProviderConfig.from_settings(settings)
+    with capture_logs() as logs, Provider(provider_config, transport=httpx.MockTransport(endpoint)) as provider:
+        drainer = Drainer(DrainConfig.from_settings(settings), refusing, provider)
         with pytest.raises(TimeLimitExceeded):
             drainer.drain()
         assert _raw_left(store) == 0 and endpoint.gets == 1
@@ -717,7 +718,7 @@ def test_a_drain_interrupted_while_storing_leaves_the_page_to_its_next_drain(set
         result = drainer.drain()
 
     assert (result.outcome, result.pages, result.reports) == ("drained", 1, 1)
-    [(_, fields)] = store.r.xrange(ReportKeys.of(store).raw)
+    [(_, fields)] = store.r.xrange(store.reports_raw)
     assert orjson.loads(fields[b"page"])["results"][0]["messageId"] == "m-1"
     assert endpoint.gets == 2  # the held page was stored first, then the endpoint asked again
     assert [e["log_level"] for e in logs if e["event"] == "reports_page_unstored"] == ["error"]
@@ -733,7 +734,7 @@ def test_the_processor_recreates_its_group_after_redis_restarted_empty(settings:
     try:
         settings = _with(settings, redis_url=server.url)
         store = Store(connect(server.url))
-        processor = Processor(settings, store)
+        processor = Processor(ProcessConfig.from_settings(settings), store)
         _message(store, "before")
         _raw(store, _report("before"))
         assert processor.process().applied == 1
@@ -766,7 +767,7 @@ def test_the_processor_recreates_a_group_deleted_under_it(store: Store, processo
     _message(store, "m-1")
     _raw(store, _report("m-1"))
     processor.process()
-    store.r.xgroup_destroy(ReportKeys.of(store).raw, "reports")
+    store.r.xgroup_destroy(store.reports_raw, "reports")
     _message(store, "m-2")
     _raw(store, _report("m-2"))
 
@@ -798,7 +799,7 @@ def test_a_report_too_deep_to_publish_is_dead_lettered_and_the_pages_behind_it_f
         not_an_object = [not_an_object]
     # orjson cannot write these (that is the point): the stdlib can.
     page = json.dumps({"results": [deep, {**_report("stranger"), "error": _nested(300)}, not_an_object]})
-    store.r.xadd(ReportKeys.of(store).raw, {"page": page, "src": "drain"})
+    store.r.xadd(store.reports_raw, {"page": page, "src": "drain"})
     for n in range(15):
         _message(store, f"good-{n}", n=n)
         _raw(store, _report(f"good-{n}", n=n))
@@ -811,7 +812,7 @@ def test_a_report_too_deep_to_publish_is_dead_lettered_and_the_pages_behind_it_f
     assert [d["reason"] for d in dead] == ["report_too_deep"] * 3
     assert dead[0]["item"]["messageId"] == "known" and "<cut" in orjson.dumps(dead[0]["item"]).decode()
     assert store.message("known")["state"] == "ACCEPTED"
-    assert _raw_left(store) == 0 and store.r.xpending(ReportKeys.of(store).raw, "reports")["pending"] == 0
+    assert _raw_left(store) == 0 and store.r.xpending(store.reports_raw, "reports")["pending"] == 0
 
 
 def test_a_report_that_fails_for_any_other_reason_is_isolated(
@@ -840,14 +841,14 @@ def test_a_report_that_fails_for_any_other_reason_is_isolated(
     assert by_reason["report_unprocessable"]["item"] == _report("cursed")
     assert "RuntimeError: a bug that only this report triggers" in by_reason["report_unprocessable"]["detail"]
     assert store.message("cursed")["state"] == "ACCEPTED"
-    assert _raw_left(store) == 0 and store.r.xpending(ReportKeys.of(store).raw, "reports")["pending"] == 0
+    assert _raw_left(store) == 0 and store.r.xpending(store.reports_raw, "reports")["pending"] == 0
 
 
 def test_a_page_too_large_is_dead_lettered_whole_and_the_others_flow(
     store: Store, processor: Processor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A page over MAX_PAGE_BYTES is not parsed: it goes to the dead letters with its body."""
-    monkeypatch.setattr(reports, "MAX_PAGE_BYTES", 4096, raising=False)
+    monkeypatch.setattr(reports.parse, "MAX_PAGE_BYTES", 4096)
     _message(store, "small")
     _raw(store, {**_report("huge"), "callbackData": "x" * 5000})
     _raw(store, _report("small"))
@@ -874,7 +875,7 @@ def test_a_redis_out_of_memory_is_waited_out_not_dead_lettered(store: Store, pro
         store.r.config_set("maxmemory", 0)
     assert _dead(store) == [] and _raw_left(store) == 1
 
-    Processor(processor.settings, store, claim_idle_ms=0).process()
+    Processor(processor.config, store, claim_idle_ms=0).process()
     assert [e["event_id"] for e in _events(store)] == ["m-1:delivered"] and _raw_left(store) == 0
 
 

@@ -9,26 +9,21 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import httpx
 import orjson
 
-from tests.integration.test_dispatch import (  # noqa: F401 - sandbox and sbx are fixtures used by name
-    API_KEY,
-    RecordingWake,
-    _jobs,
-    _settings,
-    sandbox,
-    sbx,
-)
+from tests.integration.test_dispatch import RecordingWake, _jobs, _settings
+from tests.support.sandbox import API_KEY
 from worker.devtools.devstack import wait_until
 from worker.devtools.sandbox.process import SandboxProcess
-from worker.dispatch import Dispatcher
+from worker.dispatch import DispatchConfig, Dispatcher
 from worker.errors import SendWindowClosed
-from worker.outbox import Outbox
-from worker.provider import Provider, SendResponse, WireRequest
-from worker.ratelimit import RateLimiter
+from worker.outbox import Outbox, OutboxConfig
+from worker.provider import Provider, ProviderConfig, SendResponse, WireRequest
+from worker.ratelimit import RateLimiter, RateLimiterConfig
 from worker.settings import Settings
 from worker.store import Entry, Outcome, Store, Submitted
 
@@ -155,26 +150,26 @@ class Frozen:
 
 
 def _dispatcher(settings: Settings, store: Store, provider: Any, wake: RecordingWake, name: str) -> Dispatcher:
-    dispatcher = Dispatcher(settings, store, provider, RateLimiter(settings, store), wake, name,
-                            recover_every_s=0, listen=False, fence_margin_ms=0)
-    dispatcher.lease_ms = 300
-    return dispatcher
+    config = replace(DispatchConfig.from_settings(settings), recover_every_s=0, listen=False, fence_margin_ms=0,
+                     lease_ms=300)
+    limiter = RateLimiter(RateLimiterConfig.from_settings(settings), store)
+    return Dispatcher(config, store, provider, limiter, wake, name)
 
 
 def test_a_paused_owner_never_sends_after_its_batch_was_taken_over(
-    redis_url: str, sbx: SandboxProcess, store: Store,  # noqa: F811 - the fixture
+    redis_url: str, sbx: SandboxProcess, store: Store,
 ) -> None:
     """Owner A stops after submit.lua; B recovers the batch, waits out A's window, finds nothing in the
     logs over the reconcile window and resends; A wakes up and its request is refused by the fence.
     The provider accepts every message exactly once."""
     settings = _settings(redis_url, sbx, sms_send_window_s=0.5, sms_reconcile_window_s=0.5, sms_reconcile_checks=2)
     hold, resume = threading.Event(), threading.Event()
-    frozen = Frozen(Provider(settings), hold, resume)
+    frozen = Frozen(Provider(ProviderConfig.from_settings(settings)), hold, resume)
     a = _dispatcher(settings, store, frozen, RecordingWake(), "worker-a")
     wake_b = RecordingWake()
-    provider_b = Provider(settings)
+    provider_b = Provider(ProviderConfig.from_settings(settings))
     b = _dispatcher(settings, store, provider_b, wake_b, "worker-b")
-    Outbox(settings, store).enqueue_many(_jobs(20), "bulk")
+    Outbox(OutboxConfig.from_settings(settings), store).enqueue_many(_jobs(20), "bulk")
     owner = threading.Thread(target=a.run, args=("bulk",))
     owner.start()
     assert hold.wait(10), "A never reached its POST"
@@ -218,10 +213,10 @@ def test_an_unknown_status_group_is_reconciled_not_rejected(redis_url: str, stor
         "log_format": "console", "sms_reconcile_delay_s": 0,
         "sms_lanes": {"bulk": {"batch_size": 10, "max_wait_ms": 0}},
     })
-    provider = Provider(settings, transport=httpx.MockTransport(handler))
+    provider = Provider(ProviderConfig.from_settings(settings), transport=httpx.MockTransport(handler))
     wake = RecordingWake()
     dispatcher = _dispatcher(settings, store, provider, wake, "w")
-    Outbox(settings, store).enqueue_many(_jobs(3), "bulk")
+    Outbox(OutboxConfig.from_settings(settings), store).enqueue_many(_jobs(3), "bulk")
     dispatcher.run("bulk")
     states = {store.message(mid)["state"] for mid in seen["ids"]}
     assert states == {"AMBIGUOUS"}

@@ -11,7 +11,7 @@ import pytest
 
 from worker.cli import main
 from worker.settings import Settings
-from worker.status import collect, render
+from worker.status import StatusConfig, collect, render
 from worker.store import Store
 
 
@@ -81,7 +81,7 @@ def test_status_shows_every_outbox_stream(monkeypatch: pytest.MonkeyPatch, capsy
 def test_the_metrics_snapshot_keeps_to_configured_lanes(redis_url: str, store: Store) -> None:
     """collect() without all_outboxes (the metrics scrape) does not SCAN the keyspace for streams."""
     _populate(store)
-    settings = Settings(redis_url=redis_url)
-    assert [lane.lane for lane in collect(settings, store).lanes] == ["otp", "bulk"]
-    assert [lane.lane for lane in collect(settings, store, all_outboxes=True).lanes] == ["otp", "bulk", "marketing"]
-    assert "marketing" in render(collect(settings, store, all_outboxes=True))
+    config = StatusConfig.from_settings(Settings(redis_url=redis_url))
+    assert [lane.lane for lane in collect(config, store).lanes] == ["otp", "bulk"]
+    assert [lane.lane for lane in collect(config, store, all_outboxes=True).lanes] == ["otp", "bulk", "marketing"]
+    assert "marketing" in render(collect(config, store, all_outboxes=True))

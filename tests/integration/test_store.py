@@ -12,7 +12,7 @@ import redis
 
 from tests.support.redis_server import RedisServer
 from worker.errors import EnqueueIncomplete, StoreError
-from worker.outbox import Outbox
+from worker.outbox import Outbox, OutboxConfig
 from worker.settings import Settings
 from worker.store import Outcome, Store, Submitted, connect
 
@@ -281,7 +281,7 @@ def test_outbox_passes_a_partial_failure_through_and_wakes_the_lane(private_redi
     """Outbox.enqueue_many raises EnqueueIncomplete as it is, after waking the lane for what was queued."""
     store = _restricted_store(private_redis, "sms:outbox:*", "sms:idem:ok-*")
     woken: list[str] = []
-    outbox = Outbox(settings, store, wake=woken.append)
+    outbox = Outbox(OutboxConfig.from_settings(settings), store, wake=woken.append)
     jobs = [{"to": f"4179{i:07d}", "text": "hi", "id": "bad-1500" if i == 1500 else f"ok-{i}"} for i in range(2500)]
     with pytest.raises(EnqueueIncomplete) as caught:
         outbox.enqueue_many(jobs, "bulk")

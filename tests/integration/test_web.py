@@ -16,7 +16,7 @@ import uvicorn
 from starlette.applications import Starlette
 from structlog.testing import capture_logs
 
-from worker.reports import Processor, ReportKeys
+from worker.reports import ProcessConfig, Processor
 from worker.settings import Settings
 from worker.store import Store, connect
 from worker.web import create_app
@@ -51,7 +51,7 @@ def _settings(settings: Settings, **changes: Any) -> Settings:
 
 
 def _stored(store: Store) -> int:
-    return int(store.r.xlen(ReportKeys.of(store).raw))
+    return int(store.r.xlen(store.reports_raw))
 
 
 class Served:
@@ -130,7 +130,7 @@ def test_each_auth_mode_accepts_the_secret_and_refuses_everything_else(
 
     assert response.status_code == 200 and response.json() == {"accepted": 1}
     assert _stored(store) == 1 and wakes.count == 1
-    [(_, fields)] = store.r.xrange(ReportKeys.of(store).raw)
+    [(_, fields)] = store.r.xrange(store.reports_raw)
     assert fields[b"page"] == BODY and fields[b"src"] == b"webhook"
 
 
@@ -219,7 +219,7 @@ def test_one_malformed_report_among_100_is_dead_lettered_and_the_99_others_are_k
     assert dead["detail"] == "results[42].price must be an object"
     assert dead["item"] == results[42]  # the report as it came
 
-    Processor(settings, store).process()
+    Processor(ProcessConfig.from_settings(settings), store).process()
 
     events = [orjson.loads(f[b"event"]) for _, f in store.r.xrange(store.events)]
     assert sorted(e["message_id"] for e in events) == sorted(m for m in mids if m != "m-42")
@@ -310,7 +310,7 @@ def test_a_body_nested_32_deep_is_accepted_and_processed(
     response = client_for().post(PATH, content=body, headers={**JSON, "x-webhook-secret": SECRET})
     assert response.status_code == 200 and _stored(store) == 1
 
-    Processor(settings, store).process()
+    Processor(ProcessConfig.from_settings(settings), store).process()
 
     [event] = [orjson.loads(f[b"event"]) for _, f in store.r.xrange(store.events)]
     assert event["event_id"] == "m-1:delivered" and event["price"] == orjson.loads(body)["results"][0]["price"]
@@ -345,7 +345,7 @@ def test_the_same_delivery_replayed_gives_one_event(
         assert client.post(PATH, content=BODY, headers={**JSON, "x-webhook-secret": SECRET}).status_code == 200
     assert _stored(store) == 2
 
-    Processor(settings, store).process()
+    Processor(ProcessConfig.from_settings(settings), store).process()
 
     events = [orjson.loads(f[b"event"]) for _, f in store.r.xrange(store.events)]
     assert [e["event_id"] for e in events] == ["m-1:delivered"]

@@ -1,7 +1,9 @@
 """What the reliability suites share: sizes, a running stack, the checks of the two promises, result rows.
 
-Every suite starts the real processes (worker.devtools.devstack.DevStack: redis-server, the sandbox, `sms-worker
-worker` and `clock`, optionally `web`), injects its faults, waits with bounded polls, then measures:
+The running stack is tests.support.system's, extended: shorter timeouts, two lanes, reports within
+300 ms, more probes, and a run SIGKILLed at its end. Every suite starts the real processes
+(worker.devtools.devstack.DevStack: redis-server, the sandbox, `sms-worker worker` and `clock`,
+optionally `web`), injects its faults, waits with bounded polls, then measures:
 
 - lost: a queued job with neither a send outcome event (accepted / rejected / failed) nor a final
   report event;
@@ -16,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -30,15 +30,11 @@ import httpx
 import orjson
 import redis
 
-from worker.devtools.devstack import DevStack, Proc, free_port, wait_until
-from worker.outbox import Outbox
-from worker.runtime import make_broker
-from worker.settings import Settings, settings_from_env
-from worker.store import DISPATCH_GROUP, Store, connect
-from worker.triggers import Triggers
+from tests.support import system as support
+from tests.support.sandbox import API_KEY as API_KEY  # the suites import it from here
+from worker.devtools.devstack import wait_until
+from worker.store import DISPATCH_GROUP
 
-# Distinctive values, so a grep of the logs finds them if anything prints them.
-API_KEY = "rel-api-key-5f0c9d2b7a41e386"
 SEND_OUTCOMES = frozenset({"accepted", "rejected", "failed"})
 FINAL = frozenset({"delivered", "undeliverable", "expired", "rejected"})
 LANES = {
@@ -46,22 +42,19 @@ LANES = {
     "bulk": {"batch_size": 100, "max_wait_ms": 0, "concurrency": 4},
 }
 BATCH = LANES["bulk"]["batch_size"]
-# Short timeouts and lease, so recovery and reconciliation happen within a test. The lease must
-# exceed the longest send: (0.3 + 0.3 + 0.8) s x 2 attempts + 0.1 s x 2 backoffs = 3.0 s; the send
-# window adds the pool waits: (0.3 + 0.3 + 0.3 + 0.8 + 0.1) s x 2 = 3.6 s.
+# The end-to-end settings, shorter still, so recovery and reconciliation happen within a test. The
+# lease must exceed the longest send: (0.3 + 0.3 + 0.8) s x 2 attempts + 0.1 s x 2 backoffs = 3.0 s;
+# the send window adds the pool waits: (0.3 + 0.3 + 0.3 + 0.8 + 0.1) s x 2 = 3.6 s.
 READ_TIMEOUT_S = 0.8
 BASE_ENV = {
-    "LOG_LEVEL": "INFO",
+    **support.BASE_ENV,
     "LOG_FORMAT": "json",
     "ICOMM_CONNECT_TIMEOUT_S": "0.3", "ICOMM_WRITE_TIMEOUT_S": "0.3", "ICOMM_READ_TIMEOUT_S": str(READ_TIMEOUT_S),
-    "ICOMM_RETRY_BACKOFF_BASE_S": "0.02", "ICOMM_RETRY_BACKOFF_MAX_S": "0.1", "ICOMM_SEND_RETRY_ATTEMPTS": "2",
-    "ICOMM_POOL_TIMEOUT_S": "0.3",
-    "SMS_LEASE_S": "3.2", "SMS_RECONCILE_DELAY_S": "0.5", "SMS_OUTAGE_PAUSE_S": "0.5", "SMS_AUTH_PAUSE_S": "1",
-    # A resend needs the message absent from the logs in 3 checks over 2 s (the logs may lag).
-    "SMS_RECONCILE_WINDOW_S": "2", "SMS_RECONCILE_CHECKS": "3",
-    "SMS_DISPATCH_TICK_MS": "200", "SMS_LOGS_RATE_PER_MIN": "6000", "SMS_REPORTS_DRAIN_INTERVAL_S": "1",
+    "ICOMM_RETRY_BACKOFF_MAX_S": "0.1", "ICOMM_SEND_RETRY_ATTEMPTS": "2", "ICOMM_POOL_TIMEOUT_S": "0.3",
+    "SMS_LEASE_S": "3.2",
     "SMS_LANES": orjson.dumps(LANES).decode(),
 }
+# Reports soon, and the provider's duplicate-id guard off, so `duplicated` measures the worker alone.
 SANDBOX_FLAGS = ("--report-delay-ms", "300", "--logs-rate-per-min", "100000", "--no-reject-duplicate-ids")
 
 
@@ -128,55 +121,8 @@ def size_from_env(env: Mapping[str, str]) -> Size:
 # --- a running system ----------------------------------------------------------------------------------
 
 
-class System:
-    """A running stack plus the producer-side objects and the probes a suite needs."""
-
-    def __init__(self, stack: DevStack, settings: Settings, sandbox_url: str, web_url: str | None) -> None:
-        self.stack = stack
-        self.settings = settings
-        self.sandbox_url = sandbox_url
-        self.web_url = web_url
-        self.client: Any = connect(settings.redis_url)
-        self.store = Store(self.client)
-        self.broker, _ = make_broker(settings)
-        self.triggers = Triggers(self.store, self.broker)
-        self.outbox = Outbox(settings, self.store, wake=self.triggers.dispatch)
-        self.http = httpx.Client(timeout=10, trust_env=False)
-        self._worker_names = 0
-
-    def close(self) -> None:
-        self.http.close()
-        self.broker.close()
-        self.client.close()
-
-    # --- sandbox --------------------------------------------------------------------------------
-    def stats(self, per_message: bool = False) -> dict[str, Any]:
-        suffix = "?per_message=1" if per_message else ""
-        response = self.http.get(f"{self.sandbox_url}/_sandbox/stats{suffix}", timeout=30)
-        response.raise_for_status()
-        data: dict[str, Any] = response.json()
-        return data
-
-    def configure(self, **knobs: Any) -> None:
-        self.http.post(f"{self.sandbox_url}/_sandbox/config", json=knobs).raise_for_status()
-
-    # --- processes ------------------------------------------------------------------------------
-    def workers(self) -> list[Proc]:
-        return [p for p in self.stack.procs if p.name.startswith("worker-") and p.alive()]
-
-    def start_worker(self) -> Proc:
-        self._worker_names += 1
-        return self.stack.start_worker(f"worker-{self._worker_names}")
-
-    def dead_processes(self, killed: Iterable[Proc] = ()) -> list[str]:
-        """Processes that exited without the test killing them (a crash)."""
-        spared = {id(p) for p in killed}
-        return [f"{p.name} (exit {p.popen.returncode if p.popen else '?'})" for p in self.stack.procs
-                if id(p) not in spared and not p.alive()]
-
-    # --- Redis probes ---------------------------------------------------------------------------
-    def events(self) -> list[dict[str, Any]]:
-        return [orjson.loads(f[b"event"]) for _, f in self.client.xrange(self.store.events)]
+class System(support.System):
+    """The end-to-end System plus the probes the reliability checks read."""
 
     def dead_letters(self) -> list[dict[str, Any]]:
         return [{"message_id": f[b"message_id"].decode(), **orjson.loads(f[b"entry"])}
@@ -220,53 +166,22 @@ def running(
     env: dict[str, str] | None = None, sandbox_flags: Iterable[str] = (), *, workers: int = 2, web: bool = False,
     appendonly: bool = False, seed: int = 7, log_dir: Path | None = None, clock: bool = True,
 ) -> Iterator[System]:
-    """Start redis, the sandbox, `workers` worker processes, the clock (and web); stop them all after.
+    """Start redis, the sandbox, `workers` worker processes, the clock (and web); SIGKILL them all after
+    (the run is measured: it ends at once).
 
     SMS_RELIABILITY_ENV (a JSON object of settings) overrides the suite's own, to measure what a
     setting costs, e.g. SMS_RELIABILITY_ENV='{"SMS_RECONCILE_WINDOW_S": "0.8"}'."""
     overrides = orjson.loads(os.environ.get("SMS_RELIABILITY_ENV") or "{}")
     full_env = {**BASE_ENV, **(env or {}), **{str(k): str(v) for k, v in overrides.items()}}
-    web_port = free_port() if web else None
-    if web:
-        full_env.setdefault("SMS_WEBHOOK_SECRET", secrets.token_hex(16))
-        full_env.setdefault("SMS_WEBHOOK_PUBLIC_URL", f"http://127.0.0.1:{web_port}")
-    with DevStack(env=full_env, log_dir=log_dir) as stack:
-        stack.start_redis(appendonly=appendonly)
-        sandbox_url = stack.start_sandbox(API_KEY, *SANDBOX_FLAGS, "--seed", str(seed), *sandbox_flags)
-        web_url = None
-        if web_port is not None:
-            web_proc = stack.start_web(web_port)
-            web_url = f"http://127.0.0.1:{web_port}"
-
-            def web_ready() -> bool:
-                if not web_proc.alive():
-                    raise RuntimeError(f"the web process exited:\n{web_proc.tail()}")
-                try:
-                    return httpx.get(f"{web_url}/readyz", timeout=0.5).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            wait_until(web_ready, 20, "the web process to be ready", interval_s=0.1)
-        system = System(stack, settings_from_env(stack.env), sandbox_url, web_url)
-        for _ in range(workers):
-            system.start_worker()
-        if clock:
-            stack.start_clock()
-        try:
-            yield system
-        finally:
-            system.close()
-            # The run is measured: end it at once (graceful shutdown has its own tests, and a dramatiq
-            # worker takes seconds to stop).
-            for proc in stack.procs:
-                if proc.name != "redis":
-                    proc.signal(signal.SIGKILL)
+    flags = (*SANDBOX_FLAGS, "--seed", str(seed), *sandbox_flags)
+    with support.launch(System, full_env, flags, workers=workers, clocks=int(clock), web=web, appendonly=appendonly,
+                        log_dir=log_dir, kill_at_exit=True) as system:
+        yield system
 
 
 def jobs(n: int, start: int = 0, prefix: str = "job") -> list[dict[str, Any]]:
     """`n` valid jobs with producer ids and metadata."""
-    return [{"to": f"4179{i:07d}", "text": f"hello {i}", "id": f"{prefix}-{i}", "metadata": {"n": i}}
-            for i in range(start, start + n)]
+    return support.jobs(n, start, id_prefix=prefix)
 
 
 # --- waiting and checking ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from worker.errors import JobValidationError
 from worker.logs import Redactor
-from worker.outbox import Outbox
+from worker.outbox import Outbox, OutboxConfig
 from worker.provider import wire_message_from_dict
 from worker.reports import WebhookBodyError, parse_page, validate_webhook_body
 from worker.settings import Settings
@@ -112,7 +112,7 @@ def test_what_the_api_accepts_the_dispatcher_can_send_and_what_it_refuses_writes
     settings: Settings, store: Store, batch: list[dict[str, Any]]
 ) -> None:
     """enqueue_many: a refusal names the job and writes nothing; an acceptance stores sendable jobs."""
-    outbox = Outbox(settings, store)
+    outbox = Outbox(OutboxConfig.from_settings(settings), store)
     before = int(store.r.xlen(store.outbox("bulk")))
     try:
         queued = outbox.enqueue_many(batch, "bulk")

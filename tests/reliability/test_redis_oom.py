@@ -28,7 +28,7 @@ import redis
 from tests.reliability.harness import Row, Size
 from tests.support.redis_server import RedisServer
 from worker.errors import EnqueueIncomplete, StoreError
-from worker.outbox import Outbox
+from worker.outbox import Outbox, OutboxConfig
 from worker.settings import Settings
 from worker.store import Store, connect
 
@@ -108,7 +108,7 @@ def test_calls_refused_part_way_by_redis_oom_leave_no_claim_without_its_job(size
     settings = Settings(redis_url=server.url, icomm_base_url="http://127.0.0.1:9",
                         icomm_api_key="rel-oom-key-0123456789", log_format="console")
     store = Store(connect(server.url))
-    outbox = Outbox(settings, store)
+    outbox = Outbox(OutboxConfig.from_settings(settings), store)
     admin: Any = redis.Redis.from_url(server.url)
     admin.config_set("maxmemory-policy", "noeviction")
     admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) + HEADROOM_BYTES + n * CLAIM_BYTES)

@@ -27,13 +27,12 @@ from tests.reliability.harness import (
     verify,
     wait_settled,
 )
-from worker.clock import Clock
+from worker.clock import Clock, ClockConfig
 from worker.devtools.devstack import DevStack, wait_until
 from worker.errors import SmsWorkerError
-from worker.runtime import make_broker
+from worker.producer import connect_store, connect_triggers
 from worker.settings import Settings
 from worker.store import Store, connect
-from worker.triggers import Triggers
 
 CHUNK = 100
 
@@ -151,7 +150,8 @@ def test_redis_killed_during_a_store_call_surfaces_as_store_error(record: Row, t
             stack.start_redis(appendonly=True, port=stack.redis_port)
             store.r.close()
     record.note = f"a Store call cut by kill -9 raised: {dict(outcomes)}"
-    assert outcomes == {"worker.errors.StoreError": record.trials}, (
+    # StoreUnavailable is the StoreError of an outage (what runtime.redis_outage_is_one_line expects).
+    assert outcomes == {"worker.errors.StoreUnavailable": record.trials}, (
         f"Store.pipeline let {dict(outcomes)} escape: the socket read in store.resp.read_replies is outside "
         "redis_errors(), so `except StoreError` in Outbox callers, Clock.run and Drainer.append misses it"
     )
@@ -160,9 +160,11 @@ def test_redis_killed_during_a_store_call_surfaces_as_store_error(record: Row, t
 def test_the_clock_keeps_ticking_when_redis_fails_under_its_broker(settings: Settings, record: Row) -> None:
     """A Redis error from the Dramatiq broker's enqueue reaches the clock as StoreError, so it keeps running."""
     record.suite = "clock with Redis failing"
-    store = Store(connect(settings.redis_url))  # the clock's own Redis answers...
-    broker, _ = make_broker(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))  # ...its broker's not
-    clock = Clock(settings.model_copy(update={"sms_dispatch_tick_ms": 50}), store, Triggers(store, broker))
+    store = connect_store(settings)  # the clock's own Redis answers...
+    unreachable = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    triggers = connect_triggers(unreachable, store)  # ...its broker's not
+    tick_50_ms = ClockConfig.from_settings(settings.model_copy(update={"sms_dispatch_tick_ms": 50}))
+    clock = Clock(tick_50_ms, store, triggers)
     stop = threading.Event()
     died: list[BaseException] = []
 
@@ -177,8 +179,8 @@ def test_the_clock_keeps_ticking_when_redis_fails_under_its_broker(settings: Set
     poll(lambda: not ticking.is_alive(), 1.0, 0.05)  # twenty ticks
     stop.set()
     ticking.join(5)
-    store.r.close()
-    broker.close()
+    store.close()
+    triggers.broker.close()
     record.fault("broker's Redis unreachable")
     record.note = f"Clock.run ended by {type(died[0]).__module__}.{type(died[0]).__name__}" if died else ""
     assert not died, (

@@ -36,7 +36,7 @@ from tests.reliability.harness import (
     verify,
     wait_settled,
 )
-from worker.devtools.devstack import DevStack, Proc, free_port, wait_until
+from worker.devtools.devstack import DevStack, free_port, wait_until
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -88,9 +88,8 @@ def test_an_evicting_redis_fails_check_and_readyz_and_is_logged(record: Row, tmp
 
         worker = stack.start_worker("worker-1", env={"SMS_METRICS_PORT": str(metrics_port)})
         clock = stack.start_clock()
-        web = Proc("web", [sys.executable, "-m", "worker.cli", "web", "--port", str(web_port)], stack.env,
-                   stack.log_dir).start()
-        stack.procs.append(web)
+        # Not stack.start_web: that waits for /readyz to answer 200, which this Redis never allows.
+        web = stack.spawn("web", [sys.executable, "-m", "worker.cli", "web", "--port", str(web_port)])
         readyz = f"http://127.0.0.1:{web_port}/readyz"
 
         def answered() -> bool:

@@ -48,7 +48,6 @@ from tests.reliability.harness import (
 )
 from worker.devtools.devstack import DevStack
 from worker.errors import StoreError
-from worker.settings import settings_from_env
 
 DRAIN_LEASE = "reports-drain"
 _HOP_REQUEST = frozenset({"host", "content-length", "connection", "keep-alive", "accept-encoding", "transfer-encoding"})
@@ -130,7 +129,7 @@ def running_behind_proxy(size: Size, log_dir: Path, env: dict[str, str] | None =
         sandbox_url = stack.start_sandbox(API_KEY, *SANDBOX_FLAGS, "--seed", str(size.seed))
         proxy = HoldingProxy(sandbox_url)
         stack.env["ICOMM_BASE_URL"] = proxy.url
-        system = System(stack, settings_from_env(stack.env), sandbox_url, None)
+        system = System(stack, sandbox_url)
         for _ in range(2):
             system.start_worker()
         try:
@@ -138,9 +137,7 @@ def running_behind_proxy(size: Size, log_dir: Path, env: dict[str, str] | None =
         finally:
             system.close()
             proxy.close()
-            for proc in stack.procs:
-                if proc.name != "redis":
-                    proc.signal(signal.SIGKILL)
+            system.kill_all_but_redis()
 
 
 # --- helpers --------------------------------------------------------------------------------------------

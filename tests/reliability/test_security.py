@@ -28,7 +28,6 @@ from tests.reliability.harness import (
     wait_settled,
 )
 from worker.devtools.devstack import wait_until
-from worker.reports import ReportKeys
 from worker.web import create_app
 
 SECRET = "whsec-8e3b1f0a7c6d2954"
@@ -73,8 +72,9 @@ def _redis_text(system: System) -> bytes:
 
 def _state(system: System) -> tuple[int, ...]:
     """What a webhook or web call could change: events, dead letters, raw and parked reports, outboxes."""
-    r, store, keys = system.client, system.store, ReportKeys.of(system.store)
-    return (int(r.xlen(store.events)), int(r.xlen(store.dlq)), int(r.xlen(keys.raw)), int(r.hlen(keys.parked)),
+    r, store = system.client, system.store
+    return (int(r.xlen(store.events)), int(r.xlen(store.dlq)), int(r.xlen(store.reports_raw)),
+            int(r.hlen(store.reports_parked)),
             system.outbox_left(), len(list(r.scan_iter(match=f"{store.p}:msg:*", count=1000))))
 
 
@@ -113,7 +113,7 @@ def _refusals(system: System, message_id: str, row: Row) -> list[str]:
 def _replays(system: System, message_id: str, row: Row) -> list[str]:
     """An authenticated replay of a report (and a forged later verdict) for a final message adds no event."""
     assert system.web_url is not None
-    raw = ReportKeys.of(system.store).raw
+    raw = system.store.reports_raw
     events_before = system.events_len()
     state_before = system.store.message(message_id)["state"]
     url = f"{system.web_url}{system.settings.sms_webhook_path}/{SECRET}"

@@ -139,13 +139,14 @@ def test_sigkilled_workers_lose_nothing_and_send_nothing_twice(
 # SIGKILL the moment the GET has returned its page, before the page is stored.
 DIES_AFTER_GET = """
 import os, signal
-from worker.provider import Provider
-from worker.reports import Drainer
+from worker.provider import Provider, ProviderConfig
+from worker.reports import DrainConfig, Drainer
 from worker.settings import load_settings
 from worker.store import Store, connect
 
 settings = load_settings()
-drainer = Drainer(settings, Store(connect(settings.redis_url)), Provider(settings))
+provider = Provider(ProviderConfig.from_settings(settings))
+drainer = Drainer(DrainConfig.from_settings(settings), Store(connect(settings.redis_url)), provider)
 drainer.append = lambda page, token: os.kill(os.getpid(), signal.SIGKILL)
 drainer.drain()
 """

@@ -8,13 +8,17 @@ from structlog.testing import capture_logs
 
 from worker.errors import StoreError
 from worker.runtime import redis_outage_is_one_line
+from worker.store import redis_errors
 
 
 def _store_error(cause: Exception) -> StoreError:
+    """What the store raises for redis-py's `cause` (its boundary names an outage StoreUnavailable)."""
     try:
-        raise StoreError(f"Redis: {cause}") from cause
+        with redis_errors():
+            raise cause
     except StoreError as error:
         return error
+    raise AssertionError("redis_errors() let it through")
 
 
 @pytest.mark.parametrize("cause", [redis.ConnectionError("refused"), redis.TimeoutError("slow"),

@@ -10,13 +10,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.dispatch import Dispatcher
+from worker.dispatch import parse_job
 from worker.errors import JobValidationError, ProviderError
 from worker.models import encode_plain_job, plain_job, validate_job
-from worker.outbox import Outbox
-from worker.provider import Provider, parse_reports, wire_message_from_dict, wire_request
+from worker.outbox import Outbox, OutboxConfig
+from worker.provider import Provider, ProviderConfig, wire_message_from_dict, wire_request
+from worker.reports.parse import parse_page
 from worker.settings import Settings
-from worker.store import Entry
 
 SETTINGS = Settings(icomm_api_key="unit-test-key-0123456789", icomm_base_url="http://127.0.0.1:9")
 LIMITS = {"max_text_parts": 25, "metadata_max_bytes": 2048}
@@ -70,8 +70,8 @@ def test_the_fast_path_never_accepts_what_validation_refuses(data: dict[str, Any
 @given(st.binary(max_size=200) | json_values.map(orjson.dumps))
 def test_raw_outbox_entries_never_crash_the_dispatcher(raw: bytes) -> None:
     """Whatever bytes a producer put in `job`, parsing yields a job or a reason to dead-letter it."""
-    dispatcher = Dispatcher(SETTINGS, None, None, None, None, "t")  # type: ignore[arg-type]
-    job, problem = dispatcher._parse(Entry("1-0", "sw-bulk-1-0", raw))
+    job, problem = parse_job(raw, max_text_parts=SETTINGS.sms_max_text_parts,
+                             metadata_max_bytes=SETTINGS.sms_metadata_max_bytes)
     if problem is None:
         message = wire_message_from_dict(job, "sw-bulk-1-0", default_sender=None, webhook_url=None)
         assert message["destinations"][0]["to"] == job["to"]
@@ -81,14 +81,19 @@ def test_raw_outbox_entries_never_crash_the_dispatcher(raw: bytes) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300) | json_values.map(orjson.dumps))
-def test_any_reports_page_is_parsed_or_refused_as_a_provider_error(raw: bytes) -> None:
-    """A malformed reports body is a ProviderError; bad items are returned as rejects, not dropped."""
+def test_any_reports_page_is_parsed_or_dead_lettered(raw: bytes) -> None:
+    """A malformed reports body never raises: it is one dead letter; bad items are dead-lettered
+    with a reason, never dropped (every item is a final, an intermediate or a dead letter)."""
+    page = parse_page("1-0", {b"src": b"drain", b"page": raw})
+    assert all(r.message_id for r in page.finals)
+    assert all(orjson.loads(letter)["reason"] for _, letter in page.dead)
     try:
-        page = parse_reports(raw)
-    except ProviderError:
-        return
-    assert all(r.message_id for r in page.reports)
-    assert all(reject.reason for reject in page.rejects)
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = None
+    results = data.get("results") if isinstance(data, dict) else None
+    items = len(results) if isinstance(results, list) else 1  # a malformed page: dead-lettered whole
+    assert len(page.finals) + page.intermediate + len(page.dead) == items
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -99,8 +104,8 @@ def test_any_reports_page_is_parsed_or_refused_as_a_provider_error(raw: bytes) -
 def test_any_provider_answer_to_a_send_is_a_result_or_a_typed_error(status: int, body: bytes) -> None:
     """Whatever the API answers, send returns a result or raises a ProviderError subclass."""
     transport = httpx.MockTransport(lambda request: httpx.Response(status, content=body))
-    provider = Provider(SETTINGS.model_copy(update={"icomm_send_retry_attempts": 1}), transport=transport,
-                        sleep=lambda _: None)
+    config = ProviderConfig.from_settings(SETTINGS.model_copy(update={"icomm_send_retry_attempts": 1}))
+    provider = Provider(config, transport=transport, sleep=lambda _: None)
     request = wire_request([wire_message_from_dict({"to": "41793026727", "text": "x"}, "m1",
                                                    default_sender=None, webhook_url=None)])
     try:
@@ -153,7 +158,7 @@ def test_a_lone_surrogate_in_any_string_is_refused_naming_its_field(place: str, 
     with pytest.raises(JobValidationError) as caught:
         validate_job(job, **LIMITS)
     assert any(p.field == field and "lone surrogate" in p.message for p in caught.value.problems), caught.value
-    outbox = Outbox(SETTINGS, None)  # type: ignore[arg-type]  # refused before anything is written
+    outbox = Outbox(OutboxConfig.from_settings(SETTINGS), None)  # type: ignore[arg-type]  # refused before anything is written
     with pytest.raises(JobValidationError) as caught:
         outbox.enqueue_many([plain_base, job], "bulk")
     assert any(p.field == f"jobs[1].{field}" for p in caught.value.problems), caught.value

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.redis_server import free_port
 from tests.unit.test_settings import BAD_VALUES
 from worker.cli import main
+from worker.devtools.devstack import free_port
 from worker.settings import ENV_FILE_VARIABLE, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,7 +129,7 @@ def redis_env(redis_url: str) -> dict[str, str]:
 
 def one_said_line(done: subprocess.CompletedProcess[str], code: int) -> str:
     """one_line(), blank lines aside: the CSV importer's progress display ends with an empty line
-    when stderr is no terminal (worker/cli.py, _enqueue_csv: rich's Progress)."""
+    when stderr is no terminal (worker/cli/enqueue.py, enqueue_csv: rich's Progress)."""
     blank_free = subprocess.CompletedProcess(done.args, done.returncode, done.stdout,
                                              "".join(line + "\n" for line in done.stderr.splitlines() if line))
     return one_line(blank_free, code)

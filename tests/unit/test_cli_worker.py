@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from worker.cli import _worker_queues
+from worker.cli.processes import worker_queues as _worker_queues
 from worker.devtools.devstack import DevStack
 from worker.devtools.sandbox.process import SandboxProcess
 from worker.errors import SmsWorkerError

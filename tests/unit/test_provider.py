@@ -22,7 +22,7 @@ from jsonschema import Draft202012Validator
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
-import worker.provider as provider_module
+import worker.provider.client as provider_module
 from worker.errors import (
     ConfigError,
     ProviderAmbiguous,
@@ -38,20 +38,16 @@ from worker.models import Job, encode_job
 from worker.provider import (
     MAX_FILTER_CHARS,
     REPORTS_PATH,
-    ConversionTracking,
     MessageStatus,
     Provider,
-    RequestOptions,
-    SendingSpeedLimit,
-    UrlTracking,
+    ProviderConfig,
+    WireMessage,
     chunk_message_ids,
-    encode_request,
     format_datetime,
-    parse_reports,
-    wire_message,
     wire_message_from_dict,
     wire_request,
 )
+from worker.reports.parse import FinalReport, Page, parse_page
 from worker.settings import Settings
 
 API_KEY = "test-key-123"
@@ -142,7 +138,8 @@ def make(request_schema: Draft202012Validator) -> Iterator[Callable[..., Harness
         api = Api(list(replies))
         sleeps: list[float] = []
         transport = httpx.MockTransport(api)
-        provider = Provider(make_settings(**overrides), transport=transport, sleep=sleeps.append)
+        config = ProviderConfig.from_settings(make_settings(**overrides))
+        provider = Provider(config, transport=transport, sleep=sleeps.append)
         harness = Harness(provider, api, sleeps)
         made.append(harness)
         return harness
@@ -185,6 +182,11 @@ def accepted(*ids: str, bulk_id: str | None = "B-1", details: bool = True) -> ht
 
 def text_job(**extra: Any) -> Job:
     return Job.model_validate({"to": "+" + PHONE, "text": "Hello", **extra})
+
+
+def wire_message(job: Job, message_id: str, **kwargs: Any) -> WireMessage:
+    """A job's SmsMessage built as dispatch builds it: from the job's stored form (`encode_job`)."""
+    return wire_message_from_dict(orjson.loads(encode_job(job)), message_id, **kwargs)
 
 
 def one_request(job: Job | None = None, message_id: str = "sw-1") -> Any:
@@ -299,7 +301,8 @@ def test_wire_message_from_stored_job_matches_the_model_path() -> None:
         job = Job.model_validate(data)
         stored = orjson.loads(encode_job(job))
         kwargs: dict[str, Any] = {"default_sender": "ACME", "webhook_url": "https://hook/x", "notify": True}
-        assert wire_message_from_dict(stored, "sw-1", **kwargs) == wire_message(job, "sw-1", **kwargs)
+        dumped = job.model_dump(exclude_none=True, by_alias=True)
+        assert wire_message_from_dict(stored, "sw-1", **kwargs) == wire_message_from_dict(dumped, "sw-1", **kwargs)
 
 
 def test_wire_message_from_dict_fills_api_defaults() -> None:
@@ -324,10 +327,10 @@ def test_wire_message_from_dict_fills_api_defaults() -> None:
         wire_message_from_dict({"to": PHONE}, "sw-1", default_sender=None, webhook_url=None)
 
 
-def test_message_status_to_wire_round_trips() -> None:
+def test_message_status_to_wire_round_trips(make: Callable[..., Harness]) -> None:
     """A parsed status renders back to the API's camelCase object, without absent fields."""
-    page = parse_reports(orjson.dumps({"results": [{"messageId": "a", "status": DELIVERED}]}))
-    assert page.reports[0].status.to_wire() == DELIVERED
+    response = make(ok({"messages": [{"messageId": "a", "status": DELIVERED}]})).provider.send(one_request())
+    assert response.messages[0].status.to_wire() == DELIVERED
     assert MessageStatus(5, "REJECTED", None, "", "").to_wire() == {
         "groupId": 5, "groupName": "REJECTED", "name": "", "description": "",
     }
@@ -337,51 +340,6 @@ def test_wire_message_notify_false_without_url() -> None:
     """notify=False alone asks the provider to send no report; no URL or contentType appears."""
     message = wire_message(text_job(), "sw-1", default_sender=None, webhook_url=None, notify=False)
     assert message["webhooks"] == {"delivery": {"notify": False}}
-
-
-def test_wire_request_every_option_and_send_at_format(make: Callable[..., Harness]) -> None:
-    """All top-level options are spelled as the API wants, sendAt converted to UTC `.SSS+0000`."""
-    send_at = datetime(2030, 5, 1, 10, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
-    options = RequestOptions(
-        bulk_id="bulk-1",
-        send_at=send_at,
-        sending_speed_limit=SendingSpeedLimit(amount=10, time_unit="HOUR"),
-        tracking=UrlTracking(
-            shorten_url=True, track_clicks=False, tracking_url="https://t.example/cb", remove_protocol=True,
-            custom_domain="go.example",
-        ),
-        include_sms_count_in_response=True,
-        conversion_tracking=ConversionTracking(
-            use_conversion_tracking=True, conversion_tracking_name="signup"
-        ),
-    )
-    message = wire_message(text_job(), "sw-1", default_sender=None, webhook_url=None)
-    request = wire_request([message], options)
-    assert request["options"] == {
-        "schedule": {
-            "bulkId": "bulk-1", "sendAt": "2030-05-01T08:00:00.123+0000",
-            "sendingSpeedLimit": {"amount": 10, "timeUnit": "HOUR"},
-        },
-        "tracking": {
-            "shortenUrl": True, "trackClicks": False, "trackingUrl": "https://t.example/cb",
-            "removeProtocol": True, "customDomain": "go.example",
-        },
-        "includeSmsCountInResponse": True,
-        "conversionTracking": {"useConversionTracking": True, "conversionTrackingName": "signup"},
-    }
-    assert "options" not in wire_request([message], RequestOptions())
-    h = make(accepted("sw-1"))
-    h.provider.send(request)
-    assert h.api.requests[0].content == encode_request(request)
-
-
-def test_wire_request_refuses_naive_send_at_and_long_bulk_id() -> None:
-    """A naive sendAt and a bulkId over 100 characters are refused before any request."""
-    message = wire_message(text_job(), "sw-1", default_sender=None, webhook_url=None)
-    with pytest.raises(ValueError, match="timezone-aware"):
-        wire_request([message], RequestOptions(send_at=datetime(2030, 1, 1)))
-    with pytest.raises(ValueError, match="at most 100"):
-        wire_request([message], RequestOptions(bulk_id="b" * 101))
 
 
 def test_format_datetime_pads_milliseconds() -> None:
@@ -661,13 +619,23 @@ def test_api_key_never_appears_in_errors(make: Callable[..., Harness], reply: Re
 def test_missing_api_key_is_a_config_error() -> None:
     """A Provider cannot be built without ICOMM_API_KEY, and says which variable is missing."""
     with pytest.raises(ConfigError, match="ICOMM_API_KEY"):
-        Provider(make_settings(icomm_api_key=""))
+        Provider(ProviderConfig.from_settings(make_settings(icomm_api_key="")))
+
+
+def test_provider_config_reads_its_settings_and_never_shows_the_key() -> None:
+    """ProviderConfig holds what the Provider reads from Settings; its repr leaves the key out."""
+    config = ProviderConfig.from_settings(make_settings(icomm_max_connections=7))
+    assert (config.api_key, config.base_url, config.max_connections) == (API_KEY, "http://127.0.0.1:9", 7)
+    assert (config.send_retry_attempts, config.retry_backoff_base_s, config.retry_backoff_max_s) == (3, 0.1, 5.0)
+    assert config.attempt_s == 5.0 + 3.0 + 10.0 + 15.0  # the default pool, connect, write and read timeouts
+    assert API_KEY not in repr(config)
 
 
 def test_closed_provider_refuses_to_send() -> None:
     """Leaving the context manager closes the shared client."""
     api = Api([accepted("sw-1")])
-    with Provider(make_settings(), transport=httpx.MockTransport(api), sleep=lambda s: None) as provider:
+    config = ProviderConfig.from_settings(make_settings())
+    with Provider(config, transport=httpx.MockTransport(api), sleep=lambda s: None) as provider:
         provider.send(one_request())
     with pytest.raises(RuntimeError, match="closed"):
         provider.send(one_request())
@@ -924,58 +892,63 @@ def test_reports_auth_error(make: Callable[..., Harness]) -> None:
         make(api_error(401)).provider.reports_raw()
 
 
+def page_of(raw: bytes) -> Page:
+    """A reports page as the drain stores it, parsed by the one report parser (worker.reports.parse)."""
+    return parse_page("1-0", {b"src": b"drain", b"page": raw})
+
+
 def test_parse_reports_good_page() -> None:
-    """Every DeliveryReport field is parsed, the provider's time strings kept, the raw item attached."""
-    page = parse_reports(orjson.dumps({"results": [REPORT, {"messageId": "sw-2", "status": PENDING}]}))
-    assert page.rejects == []
-    first, second = page.reports
-    assert (first.message_id, first.bulk_id, first.to, first.sender) == ("sw-1", "B-1", PHONE, "ACME")
-    assert (first.sent_at, first.done_at) == ("2019-11-09T16:00:00.000+0100", "2019-11-09T16:00:00.000+0100")
-    assert (first.message_count, first.mcc_mnc, first.callback_data) == (1, "22801", "cb-1")
-    assert first.price is not None
-    assert (first.price.price_per_message, first.price.currency) == (0.01, "EUR")
-    assert first.status.group_name == "DELIVERED"
-    assert first.status.name == "DELIVERED_TO_HANDSET"
-    assert first.error is not None
-    assert (first.error.name, first.error.permanent) == ("NO_ERROR", False)
-    assert first.platform is not None
-    assert (first.platform.entity_id, first.platform.application_id) == ("ent-1", "app-1")
-    assert first.campaign_reference_id == "spring"
-    assert first.raw == REPORT
-    assert (second.bulk_id, second.error, second.price, second.callback_data) == (None, None, None, None)
+    """A final report is filed with its group and status name, every field kept as it came (the
+    provider's time strings untouched); an intermediate one is counted; nothing is dead-lettered."""
+    page = page_of(orjson.dumps({"results": [REPORT, {"messageId": "sw-2", "status": PENDING}]}))
+    assert page.dead == []
+    assert page.finals == [FinalReport("sw-1", "DELIVERED", "DELIVERED_TO_HANDSET", REPORT)]
+    assert page.finals[0].item["sentAt"] == "2019-11-09T16:00:00.000+0100"
+    assert page.intermediate == 1
 
 
 @pytest.mark.parametrize("raw", [b"", b"not json", b"[]", b'{"results": {}}', b'{"result": []}'])
 def test_parse_reports_malformed_page(raw: bytes) -> None:
-    """A page that is not JSON or has no results list raises ProviderError with a clear message."""
-    with pytest.raises(ProviderError, match="delivery reports page") as caught:
-        parse_reports(raw)
-    assert type(caught.value) is ProviderError
+    """A page that is not JSON or has no results list is one dead letter with a clear reason, never
+    an exception (the page was handed out once: it must not be lost)."""
+    page = page_of(raw)
+    assert (page.finals, page.intermediate) == ([], 0)
+    [(message_id, letter)] = page.dead
+    dead = orjson.loads(letter)
+    assert (message_id, dead["kind"], dead["reason"]) == ("", "report", "report_page_malformed")
+    assert dead["detail"].startswith("not JSON") or dead["detail"] == "no 'results' list"
+    assert dead["page"] == raw.decode()
 
 
 def test_parse_reports_partial_page_returns_rejects() -> None:
-    """Items that are not objects, lack messageId or lack a status are returned as rejects."""
+    """Items that are not objects, lack messageId or lack a status are dead-lettered with the item."""
     items: list[Any] = [
         REPORT, 5, {"status": DELIVERED}, {"messageId": "sw-9"}, {"messageId": "", "status": {}},
     ]
-    page = parse_reports(orjson.dumps({"results": items}))
-    assert [r.message_id for r in page.reports] == ["sw-1"]
-    assert [(r.item, r.reason) for r in page.rejects] == [
+    page = page_of(orjson.dumps({"results": items}))
+    assert [r.message_id for r in page.finals] == ["sw-1"]
+    dead = [orjson.loads(letter) for _, letter in page.dead]
+    assert [(d["item"], d["detail"]) for d in dead] == [
         (5, "report is not a JSON object"),
         ({"status": DELIVERED}, "report has no messageId"),
         ({"messageId": "sw-9"}, "report has no readable status"),
         ({"messageId": "", "status": {}}, "report has no messageId"),
     ]
+    assert [message_id for message_id, _ in page.dead] == ["", "", "sw-9", ""]
 
 
-def test_parse_reports_fills_status_group_from_either_half() -> None:
-    """A status with only groupName or only groupId still yields both from the documented table."""
-    page = parse_reports(orjson.dumps({"results": [
+def test_parse_reports_fills_status_group_from_either_half(make: Callable[..., Harness]) -> None:
+    """A status with only groupName or only groupId still yields both from the documented table
+    (a logs entry's status), and the report parser files it by that group."""
+    results = [
         {"messageId": "a", "status": {"groupName": "REJECTED", "name": "REJECTED_NETWORK"}},
         {"messageId": "b", "status": {"groupId": 2}},
-    ]}))
-    groups = [(r.status.group_id, r.status.group_name) for r in page.reports]
+    ]
+    entries = make(ok({"results": results})).provider.logs()
+    groups = [(e.status.group_id, e.status.group_name) for e in entries if e.status is not None]
     assert groups == [(5, "REJECTED"), (2, "UNDELIVERABLE")]
+    page = page_of(orjson.dumps({"results": results}))
+    assert [(r.message_id, r.group) for r in page.finals] == [("a", "REJECTED"), ("b", "UNDELIVERABLE")]
 
 
 # --- logs -----------------------------------------------------------------------------------------

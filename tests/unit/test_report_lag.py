@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from worker import metrics
-from worker.reports import _observe_lag
+from worker.reports.process import _observe_lag
 
 
 def _count_and_sum() -> tuple[float, float]:

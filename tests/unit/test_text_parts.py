@@ -20,7 +20,7 @@ from worker.models import (
     text_size,
     validate_job,
 )
-from worker.outbox import Outbox
+from worker.outbox import Outbox, OutboxConfig
 from worker.settings import Settings
 
 LIMITS = {"max_text_parts": 25, "metadata_max_bytes": 2048}
@@ -97,7 +97,7 @@ def test_the_parts_limit_is_the_setting() -> None:
         assert encode_plain_job(_job(text), **limits) is None
         with pytest.raises(JobValidationError, match="too long: 2 SMS parts"):
             validate_job(_job(text), **limits)
-    outbox = Outbox(SETTINGS.model_copy(update={"sms_max_text_parts": 3}), None)  # type: ignore[arg-type]
+    outbox = Outbox(OutboxConfig.from_settings(SETTINGS.model_copy(update={"sms_max_text_parts": 3})), None)  # type: ignore[arg-type]
     with pytest.raises(JobValidationError, match=r"jobs\[0\].text: too long: 4 SMS parts"):
         outbox.enqueue_many([_job("€" * 300)], "bulk")
 

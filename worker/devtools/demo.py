@@ -1,12 +1,11 @@
-"""`sms-worker demo` (and `./scripts/demo`): the whole system on this machine, a few thousand SMS, and
-what became of them.
+"""`sms-worker demo` (and `./scripts/demo`): the whole system on this machine, sending SMS, explained.
 
-Starts a private Redis, the sandbox (with a small fault mix), two workers, the clock and the web
-process; enqueues SMS in both lanes (and a few broken jobs the way a careless producer would
-write them with plain Redis commands); shows a progress bar until every message has its final
-status; prints the counts by status, says in plain words what they mean, and what to try next.
-Then it stops everything, or with `--keep` leaves it running and prints the commands to poke at it
-(and the one that stops it: `python -m worker.devtools.demo --stop <dir>`, written to `<dir>/stop`).
+It starts a private Redis, the sandbox (with a small fault mix), two workers, the clock and the web
+process; enqueues a few thousand SMS in both lanes (and a few broken jobs the way a careless
+producer would write them with plain Redis commands); shows a progress bar until every message has
+its final status; prints the counts by status, says in plain words what they mean, and what to try
+next. Then it stops everything, or with `--keep` leaves it running and prints the commands to poke
+at it (and the one that stops it: `python -m worker.devtools.demo --stop <dir>`, written to `<dir>/stop`).
 """
 
 from __future__ import annotations
@@ -36,11 +35,9 @@ from rich.text import Text
 from worker import logs
 from worker.devtools.devstack import DevStack, free_port, wait_until
 from worker.devtools.sandbox.config import DEFAULT_OUTCOME_MIX
-from worker.outbox import Outbox
-from worker.runtime import make_broker
+from worker.producer import Producer, producer
 from worker.settings import settings_from_env
 from worker.store import Store, connect
-from worker.triggers import Triggers
 
 FINAL = {"delivered", "undeliverable", "expired", "rejected", "failed"}
 TIMEOUT_S = 120
@@ -49,6 +46,8 @@ TIMEOUT_S = 120
 OUTCOME_MIX = dict(DEFAULT_OUTCOME_MIX)
 STACK_FILE = "stack.json"
 ENV_FILE = "demo.env"
+# Jobs a careless producer writes with plain Redis commands: each ends in the dead letters with a reason.
+BROKEN_JOBS = (b"not json", b'{"to":"12","text":"bad number"}', b'{"to":"41790000000"}')
 
 
 def _jobs(n: int, rng: random.Random) -> list[tuple[str, dict[str, Any]]]:
@@ -223,15 +222,9 @@ def _poke_commands(stack: DevStack, sandbox: str, env_file: Path, stop: Path, ev
     return [f"  {command.ljust(width)}   # {what}" for command, what in commands]
 
 
-def run_demo(messages: int = 3000, keep_logs: bool = False, keep: bool = False) -> int:
-    console = Console(stderr=True)
-    out = Console()
-    rng = random.Random(7)
-    api_key = f"demo-{secrets.token_hex(8)}"
-    web_port = free_port()
-    secret = secrets.token_hex(16)
-    logs.configure(fmt="console", level="WARNING", secrets=[api_key, secret])  # this process: warnings only
-    env = {
+def _demo_env(web_port: int, secret: str) -> dict[str, str]:
+    """The settings of the demo's processes: short timeouts and small bulks, so faults show and resolve."""
+    return {
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "WARNING",
         # Short timeouts so "accept then time out" faults resolve within the demo.
@@ -247,87 +240,137 @@ def run_demo(messages: int = 3000, keep_logs: bool = False, keep: bool = False) 
         # Small bulks, so the sandbox's fault mix touches a fair number of requests.
         "SMS_LANES": '{"otp":{"batch_size":20,"max_wait_ms":0},"bulk":{"batch_size":100,"max_wait_ms":100}}',
     }
+
+
+def _start_stack(stack: DevStack, api_key: str, web_port: int) -> tuple[str, str]:
+    """Redis, the sandbox with a small fault mix, two workers, the clock and the web process; returns
+    (Redis URL, sandbox URL)."""
+    redis_url = stack.start_redis()
+    sandbox = stack.start_sandbox(
+        api_key, "--seed", "7", "--report-delay-ms", "300", "--rate-429", "0.05",
+        "--retry-after-share", "0.5", "--error-5xx-rate", "0.04", "--accept-then-timeout-rate", "0.03",
+        "--timeout-delay-ms", "1500",
+        "--outcome-mix", ",".join(f"{kind}={share}" for kind, share in OUTCOME_MIX.items()),
+    )
+    stack.start_worker("worker-1")
+    stack.start_worker("worker-2")
+    stack.start_clock()
+    stack.start_web(web_port)
+    return redis_url, sandbox
+
+
+def _enqueue(wired: Producer, client: Any, messages: int) -> int:
+    """Enqueue the demo's jobs in both lanes, and the broken ones; returns how many SMS to follow."""
+    jobs = _jobs(messages, random.Random(7))
+    # A careless producer writing plain Redis commands: these end in dead letters with a reason.
+    for raw in BROKEN_JOBS:
+        client.xadd(wired.store.outbox("bulk"), {"job": raw})
+    for lane in ("otp", "bulk"):
+        wired.outbox.enqueue_many([job for jl, job in jobs if jl == lane], lane)
+    wired.wake("bulk")
+    return len(jobs) + len(BROKEN_JOBS)
+
+
+def _all_final(last: dict[str, str], total: int) -> bool:
+    return len(last) >= total and all(t in FINAL for t in last.values())
+
+
+def _read_events(client: Any, store: Store, cursor: str, last: dict[str, str]) -> str:
+    """Note each message's latest event type (a final one is kept) from the events after `cursor`;
+    returns the new cursor."""
+    for _stream, items in client.xread({store.events: cursor}, count=5000, block=200) or []:
+        for entry_id, fields in items:
+            cursor = entry_id.decode()
+            event = orjson.loads(fields[b"event"])
+            if last.get(event["message_id"]) not in FINAL:
+                last[event["message_id"]] = event["type"]
+    return cursor
+
+
+def _follow(console: Console, client: Any, store: Store, total: int) -> dict[str, str]:
+    """Show progress bars until every message has its final status (or TIMEOUT_S); returns each
+    message's last event type."""
+    last: dict[str, str] = {}
+    cursor = "0-0"
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        sent = progress.add_task("sent to the provider", total=total)
+        final = progress.add_task("final status", total=total)
+        deadline = time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline:
+            cursor = _read_events(client, store, cursor, last)
+            progress.update(sent, completed=len(last))
+            progress.update(final, completed=sum(1 for t in last.values() if t in FINAL))
+            if _all_final(last, total):
+                break
+    return last
+
+
+def _results_table(counts: Counter[str], total: int, messages: int, seconds: float, duplicates: Any,
+                   dead_letters: int) -> Table:
+    """Final statuses with their counts, then the duplicates and dead letters."""
+    table = Table(title=f"{total} SMS in {seconds:.1f} s",
+                  caption=f"{messages} sent through the Python API + {len(BROKEN_JOBS)} broken jobs")
+    table.add_column("final status")
+    table.add_column("messages", justify="right")
+    for status, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        table.add_row(status, str(n))
+    table.add_row("no status yet", str(total - sum(counts.values())))
+    table.add_section()
+    table.add_row("sent twice (sandbox duplicates)", str(duplicates))
+    table.add_row("dead letters", str(dead_letters))
+    return table
+
+
+def _print_kept(out: Console, stack: DevStack, sandbox: str, env: dict[str, str], events_key: str) -> None:
+    """--keep: write the stack's files and print the commands to poke at it."""
+    env_file, stop = _write_kept(stack, sandbox, env)
+    out.print("[bold]Everything is still running (--keep).[/bold] Poke at it from another shell:")
+    for line in _poke_commands(stack, sandbox, env_file, stop, events_key):
+        out.print(line, highlight=False, soft_wrap=True)
+    out.print()
+
+
+def run_demo(messages: int = 3000, keep_logs: bool = False, keep: bool = False) -> int:
+    """The demo: start the stack, send, follow, explain; 0 when every SMS got its final status once."""
+    console = Console(stderr=True)
+    out = Console()
+    api_key = f"demo-{secrets.token_hex(8)}"
+    web_port = free_port()
+    secret = secrets.token_hex(16)
+    logs.configure(fmt="console", level="WARNING", secrets=[api_key, secret])  # this process: warnings only
+    env = _demo_env(web_port, secret)
     started = time.monotonic()
     stack = DevStack(env=env)
     kept = False
     try:
         with console.status("starting Redis, the sandbox, 2 workers, the clock and the web process"):
-            redis_url = stack.start_redis()
-            sandbox = stack.start_sandbox(
-                api_key, "--seed", "7", "--report-delay-ms", "300", "--rate-429", "0.05",
-                "--retry-after-share", "0.5", "--error-5xx-rate", "0.04", "--accept-then-timeout-rate", "0.03",
-                "--timeout-delay-ms", "1500",
-                "--outcome-mix", ",".join(f"{kind}={share}" for kind, share in OUTCOME_MIX.items()),
-            )
-            stack.start_worker("worker-1")
-            stack.start_worker("worker-2")
-            stack.start_clock()
-            stack.start_web(web_port)
-        settings = settings_from_env(stack.env)
+            redis_url, sandbox = _start_stack(stack, api_key, web_port)
+        wired = producer(settings_from_env(stack.env))
+        store = wired.store
+        # The demo's own client plays the careless producer and follows the events stream, as
+        # redis-cli would: plain commands, next to the Store the real producer writes through.
         client: Any = connect(redis_url)
-        store = Store(client, settings.sms_key_prefix, settings.sms_message_id_prefix)
-        broker, _ = make_broker(settings)
-        triggers = Triggers(store, broker)
-        outbox = Outbox(settings, store, wake=triggers.dispatch)
-
-        jobs = _jobs(messages, rng)
-        # A careless producer writing plain Redis commands: these end in dead letters with a reason.
-        broken = [b"not json", b'{"to":"12","text":"bad number"}', b'{"to":"41790000000"}']
-        for raw in broken:
-            client.xadd(store.outbox("bulk"), {"job": raw})
-        total = len(jobs) + len(broken)
-        for lane in ("otp", "bulk"):
-            outbox.enqueue_many([job for jl, job in jobs if jl == lane], lane)
-        triggers.dispatch("bulk")
-
-        last: dict[str, str] = {}
-        cursor = "0-0"
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console) as progress:
-            sent = progress.add_task("sent to the provider", total=total)
-            final = progress.add_task("final status", total=total)
-            deadline = time.monotonic() + TIMEOUT_S
-            while time.monotonic() < deadline:
-                for _stream, items in client.xread({store.events: cursor}, count=5000, block=200) or []:
-                    for entry_id, fields in items:
-                        cursor = entry_id.decode()
-                        event = orjson.loads(fields[b"event"])
-                        if last.get(event["message_id"]) not in FINAL:
-                            last[event["message_id"]] = event["type"]
-                progress.update(sent, completed=len(last))
-                progress.update(final, completed=sum(1 for t in last.values() if t in FINAL))
-                if len(last) >= total and all(t in FINAL for t in last.values()):
-                    break
+        total = _enqueue(wired, client, messages)
+        last = _follow(console, client, store, total)
         stats = httpx.get(f"{sandbox}/_sandbox/stats", timeout=5).json()
         counts = Counter(last.values())
         duplicates = stats.get("duplicates", "?")
-        table = Table(title=f"{total} SMS in {time.monotonic() - started:.1f} s",
-                      caption=f"{messages} sent through the Python API + {len(broken)} broken jobs")
-        table.add_column("final status")
-        table.add_column("messages", justify="right")
-        for status, n in sorted(counts.items(), key=lambda kv: -kv[1]):
-            table.add_row(status, str(n))
-        table.add_row("no status yet", str(total - len(last)))
-        table.add_section()
-        table.add_row("sent twice (sandbox duplicates)", str(duplicates))
-        table.add_row("dead letters", str(client.xlen(store.dlq)))
-        out.print(table)
+        out.print(_results_table(counts, total, messages, time.monotonic() - started, duplicates,
+                                 client.xlen(store.dlq)))
         out.print()
-        ok = len(last) == total and all(t in FINAL for t in last.values()) and duplicates == 0
-        paragraphs = _explain(counts, len(broken), duplicates, stats)
+        ok = len(last) == total and _all_final(last, total) and duplicates == 0
+        paragraphs = _explain(counts, len(BROKEN_JOBS), duplicates, stats)
         if not ok:
             paragraphs.append(f"Something did not finish as it should: the processes' logs are in {stack.log_dir}")
         out.print("[bold]What these numbers mean[/bold]")
         out.print(_bullets(paragraphs))
         client.close()
+        wired.close()
         out.print()
         if keep:
-            env_file, stop = _write_kept(stack, sandbox, env)
-            out.print("[bold]Everything is still running (--keep).[/bold] Poke at it from another shell:")
-            for line in _poke_commands(stack, sandbox, env_file, stop, store.events):
-                out.print(line, highlight=False, soft_wrap=True)
+            _print_kept(out, stack, sandbox, env, store.events)
             kept = True
-            out.print()
         out.print("[bold]Try next[/bold]")
         for line in _next_steps(keep):
             out.print(line, highlight=False, soft_wrap=True)

@@ -23,6 +23,7 @@ import redis
 
 
 def free_port() -> int:
+    """A loopback TCP port free right now (the OS's pick)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -122,7 +123,10 @@ class DevStack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _spawn(self, name: str, argv: list[str], extra_env: Mapping[str, str] | None = None) -> Proc:
+    def spawn(self, name: str, argv: list[str], extra_env: Mapping[str, str] | None = None) -> Proc:
+        """Start `argv` as one more process of the stack, named `name` (its log is `<log_dir>/<name>.log`),
+        with the stack's environment plus `extra_env`; `stop()` ends it with the others. The start_*
+        methods use it for the Procfile's processes; a caller uses it for a process of its own."""
         proc = Proc(name, argv, {**self.env, **(extra_env or {})}, self.log_dir).start()
         self.procs.append(proc)
         return proc
@@ -148,7 +152,7 @@ class DevStack:
             # processes log the risk as accepted. Crash tests pass appendonly=True instead; a test that
             # wants the check to fail sets the variable to false in the stack's env.
             self.env.setdefault("SMS_REDIS_ALLOW_VOLATILE", "true")
-        proc = self._spawn("redis", argv)
+        proc = self.spawn("redis", argv)
         client = redis.Redis(port=self.redis_port, socket_connect_timeout=0.2)
 
         def ready() -> bool:
@@ -168,7 +172,7 @@ class DevStack:
     def start_sandbox(self, api_key: str, *flags: str) -> str:
         self.sandbox_port = free_port()
         argv = [sys.executable, "-m", "worker.devtools.sandbox", "--port", str(self.sandbox_port), "--api-key", api_key]
-        proc = self._spawn("sandbox", [*argv, *flags])
+        proc = self.spawn("sandbox", [*argv, *flags])
         url = f"http://127.0.0.1:{self.sandbox_port}"
         self._wait_http(proc, f"{url}/_sandbox/stats", "the sandbox")
         self.env["ICOMM_BASE_URL"] = url
@@ -180,14 +184,14 @@ class DevStack:
         argv = [sys.executable, "-m", "worker.cli", "worker", "--processes", "1", "--threads", str(threads)]
         argv += ["--lanes", lanes] if lanes else []
         argv += ["--skip-lanes", skip_lanes] if skip_lanes else []
-        return self._spawn(name, argv, env)
+        return self.spawn(name, argv, env)
 
     def start_clock(self, name: str = "clock") -> Proc:
-        return self._spawn(name, [sys.executable, "-m", "worker.cli", "clock"])
+        return self.spawn(name, [sys.executable, "-m", "worker.cli", "clock"])
 
     def start_web(self, port: int, name: str = "web") -> Proc:
         """The web process, once its /readyz answers 200."""
-        proc = self._spawn(name, [sys.executable, "-m", "worker.cli", "web", "--port", str(port)])
+        proc = self.spawn(name, [sys.executable, "-m", "worker.cli", "web", "--port", str(port)])
         self._wait_http(proc, f"http://127.0.0.1:{port}/readyz", "the web process")
         return proc
 

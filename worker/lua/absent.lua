@@ -18,6 +18,7 @@
 --   EXHAUSTED -> a resend would pass the attempts limit; nothing changed (the caller dead-letters).
 --   STALE     -> this consumer no longer holds the message's reconciliation lease, or its state
 --                moved on: nothing changed, the caller leaves it alone.
+-- (worker.store.AbsentVerdict names these verdicts; worker.transitions lists the state changes.)
 local me, needed, window, token = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local send_window, max_attempts = tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = redis.call('TIME')

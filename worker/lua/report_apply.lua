@@ -10,12 +10,14 @@
 -- ARGV[4]  A, how many raw entry ids follow; ARGV[5..4+A] the ids to XACK and XDEL
 -- ARGV[5+A] D, how many dead letters follow, then D pairs (messageId, dead-letter JSON)
 -- then 5 values per op i: code, messageId (of the hash KEYS[7+i]), new state, status name, payload
--- Op codes:
---   A  a final report from a raw page; payload: its event JSON
---   P  the report of a message with no hash: park it; payload: the report JSON
---   R  a parked report retried: as A, and unparked once applied or found a duplicate
---   U  a parked report timed out: unpark, count; payload: the unknown_message event ("" = drop)
---   N  no report before the deadline: ACCEPTED -> EXPIRED, reason no_report; payload: its event
+-- Op codes (worker.reports.ops.OpCode; tests/unit/test_report_ops.py checks both tables):
+--   A  APPLY           a final report from a raw page; payload: its event JSON
+--   P  PARK            the report of a message with no hash: park it; payload: the report JSON
+--   R  RETRY_PARKED    a parked report retried: as A, and unparked once applied or found a duplicate
+--   U  UNPARK_UNKNOWN  a parked report timed out: unpark, count; payload: the unknown_message event
+--                      ("" = drop)
+--   N  NO_REPORT       no report before the deadline: ACCEPTED -> EXPIRED, reason no_report;
+--                      payload: its event
 -- Transitions: a final report moves QUEUED, SUBMITTING, AMBIGUOUS, ACCEPTED, and EXPIRED with
 -- reason no_report, to its final state; any other final state stays (a duplicate: no event).
 -- The caller read the hashes first (report_fetch.lua) and built the events; an op whose message
@@ -23,8 +25,12 @@
 -- nothing, and if any op conflicts nothing is acknowledged or dead-lettered, so the caller
 -- retries the conflicting ops with fresh reads (a crash in between replays the page; every op
 -- is idempotent).
--- Returns {acked (1|0), result per op}: 1 applied, 0 nothing to do (duplicate), 2 conflict,
--- 3 parked, 4 timed out (unknown_message emitted or dropped).
+-- Returns {acked (1|0), result per op}; the results (worker.reports.ops.ApplyResult):
+--   0  NOTHING    nothing to do (a duplicate)
+--   1  APPLIED
+--   2  CONFLICT   the message changed since it was read: nothing done
+--   3  PARKED
+--   4  TIMED_OUT  a parked report given up (unknown_message emitted or dropped)
 local raw, events, awaiting, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local parked, parked_since, counters = KEYS[5], KEYS[6], KEYS[7]
 local group, now, maxlen = ARGV[1], ARGV[2], ARGV[3]

@@ -5,13 +5,16 @@
 -- KEYS[4+i] the message hash of the i-th message
 -- ARGV[1]  consumer group   ARGV[2]  now in ms   ARGV[3]  events stream max length (approximate)
 -- ARGV[4]  state TTL in seconds
--- Then for each message: message id, outbox entry id ("" for none), new state, "1" to acknowledge
---   and delete the entry (outcome final for the outbox) or "0" to keep it pending, event JSON
---   ("" for none), report deadline in ms ("" for none), dead-letter JSON ("" for none), guard
---   ("" for none, "f:<fence token>" or "c:<checker>", see below), the number n of extra hash
---   fields, and then n field/value pairs.
--- A state change is applied only where the transition is allowed (see ALLOWED); otherwise the
--- message keeps its state and no event or dead letter is written, but the entry is still acked.
+-- Then for each message: message id, outbox entry id ("" for none), new state ("" to acknowledge
+--   the entry only, see below), "1" to acknowledge and delete the entry (outcome final for the
+--   outbox) or "0" to keep it pending, event JSON ("" for none), report deadline in ms ("" for
+--   none), dead-letter JSON ("" for none), guard ("" for none, "f:<fence token>" or
+--   "c:<checker>", see below), the number n of extra hash fields, and then n field/value pairs.
+-- A state change is applied only where the transition is allowed (see ALLOWED, which
+-- worker.transitions mirrors); otherwise the message keeps its state and no event or dead letter
+-- is written, but the entry is still acked. An empty new state is "acknowledge only" (a message
+-- settled already, a repeated producer id): nothing is changed or written, the entry is acked,
+-- and the answer is 0.
 -- A guarded outcome is our own decision about a message (not sent after all, ambiguous, given
 -- up), valid only while we still own it: "f:" while its fence is still ours (nobody resent it
 -- since), "c:" while we hold its reconciliation lease. A stale owner's guarded outcome changes
@@ -52,7 +55,7 @@ for i = 5, #KEYS do
   local applied = 0
   if not owned then
     ack = '0'
-  elseif ALLOWED[state] and ALLOWED[state][current] then
+  elseif state ~= '' and ALLOWED[state] and ALLOWED[state][current] then
     applied = 1
     redis.call('HSET', key, 'state', state, 'updated_ms', now, unpack(ARGV, at + 9, at + 8 + 2 * n))
     -- submit.lua set the TTL when it made the hash; only a hash made here needs one.

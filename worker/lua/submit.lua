@@ -10,15 +10,17 @@
 -- ARGV[6]  margin in ms a takeover adds to a SUBMITTING message's send_by before reconciling it
 -- ARGV[6+3i-2..6+3i]  for message i: lane, outbox entry id, job JSON
 -- Time is the server's (TIME), so every host's deadlines are on one clock.
--- Returns, per message, {previous state, attempts, wait ms}:
---   new or QUEUED -> moved to SUBMITTING with fence = the token and send_by = now + window, one
---                    more attempt counted; the caller sends it.
+-- Returns, per message, {answer, attempts, wait ms}:
+--   NEW (no record yet) or QUEUED -> moved to SUBMITTING with fence = the token and
+--                    send_by = now + window, one more attempt counted; the caller sends it.
 --   WAIT          -> SUBMITTING and its owner may still write the request (send_by + margin is in
 --                    the future): nobody may look at the logs yet; wait ms says for how long.
 --   SUBMITTING or AMBIGUOUS -> a previous attempt may have reached the provider; the caller
 --                    reconciles it. Only one consumer at a time: the first takes a reconciliation
 --                    lease (checker, check_until), others get BUSY and leave the entry alone.
---   any other state -> returned as it is; the caller only acknowledges the entry.
+--   SETTLED       -> any other state (the message was settled already, e.g. a report raced ahead):
+--                    nothing changed; the caller only acknowledges the entry.
+-- (worker.store.SubmitAnswer names these answers; worker.transitions lists the state changes.)
 local ttl, me, lease, token = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local window, margin = tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = redis.call('TIME')
@@ -57,7 +59,7 @@ for i = 2, #KEYS do
       out[i - 1] = {state, attempts, 0}
     end
   else
-    out[i - 1] = {state, attempts, 0}
+    out[i - 1] = {'SETTLED', attempts, 0}
   end
 end
 if fenced then redis.call('SET', KEYS[1], me, 'PX', window) end

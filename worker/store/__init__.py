@@ -23,7 +23,15 @@ from worker.store.base import SCRIPT_CHUNK, connect, consumer_name
 from worker.store.deadletters import DeadLetterOps
 from worker.store.lanes import LaneOps
 from worker.store.limiter import LimiterOps
-from worker.store.messages import FENCE_MARGIN_MS, MessageOps, Outcome, Submitted
+from worker.store.messages import (
+    FENCE_MARGIN_MS,
+    AbsentVerdict,
+    MessageOps,
+    Outcome,
+    SubmitAnswer,
+    Submitted,
+    Verdict,
+)
 from worker.store.ops import OperationsOps
 from worker.store.outbox import DISPATCH_GROUP, ENQUEUE_CHUNK, Claim, ClaimKind, Entry, OutboxOps
 from worker.store.reports import ReportOps
@@ -31,8 +39,8 @@ from worker.store.resp import redis_errors
 from worker.store.streams import StreamOps
 
 __all__ = [
-    "DISPATCH_GROUP", "ENQUEUE_CHUNK", "FENCE_MARGIN_MS", "SCRIPT_CHUNK", "Claim", "ClaimKind", "Entry", "Outcome",
-    "Store", "Submitted", "connect", "consumer_name", "redis_errors",
+    "DISPATCH_GROUP", "ENQUEUE_CHUNK", "FENCE_MARGIN_MS", "SCRIPT_CHUNK", "AbsentVerdict", "Claim", "ClaimKind",
+    "Entry", "Outcome", "Store", "SubmitAnswer", "Submitted", "Verdict", "connect", "consumer_name", "redis_errors",
 ]
 
 

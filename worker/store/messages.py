@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
+from worker.models import State
 from worker.store import resp
 from worker.store.base import SCRIPT_CHUNK, StoreBase
 from worker.store.outbox import DISPATCH_GROUP, Entry
@@ -17,11 +19,42 @@ from worker.store.outbox import DISPATCH_GROUP, Entry
 FENCE_MARGIN_MS = 1000
 
 
+class SubmitAnswer(StrEnum):
+    """submit.lua's answer for one message (see its header): what the dispatcher does with it."""
+
+    NEW = "NEW"  # no record yet: now SUBMITTING under the batch's fence; send it
+    QUEUED = "QUEUED"  # was QUEUED (not sent, certainly): now SUBMITTING under the fence; send it
+    WAIT = "WAIT"  # SUBMITTING and its owner may still write the request: look again after wait_ms
+    BUSY = "BUSY"  # another consumer holds its reconciliation lease: leave it alone
+    SUBMITTING = "SUBMITTING"  # a previous attempt may have been sent: we hold the lease; reconcile it
+    AMBIGUOUS = "AMBIGUOUS"  # likewise
+    SETTLED = "SETTLED"  # in any other state (settled already): only its outbox entry is acknowledged
+
+
+class AbsentVerdict(StrEnum):
+    """absent.lua's verdict on one message missing from the provider's logs (see its header)."""
+
+    RESEND = "RESEND"  # absent in enough checks over the window: SUBMITTING under the new fence; resend it
+    WAIT = "WAIT"  # AMBIGUOUS, absence recorded: check again after wait_ms
+    EXHAUSTED = "EXHAUSTED"  # a resend would pass the attempts limit: dead-letter it
+    STALE = "STALE"  # no longer ours (lease lost, or the state moved on): leave it alone
+
+
 @dataclass(frozen=True, slots=True)
 class Submitted:
-    """submit.lua's / absent.lua's answer for one message: a state or verdict, attempts, a wait."""
+    """submit.lua's answer for one message, its attempts so far, and for WAIT how long."""
 
-    state: str
+    state: SubmitAnswer
+    attempts: int
+    wait_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """absent.lua's verdict for one message, its attempts (one more for RESEND/EXHAUSTED), and for WAIT
+    how long."""
+
+    state: AbsentVerdict
     attempts: int
     wait_ms: int = 0
 
@@ -32,17 +65,30 @@ class Outcome:
 
     `guard` makes an outcome that is our own decision (not sent, ambiguous, given up) conditional on
     still owning the message: "f:<fence>" (the batch's fence is still the message's) or "c:<consumer>"
-    (we still hold its reconciliation lease); "" for the provider's facts (accepted, rejected)."""
+    (we still hold its reconciliation lease); "" for the provider's facts (accepted, rejected).
+
+    `ack_only` (made by `Outcome.acknowledge`, `state` None): no state change at all, the outbox
+    entry is only acknowledged — its message was settled already, or it repeats a producer id."""
 
     message_id: str
     entry_id: str
-    state: str
+    state: State | None
     ack: bool
     event: bytes = b""
     deadline_ms: int | None = None
     fields: dict[str, str | int] | None = None
     dead_letter: bytes = b""
     guard: str = ""
+    ack_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ack_only != (self.state is None):
+            raise ValueError("an outcome has a state unless it only acknowledges its entry")
+
+    @classmethod
+    def acknowledge(cls, message_id: str, entry_id: str) -> Outcome:
+        """Acknowledge (and delete) the outbox entry, and change nothing else."""
+        return cls(message_id, entry_id, None, ack=True, ack_only=True)
 
 
 class MessageOps(StoreBase):
@@ -71,7 +117,7 @@ class MessageOps(StoreBase):
             for e in chunk:
                 args += [lane, e.entry_id, e.job]
             calls.append(([self.fence_key(fence), *(self.msg(e.message_id) for e in chunk)], args))
-        return [Submitted(state.decode(), int(n), int(wait)) for reply in self.run_many("submit", calls)
+        return [Submitted(SubmitAnswer(state.decode()), int(n), int(wait)) for reply in self.run_many("submit", calls)
                 for state, n, wait in reply]
 
     def fences_alive(self, fences: Sequence[str]) -> bool:
@@ -83,7 +129,7 @@ class MessageOps(StoreBase):
     def absent(
         self, items: Sequence[Entry], *, consumer: str, checks: int, window_ms: int, fence: str, send_window_ms: int,
         max_attempts: int,
-    ) -> list[Submitted]:
+    ) -> list[Verdict]:
         """The verdict on messages missing from the provider's logs (absent.lua): RESEND (under the
         new fence), WAIT, EXHAUSTED or STALE, with attempts and the wait."""
         calls = []
@@ -91,7 +137,7 @@ class MessageOps(StoreBase):
             chunk = items[start : start + SCRIPT_CHUNK]
             calls.append(([self.fence_key(fence), *(self.msg(e.message_id) for e in chunk)],
                           [consumer, checks, window_ms, fence, send_window_ms, max_attempts]))
-        return [Submitted(state.decode(), int(n), int(wait)) for reply in self.run_many("absent", calls)
+        return [Verdict(AbsentVerdict(state.decode()), int(n), int(wait)) for reply in self.run_many("absent", calls)
                 for state, n, wait in reply]
 
     def renew_checks(self, message_ids: Sequence[str], consumer: str, lease_ms: int) -> int:
@@ -111,7 +157,7 @@ class MessageOps(StoreBase):
                 keys.append(self.msg(o.message_id))
                 fields = o.fields or {}
                 args += [
-                    o.message_id, o.entry_id, o.state, "1" if o.ack else "0", o.event,
+                    o.message_id, o.entry_id, "" if o.state is None else o.state, "1" if o.ack else "0", o.event,
                     "" if o.deadline_ms is None else o.deadline_ms, o.dead_letter, o.guard, len(fields),
                 ]
                 for name, value in fields.items():

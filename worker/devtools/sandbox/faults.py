@@ -78,46 +78,57 @@ class FaultInjector:
             self._bucket = TokenBucket(rate, max(1.0, rate), now)
 
     def draw_send(self, now: float) -> SendFaults:
-        """Faults for one send request, in the order a real stack would hit them."""
+        """Faults for one send request, in the order a real stack would hit them.
+
+        Each draw happens only while its knob is on, so a seed gives the same faults as before a
+        knob existed while that knob is off; the order of the draws below is part of that promise.
+        """
         config = self._config
-        rng = self._rng
         delay_s = config.latency_ms / 1000.0
         if config.jitter_ms > 0:
-            delay_s += rng.random() * config.jitter_ms / 1000.0
-        self._sync_bucket(now)
-        before: Before | None = None
-        status = 200
-        retry_after: int | None = None
-        if not self._bucket.take(now):
-            before, status = Before.RATE_LIMITED, 429
-        elif config.rate_429 > 0 and rng.random() < config.rate_429:
-            before, status = Before.THROTTLED, 429
-        elif config.error_5xx_rate > 0 and rng.random() < config.error_5xx_rate:
-            codes = config.error_5xx_codes
-            before, status = Before.SERVER_ERROR, codes[int(rng.random() * len(codes))]
-        if status == 429 and config.retry_after_share > 0 and rng.random() < config.retry_after_share:
-            retry_after = config.retry_after_s
-        after: After | None = None
+            delay_s += self._rng.random() * config.jitter_ms / 1000.0
+        before, status = self._draw_before(now)
+        retry_after = config.retry_after_s if status == 429 and self._chance(config.retry_after_share) else None
         if before is not None:
-            return SendFaults(delay_s, before, status, retry_after, after)
-        # Each draw below happens only while its knob is on, so a seed gives the same faults as
-        # before these knobs existed when they are off.
-        if config.accept_then_timeout_rate > 0 and rng.random() < config.accept_then_timeout_rate:
-            after = After.TIMEOUT
-        elif config.drop_rate > 0 and rng.random() < config.drop_rate:
-            after = After.DROP
-        elif config.html_body_rate > 0 and rng.random() < config.html_body_rate:
-            after = After.HTML_BODY
-        elif config.truncated_body_rate > 0 and rng.random() < config.truncated_body_rate:
-            after = After.TRUNCATED_BODY
-        hold_s = 0.0
-        if config.late_accept_rate > 0 and rng.random() < config.late_accept_rate:
-            hold_s = config.late_accept_delay_ms / 1000.0
-        partial = config.partial_results_rate > 0 and rng.random() < config.partial_results_rate
+            return SendFaults(delay_s, before, status, retry_after, None)
+        after = self._draw_after()
+        hold_s = config.late_accept_delay_ms / 1000.0 if self._chance(config.late_accept_rate) else 0.0
+        partial = self._chance(config.partial_results_rate)
         # Per-result draws get their own stream, seeded now: which results they hit does not depend
         # on what other requests draw meanwhile (a late accept draws them seconds later).
-        results_seed = rng.getrandbits(64) if partial or config.unknown_status_rate > 0 else None
+        results_seed = self._rng.getrandbits(64) if partial or config.unknown_status_rate > 0 else None
         return SendFaults(delay_s, before, status, retry_after, after, hold_s, partial, results_seed)
+
+    def _chance(self, rate: float) -> bool:
+        """One draw against `rate`; no draw at all while the rate is 0."""
+        return rate > 0 and self._rng.random() < rate
+
+    def _draw_before(self, now: float) -> tuple[Before | None, int]:
+        """The fault answering instead of accepting, and its HTTP status (200 when none)."""
+        config = self._config
+        self._sync_bucket(now)
+        if not self._bucket.take(now):
+            return Before.RATE_LIMITED, 429
+        if self._chance(config.rate_429):
+            return Before.THROTTLED, 429
+        if self._chance(config.error_5xx_rate):
+            codes = config.error_5xx_codes
+            return Before.SERVER_ERROR, codes[int(self._rng.random() * len(codes))]
+        return None, 200
+
+    def _draw_after(self) -> After | None:
+        """The first fault, in this order, whose draw hits: what goes wrong after accepting."""
+        config = self._config
+        rates = (
+            (After.TIMEOUT, config.accept_then_timeout_rate),
+            (After.DROP, config.drop_rate),
+            (After.HTML_BODY, config.html_body_rate),
+            (After.TRUNCATED_BODY, config.truncated_body_rate),
+        )
+        for fault, rate in rates:
+            if self._chance(rate):
+                return fault
+        return None
 
 
 def reshape_results(response: JsonObj, faults: SendFaults, config: SandboxConfig, counts: Counter[str]) -> None:

@@ -12,10 +12,11 @@ from typing import Any, Final
 
 from worker.devtools.sandbox import codes
 from worker.devtools.sandbox import records as rec
-from worker.devtools.sandbox.codes import JsonObj, mcc_mnc_for
+from worker.devtools.sandbox.codes import JsonObj
 from worker.devtools.sandbox.config import SandboxConfig
 from worker.devtools.sandbox.errors import Violation
 from worker.devtools.sandbox.faults import FaultInjector, LogsLimiter
+from worker.devtools.sandbox.filters import Check, log_checks, passes, report_checks
 from worker.devtools.sandbox.records import (
     DONE_AT,
     ERROR,
@@ -26,7 +27,6 @@ from worker.devtools.sandbox.records import (
     SILENT,
     STATE,
     STATUS,
-    TO,
     UNFETCHED,
     WEBHOOK,
     Record,
@@ -53,6 +53,61 @@ def _chain(record: Record | None) -> Iterator[Record]:
     while record is not None:
         yield record
         record = record[PREV]
+
+
+def _plain_message(message: Any) -> bool:
+    """True for the common shape, which needs no full validation: {"destinations": [...], "content":
+    {"text": str}} and maybe a string sender, each destination {"to": str} or {"to": str, "messageId":
+    str} within the length limits. (_refusal() still judges the number.)"""
+    try:
+        content = message["content"]
+        destinations = message["destinations"]
+        size = len(message)
+        if not (
+            type(content["text"]) is str
+            and len(content) == 1
+            and type(destinations) is list
+            and destinations
+            and (size == 2 or (size == 3 and type(message.get("sender")) is str))
+        ):
+            return False
+        return all(map(_plain_destination, destinations))
+    except (TypeError, KeyError, IndexError):
+        return False
+
+
+def _plain_destination(destination: Any) -> bool:
+    """{"to": str} or {"to": str, "messageId": str} within the limits; may raise on other shapes."""
+    to = destination["to"]
+    size = len(destination)
+    message_id = destination.get("messageId") if size == 2 else None
+    return type(to) is str and len(to) <= 64 and (size == 1 or (type(message_id) is str and len(message_id) <= 200))
+
+
+def _valid_message(message: Any) -> bool:
+    """Full validation of one message (the paths are dropped: the caller re-runs the validator for them)."""
+    problems: list[Violation] = []
+    validate_message(message, 0, problems)
+    return not problems
+
+
+def _parts(content: dict[str, Any], text: str | None) -> tuple[int, bool]:
+    """(messageCount, too long) of a valid message's content: binary without text, else text."""
+    if text is None:
+        return binary_parts(content["hex"]), False
+    if len(text) <= 70 and text.isascii():
+        return 1, False  # fits one part in either encoding
+    count = text_parts(text)
+    return count, text_too_long(text, count)
+
+
+def _refusal(to: str, too_long: bool) -> JsonObj | None:
+    """The status refusing a destination of a valid message (its number, or its text too long), or None."""
+    # Inlined validation.valid_destination() (the unit tests check both agree).
+    plain = 7 <= len(to) <= 15 and to.isdigit()
+    if not ((plain or (to[:1] == "+" and 8 <= len(to) <= 16 and to[1:].isdigit())) and to.isascii()):
+        return codes.REJECTED_DESTINATION if to else codes.MISSING_TO
+    return codes.REJECTED_MESSAGE_TOO_LONG if too_long else None
 
 
 class SandboxState:
@@ -106,113 +161,63 @@ class SandboxState:
     def accept(self, body: Any, now: float) -> tuple[JsonObj | None, list[Violation]]:
         """Validate and record a send request: (SmsResponse body, []) or (None, violations).
 
-        Validation and acceptance share one pass because this is the sandbox's hot loop: a message
-        of the common shape is checked inline, anything else goes through validate_message(). On
-        the first violation the request's records are rolled back and the full list is returned.
+        This is the sandbox's hot loop, so validation and acceptance share one pass: a message of the
+        common shape (_plain_message) is taken as it is, any other is checked by validate_message()
+        first. On the first invalid message the request's records are rolled back and the full list
+        of violations is returned.
         """
         bulk = self._bulk_of(body, now)
         if bulk is None:
             return None, validate_send_request(body, now)
-        bulk_id = bulk[0]
-        messages = body["messages"]
-        reject_duplicates = self.config.reject_duplicate_ids
-        index = self.by_message_id
-        claim = index.setdefault
-        retired = self.retired_ids
-        new_id = self._message_ids
-        pending = codes.PENDING_ACCEPTED
         accepted: list[Record] = []
-        keep = accepted.append
-        out: list[JsonObj] = []
-        respond = out.append
-        rejected: list[str] = []
-        for message in messages:
-            # Fast path: {"destinations": [...], "content": {"text": str}} plus maybe a string
-            # sender, i.e. nothing that needs the full validator; anything else goes through it.
-            extra = None
-            sender = None
-            try:
-                content = message["content"]
-                text = content["text"]
-                destinations = message["destinations"]
-                size = len(message)
-                fast = (
-                    type(text) is str
-                    and len(content) == 1
-                    and type(destinations) is list
-                    and destinations
-                    and (size == 2 or (size == 3 and type(sender := message.get("sender")) is str))
-                )
-            except (TypeError, KeyError, IndexError):
-                fast = False
-            checked = not fast  # the slow path validates the whole message, destinations included
-            if checked:
-                if self._invalid(message, accepted):
-                    return None, validate_send_request(body, now)
-                content = message["content"]
-                destinations = message["destinations"]
-                text = content.get("text")
-                sender = message.get("sender")
-                if "options" in message or "webhooks" in message:
-                    extra = message
-            if text is None:
-                count, too_long = binary_parts(content["hex"]), False
-            elif len(text) <= 70 and text.isascii():
-                count, too_long = 1, False  # fits one part in either encoding
-            else:
-                count = text_parts(text)
-                too_long = text_too_long(text, count)
-            details = _DETAILS.get(count) or {"messageCount": count}
-            for destination in destinations:
-                if checked:
-                    to = destination["to"]
-                    message_id = destination.get("messageId")
-                else:
-                    # Fast path: {"to": str} or {"to": str, "messageId": str} within the limits.
-                    try:
-                        to = destination["to"]
-                        size = len(destination)
-                        message_id = destination.get("messageId") if size == 2 else None
-                        fast = (
-                            type(to) is str
-                            and len(to) <= 64
-                            and (size == 1 or (type(message_id) is str and len(message_id) <= 200))
-                        )
-                    except (TypeError, KeyError, IndexError):
-                        fast = False
-                    if not fast:
-                        if self._invalid(message, accepted):
-                            return None, validate_send_request(body, now)
-                        checked = True
-                        to = destination["to"]
-                        message_id = destination.get("messageId")
-                if message_id is None:
-                    message_id = next(new_id)
-                # Inlined validation.valid_destination() (the unit tests check both agree).
-                plain = 7 <= len(to) <= 15 and to.isdigit()
-                if not ((plain or (to[:1] == "+" and 8 <= len(to) <= 16 and to[1:].isdigit())) and to.isascii()):
-                    status = codes.REJECTED_DESTINATION if to else codes.MISSING_TO
-                elif too_long:
-                    status = codes.REJECTED_MESSAGE_TOO_LONG
-                else:
-                    # The record layout is documented in records.py.
-                    record = [message_id, to, sender, content, extra, bulk, count, SCHEDULED, None, None, 0.0, None]
-                    if reject_duplicates:
-                        if (retired and message_id in retired) or claim(message_id, record) is not record:
-                            status = codes.REJECTED_DUPLICATE_MESSAGE_ID
-                            rejected.append(status["name"])
-                            respond({"messageId": message_id, "status": status, "destination": to, "details": details})
-                            continue
-                    else:
-                        record[PREV] = index.get(message_id)
-                        index[message_id] = record
-                    keep(record)
-                    respond({"messageId": message_id, "status": pending, "destination": to, "details": details})
-                    continue
-                rejected.append(status["name"])
-                respond({"messageId": message_id, "status": status, "destination": to, "details": details})
+        rejected: list[str] = []  # the status name of each destination refused
+        results: list[JsonObj] = []
+        for message in body["messages"]:
+            if not (_plain_message(message) or _valid_message(message)):
+                self._roll_back(accepted)
+                return None, validate_send_request(body, now)
+            self._take(message, bulk, accepted, rejected, results)
         self._commit(accepted, rejected, bulk, now)
-        return {"bulkId": bulk_id, "messages": out}, []
+        return {"bulkId": bulk[0], "messages": results}, []
+
+    def _take(
+        self, message: Any, bulk: Bulk, accepted: list[Record], rejected: list[str], results: list[JsonObj]
+    ) -> None:
+        """Record one valid message's destinations: a record for each one accepted, a result for each."""
+        content = message["content"]
+        text = content.get("text")
+        sender = message.get("sender")
+        extra = message if "options" in message or "webhooks" in message else None
+        count, too_long = _parts(content, text)
+        details = _DETAILS.get(count) or {"messageCount": count}
+        pending = codes.PENDING_ACCEPTED
+        for destination in message["destinations"]:
+            to = destination["to"]
+            message_id = destination.get("messageId")
+            if message_id is None:
+                message_id = next(self._message_ids)
+            status = _refusal(to, too_long)
+            if status is None:
+                # The record layout is documented in records.py.
+                record = [message_id, to, sender, content, extra, bulk, count, SCHEDULED, None, None, 0.0, None]
+                status = self._claim(record)
+                if status is pending:
+                    accepted.append(record)
+            if status is not pending:
+                rejected.append(status["name"])
+            results.append({"messageId": message_id, "status": status, "destination": to, "details": details})
+
+    def _claim(self, record: Record) -> JsonObj:
+        """Index a new record under its messageId: PENDING_ACCEPTED, or the duplicate rejection when
+        duplicates are refused and the id was taken (now, earlier in this request, or past retention)."""
+        index = self.by_message_id
+        message_id = record[MESSAGE_ID]
+        if not self.config.reject_duplicate_ids:
+            record[PREV] = index.get(message_id)
+            index[message_id] = record
+        elif message_id in self.retired_ids or index.setdefault(message_id, record) is not record:
+            return codes.REJECTED_DUPLICATE_MESSAGE_ID
+        return codes.PENDING_ACCEPTED
 
     def _bulk_of(self, body: Any, now: float) -> Bulk | None:
         """The request's (bulkId, sentAt, acceptedAt), or None when its top level is invalid.
@@ -239,13 +244,8 @@ class SandboxState:
             sent_at = max(now, parse_body_datetime(send_at))
         return bulk_id, sent_at, now
 
-    def _invalid(self, message: Any, accepted: list[Record]) -> bool:
-        """Full validation of one message; on violations, undo this request's index entries."""
-        problems: list[Violation] = []
-        # The property paths are thrown away: the caller re-runs the full validator for them.
-        validate_message(message, 0, problems)
-        if not problems:
-            return False
+    def _roll_back(self, accepted: list[Record]) -> None:
+        """Undo the index entries of a request found invalid part-way."""
         index = self.by_message_id
         for record in reversed(accepted):
             if index.get(record[MESSAGE_ID]) is record:
@@ -253,7 +253,6 @@ class SandboxState:
                     del index[record[MESSAGE_ID]]
                 else:
                     index[record[MESSAGE_ID]] = record[PREV]
-        return True
 
     def _commit(self, accepted: list[Record], rejected: list[str], bulk: Bulk, now: float) -> None:
         """Book a valid request's records into the log, bulk index, schedule and counters."""
@@ -349,46 +348,11 @@ class SandboxState:
     def fetch_reports(self, query: ReportsQuery, now: float) -> list[Record]:
         """Take up to query.limit unfetched reports matching the filters; each is returned once."""
         cutoff = now - RETENTION_S
-        taken: list[Record] = []
-        limit = query.limit
-        filtered = (
-            query.bulk_id is not None
-            or query.message_id is not None
-            or query.entity_id is not None
-            or query.application_id is not None
-            or query.campaign_reference_id is not None
-        )
-        if not filtered:
-            queue = self.unfetched
-            while queue and len(taken) < limit:
-                record = queue.popleft()
-                if record[STATE] == UNFETCHED and record[DONE_AT] >= cutoff:
-                    taken.append(record)
+        checks = report_checks(query)
+        if checks:
+            taken = self._take_matching(self._report_candidates(query), checks, query.limit, cutoff)
         else:
-            candidates: Iterable[Record]
-            if query.message_id is not None:
-                candidates = list(_chain(self.by_message_id.get(query.message_id)))[::-1]
-            elif query.bulk_id is not None:
-                candidates = self.by_bulk.get(query.bulk_id, ())
-            else:
-                candidates = self.unfetched
-            for record in candidates:
-                if record[STATE] != UNFETCHED or record[DONE_AT] < cutoff:
-                    continue
-                platform = rec.platform(record)
-                if (
-                    (query.bulk_id is None or rec.bulk_id(record) == query.bulk_id)
-                    and (query.message_id is None or record[MESSAGE_ID] == query.message_id)
-                    and (query.entity_id is None or platform.get("entityId") == query.entity_id)
-                    and (query.application_id is None or platform.get("applicationId") == query.application_id)
-                    and (
-                        query.campaign_reference_id is None
-                        or rec.campaign_reference_id(record) == query.campaign_reference_id
-                    )
-                ):
-                    taken.append(record)
-                    if len(taken) >= limit:
-                        break
+            taken = self._take_oldest(query.limit, cutoff)
         for record in taken:
             record[STATE] = FETCHED
         self.unfetched_live -= len(taken)
@@ -396,6 +360,35 @@ class SandboxState:
         # Filtered fetches leave dead entries behind; rebuild once they dominate the queue.
         if len(self.unfetched) > 1024 and len(self.unfetched) > 2 * self.unfetched_live:
             self.unfetched = deque(record for record in self.unfetched if record[STATE] == UNFETCHED)
+        return taken
+
+    def _take_oldest(self, limit: int, cutoff: float) -> list[Record]:
+        """The unfiltered fetch, the drain's: the queue's oldest live reports, dead entries dropped on the way."""
+        taken: list[Record] = []
+        queue = self.unfetched
+        while queue and len(taken) < limit:
+            record = queue.popleft()
+            if record[STATE] == UNFETCHED and record[DONE_AT] >= cutoff:
+                taken.append(record)
+        return taken
+
+    def _report_candidates(self, query: ReportsQuery) -> Iterable[Record]:
+        """Where a filtered fetch looks, oldest first: one messageId's sends, one bulk, or the whole queue."""
+        if query.message_id is not None:
+            return list(_chain(self.by_message_id.get(query.message_id)))[::-1]
+        if query.bulk_id is not None:
+            return self.by_bulk.get(query.bulk_id, ())
+        return self.unfetched
+
+    @staticmethod
+    def _take_matching(candidates: Iterable[Record], checks: list[Check], limit: int, cutoff: float) -> list[Record]:
+        """Up to `limit` live unfetched reports among the candidates that pass every check (left in the queue)."""
+        taken: list[Record] = []
+        for record in candidates:
+            if record[STATE] == UNFETCHED and record[DONE_AT] >= cutoff and passes(record, checks):
+                taken.append(record)
+                if len(taken) >= limit:
+                    break
         return taken
 
     # --- GET /sms/3/logs ---------------------------------------------------------------
@@ -408,45 +401,15 @@ class SandboxState:
         """
         lag_s = self.config.logs_lag_ms / 1000.0
         visible_until = now - lag_s
-        lagged = 0
         since = now - RETENTION_S
         if query.sent_since is not None:
             since = max(since, query.sent_since)
-        until = query.sent_until
-        candidates: Iterable[Record]
-        if query.message_ids:
-            candidates = (r for mid in query.message_ids for r in _chain(self.by_message_id.get(mid)))
-        elif query.bulk_ids:
-            candidates = (r for bid in query.bulk_ids for r in reversed(self.by_bulk.get(bid, ())))
-        else:
-            candidates = reversed(self.log)
-        bulk_ids = set(query.bulk_ids)
-        campaigns = set(query.campaign_reference_ids)
+        checks = log_checks(query, since)
+        lagged = 0
         found: list[Record] = []
-        for record in candidates:
-            sent_at = rec.sent_at(record)
-            if sent_at < since or (until is not None and sent_at > until):
+        for record in self._log_candidates(query):
+            if not passes(record, checks):
                 continue
-            if bulk_ids and rec.bulk_id(record) not in bulk_ids:
-                continue
-            if campaigns and rec.campaign_reference_id(record) not in campaigns:
-                continue
-            if query.sender is not None and rec.sender(record) != query.sender:
-                continue
-            if query.destination is not None and record[TO] != query.destination:
-                continue
-            if query.entity_id is not None and rec.platform(record).get("entityId") != query.entity_id:
-                continue
-            if query.application_id is not None and rec.platform(record).get("applicationId") != query.application_id:
-                continue
-            if query.general_status is not None:
-                status = record[STATUS] or codes.PENDING_ACCEPTED
-                if status["groupName"] != query.general_status:
-                    continue
-            if query.mcc is not None:
-                mcc_mnc = mcc_mnc_for(record[TO])
-                if mcc_mnc[:3] != query.mcc or (query.mnc is not None and mcc_mnc[3:] != query.mnc):
-                    continue
             if lag_s > 0 and rec.accepted_at(record) > visible_until:
                 lagged += 1
                 continue
@@ -457,6 +420,14 @@ class SandboxState:
             self.faults_injected["logs_lag"] += lagged
         self.logs_served += len(found)
         return found
+
+    def _log_candidates(self, query: LogsQuery) -> Iterable[Record]:
+        """Where a logs query looks, newest first: the sends of its messageIds, of its bulks, or all."""
+        if query.message_ids:
+            return (r for mid in query.message_ids for r in _chain(self.by_message_id.get(mid)))
+        if query.bulk_ids:
+            return (r for bid in query.bulk_ids for r in reversed(self.by_bulk.get(bid, ())))
+        return reversed(self.log)
 
     # --- counters ----------------------------------------------------------------------
 

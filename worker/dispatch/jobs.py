@@ -1,0 +1,39 @@
+"""An outbox entry's job as the send path reads it: checked and normalised, or why it cannot be sent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from worker.errors import JobValidationError
+from worker.models import encode_job, plain_job, validate_job
+
+
+def parse_job(raw: bytes, *, max_text_parts: int, metadata_max_bytes: int) -> tuple[dict[str, Any], str | None]:
+    """The job of an entry, or why it cannot be sent. Every entry is checked, also those written
+    by the Python API, which validates too: anyone can write to the outbox with plain Redis
+    commands, and one bad job must not fail its whole batch. The fast path costs ~2 us a job."""
+    try:
+        job = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        return {}, f"job is not JSON: {error}"
+    if not isinstance(job, dict):
+        return {}, "job is not a JSON object"
+    fast = plain_job(job, max_text_parts=max_text_parts, metadata_max_bytes=metadata_max_bytes, json_size=len(raw))
+    if fast is not None:
+        return fast, None
+    try:
+        valid = validate_job(job, max_text_parts=max_text_parts, metadata_max_bytes=metadata_max_bytes)
+    except JobValidationError as error:
+        return job, str(error)
+    return orjson.loads(encode_job(valid)), None
+
+
+def lenient_job(raw: bytes) -> dict[str, Any]:
+    """A job's JSON as far as it parses, for the event of one that will never be sent."""
+    try:
+        job = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    return job if isinstance(job, dict) else {}
