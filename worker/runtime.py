@@ -30,7 +30,6 @@ from worker.provider import Provider, ProviderConfig
 from worker.ratelimit import RateLimiter, RateLimiterConfig
 from worker.reports import DrainConfig, Drainer, ProcessConfig, Processor, SweepConfig, Sweeper
 from worker.settings import Settings
-from worker.status import heartbeat
 from worker.store import Store, consumer_name
 from worker.triggers import Triggers, lane_queue
 
@@ -132,7 +131,7 @@ class Resources(dramatiq.Middleware):
             metrics.touch_local_heartbeat()
             # Redis down: the dispatchers say so loudly; the local heartbeat still beats.
             with contextlib.suppress(StoreError):
-                heartbeat(runtime.store, consumer)
+                runtime.store.heartbeat(consumer)  # read by `sms-worker status`
             watch.tick(force=True)  # marker each beat, configuration every INSPECT_EVERY_S; never raises
             self._beating.wait(HEARTBEAT_EVERY_S)
 

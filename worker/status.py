@@ -107,10 +107,6 @@ def _lane_status(lane: str, raw: LaneSnapshot, now: float, *, configured: bool) 
     )
 
 
-def heartbeat(store: Store, consumer: str) -> None:
-    """A worker process says it is alive (read by `status` and the worker's /healthz)."""
-    store.heartbeat(consumer)
-
 
 UNCONFIGURED = "not configured: its jobs are dead-lettered as unknown_lane"
 

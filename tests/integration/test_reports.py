@@ -30,6 +30,7 @@ from worker.reports import (
     Op,
     ProcessConfig,
     Processor,
+    ReportState,
     SweepConfig,
     Sweeper,
 )
@@ -381,12 +382,12 @@ def test_a_processor_that_dies_after_the_get_loses_no_report(
     with Provider(ProviderConfig.from_settings(settings)) as provider:
         Drainer(DrainConfig.from_settings(settings), store, provider).drain()
 
-    doomed = Processor(ProcessConfig.from_settings(settings), store, consumer="doomed")
+    class CrashingState(ReportState):
+        def apply(self, *_args: Any, **_kwargs: Any) -> Any:
+            raise RuntimeError("killed before the apply")
 
-    def crash(*_args: Any, **_kwargs: Any) -> Any:
-        raise RuntimeError("killed before the apply")
-
-    doomed.state.apply = crash  # type: ignore[method-assign]
+    config = ProcessConfig.from_settings(settings)
+    doomed = Processor(config, store, consumer="doomed", state=CrashingState(store, config.events_maxlen))
     with pytest.raises(RuntimeError):
         doomed.process()
     assert _events(store) == [] and _raw_left(store) == 2

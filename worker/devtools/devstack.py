@@ -10,7 +10,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,12 +20,7 @@ from typing import IO
 
 import redis
 
-
-def free_port() -> int:
-    """A loopback TCP port free right now (the OS's pick)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from worker.devtools.sandbox.admin import free_port as free_port  # re-exported: the stack's callers pick ports too
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.02) -> None:

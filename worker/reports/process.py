@@ -155,7 +155,7 @@ class Processor:
 
     def __init__(
         self, config: ProcessConfig, store: Store, wake: Wake | None = None, *, consumer: str | None = None,
-        claim_idle_ms: int = CLAIM_IDLE_MS, batch_reports: int = BATCH_REPORTS,
+        claim_idle_ms: int = CLAIM_IDLE_MS, batch_reports: int = BATCH_REPORTS, state: ReportState | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -163,7 +163,8 @@ class Processor:
         self.consumer = consumer or consumer_name()
         self.claim_idle_ms = claim_idle_ms
         self.batch_reports = batch_reports
-        self.state = ReportState(store, config.events_maxlen)
+        # A seam: a test passes a ReportState that fails where a crash would cut the work.
+        self.state = state or ReportState(store, config.events_maxlen)
         self._group_ready = False
 
     # --- reading the raw stream ----------------------------------------------------------------

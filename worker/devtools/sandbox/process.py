@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,21 +14,10 @@ from typing import IO, Any, Self
 
 import httpx
 
+from worker.devtools.sandbox.admin import SandboxAdmin, SandboxError, free_port
 from worker.devtools.sandbox.config import SandboxConfig, config_to_args
 
 _HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A TCP port that was free on loopback a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class SandboxError(RuntimeError):
-    """The sandbox process did not start, or an admin call failed."""
 
 
 class SandboxProcess:
@@ -57,7 +45,7 @@ class SandboxProcess:
         self._stop_timeout_s = stop_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
         self._output: IO[bytes] | None = None
-        self._client: httpx.Client | None = None
+        self._admin: SandboxAdmin | None = None
         self.port = 0
 
     @property
@@ -116,14 +104,14 @@ class SandboxProcess:
         self._output = tempfile.TemporaryFile()  # noqa: SIM115 -- lives as long as the child; closed in stop()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._proc = subprocess.Popen(argv, stdout=self._output, stderr=subprocess.STDOUT, env=env)
-        self._client = httpx.Client(base_url=self.url, trust_env=False, timeout=5.0)
+        self._admin = SandboxAdmin(self.url, timeout_s=5.0)
         deadline = time.monotonic() + self._startup_timeout_s
         pause = 0.01
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 return False
             try:
-                if self._client.get("/_sandbox/stats", timeout=1.0).status_code == 200:
+                if self._admin.http.get("/_sandbox/stats", timeout=1.0).status_code == 200:
                     return True
             except httpx.TransportError:
                 pass
@@ -143,9 +131,9 @@ class SandboxProcess:
 
     def stop(self) -> None:
         """SIGTERM, wait, then SIGKILL if it lingers."""
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -158,29 +146,22 @@ class SandboxProcess:
             self._output.close()
             self._output = None
 
-    # --- admin calls ---------------------------------------------------------------------
+    # --- admin calls (worker.devtools.sandbox.admin) -------------------------------------------------
 
-    def _admin(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        if self._client is None:
+    def admin(self) -> SandboxAdmin:
+        """The admin client of the running sandbox."""
+        if self._admin is None:
             raise SandboxError("sandbox is not running")
-        response = self._client.request(method, path, **kwargs)
-        if response.status_code != 200:
-            raise SandboxError(f"{method} {path} -> {response.status_code}: {response.text}")
-        result: dict[str, Any] = response.json()
-        return result
+        return self._admin
 
     def stats(self, per_message: bool = False) -> dict[str, Any]:
-        """GET /_sandbox/stats (with accepted_per_message_id when per_message)."""
-        return self._admin("GET", "/_sandbox/stats", params={"per_message": "1"} if per_message else None)
+        return self.admin().stats(per_message)
 
-    def configure(self, **settings: Any) -> dict[str, Any]:
-        """POST /_sandbox/config; returns the resulting config."""
-        return self._admin("POST", "/_sandbox/config", json=settings)
+    def configure(self, **knobs: Any) -> dict[str, Any]:
+        return self.admin().configure(**knobs)
 
     def config(self) -> dict[str, Any]:
-        """GET /_sandbox/config."""
-        return self._admin("GET", "/_sandbox/config")
+        return self.admin().config()
 
     def reset(self) -> None:
-        """POST /_sandbox/reset: forget every message, report and counter."""
-        self._admin("POST", "/_sandbox/reset")
+        self.admin().reset()
