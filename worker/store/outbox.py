@@ -101,7 +101,7 @@ class OutboxOps(StoreBase):
         with SET NX GET in the same transaction. A repeat (the id was claimed earlier) gets the
         earlier message id back and its entry is deleted afterwards with XDEL (an entry left by a
         producer that died before that is dropped by the dispatcher, which claims every producer id
-        again before sending: Dispatcher._drop_duplicate_ids).
+        again before sending: Dispatcher._first_owners).
 
         Raises EnqueueIncomplete when Redis refused part of the call: `.queued[i]` is job i's answer,
         or None when nothing of it was written (its chunk was refused, or never sent because an
