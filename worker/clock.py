@@ -1,8 +1,9 @@
 """The clock process: owns the periodic wake-ups; it only enqueues, and a Redis lease idles a second one.
 
-Every tick it wakes a dispatcher for each lane (jobs written with plain Redis commands, and
-retries after a pause, are picked up this way); the report drain and the sweeps run on their own
-intervals. It never does the work itself, so it stays tiny and one instance is enough.
+Every tick it moves each lane's due scheduled jobs to its outbox (atomic due.lua calls: a job is
+at most about a tick late) and wakes a dispatcher for each lane (jobs written with plain Redis
+commands, and retries after a pause, are picked up this way); the report drain and the sweeps
+run on their own intervals. It never does the work itself, so it stays tiny and one instance is enough.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from worker import triggers as names
 from worker.errors import StoreError
 from worker.settings import Settings
 from worker.store import Store
+from worker.store.schedule import MOVE_CHUNK
 from worker.triggers import Wakes
 
 log = structlog.get_logger(__name__)
 
 LEASE = "clock"
 OUTBOX_SWEEP_S = 30.0
+MOVE_CHUNKS = 20  # due.lua calls per lane and tick at most
 
 
 def sweep_interval_s(settings: Settings) -> float:
@@ -41,6 +44,7 @@ class ClockConfig:
     drain_interval_s: float
     sweep_interval_s: float
     relay_events: bool  # SMS_EVENTS_DRAMATIQ_QUEUE is set: the event relay runs every second
+    state_ttl_s: int = 3 * 86400  # SMS_STATE_TTL_S: a moved job's record is kept this long
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClockConfig:
@@ -50,6 +54,7 @@ class ClockConfig:
             drain_interval_s=settings.sms_reports_drain_interval_s,
             sweep_interval_s=sweep_interval_s(settings),
             relay_events=bool(settings.sms_events_dramatiq_queue),
+            state_ttl_s=settings.sms_state_ttl_s,
         )
 
 
@@ -83,6 +88,7 @@ class Clock:
         if not self.store.lease(LEASE, self.id, ttl_ms):
             return False
         for lane in self.config.lanes:
+            self.move_due(lane)
             self.triggers.dispatch(lane)
         now = self.now()
         for name, (interval_s, send) in self.periodic.items():
@@ -90,6 +96,19 @@ class Clock:
                 self._last[name] = now
                 send()
         return True
+
+    def move_due(self, lane: str) -> int:
+        """Move the lane's due scheduled jobs to its outbox; a backlog of due jobs (the clock was
+        down) is moved MOVE_CHUNKS chunks a tick, so a tick stays short."""
+        moved = 0
+        for _ in range(MOVE_CHUNKS):
+            count, _next = self.store.move_due(lane, state_ttl_s=self.config.state_ttl_s)
+            moved += count
+            if count < MOVE_CHUNK:
+                break
+        if moved:
+            log.info("scheduled_due", lane=lane, moved=moved)
+        return moved
 
     def run(self, stop: threading.Event) -> None:
         log.info("clock_started", clock_id=self.id, tick_ms=self.config.tick_ms)

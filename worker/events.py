@@ -9,8 +9,13 @@ One event per state change, published to the events stream:
 
 Types: accepted, rejected, failed (send side); delivered, undeliverable, expired, rejected
 (reports); unknown_message (a report for a message this worker never sent); requeued (an
-operator replayed the message's dead letter: the `failed` before it was not its end). `event_id`
-is stable, so a consumer that sees one twice (at-least-once delivery) can drop the repeat.
+operator replayed the message's dead letter: the `failed` before it was not its end); cancelled
+(a scheduled or queued message was cancelled before any attempt: it is never sent). `event_id`
+is the same for the same state change and different for every other one, so a consumer that sees
+one twice (at-least-once delivery) can drop the repeat: a `failed` names its outbox entry (a
+replayed message that fails again fails from a new entry), a requeue its dead letter. The JSON
+Schema (worker/schemas/event-v1.schema.json) says the same; tests/unit/test_event_schema.py holds them
+together.
 """
 
 from __future__ import annotations
@@ -61,22 +66,27 @@ def build(
     reason: str | None = None,
     report: dict[str, Any] | None = None,
     at: str | None = None,
+    event_id: str | None = None,
 ) -> bytes:
-    """One event as JSON; `job` is the producer's job (its id, metadata and `to` are echoed)."""
+    """One event as JSON; `job` is the producer's job (its id, metadata and `to` are echoed);
+    `event_id` replaces the default `<message_id>:<kind>`."""
     job = job or {}
     report = report or {}
+    # The job of an invalid_job `failed` is whatever a producer wrote: echo only what has the
+    # schema's type (a number as `id` would break every consumer coded against it).
+    producer_id, metadata, to = job.get("id"), job.get("metadata"), job.get("to") or report.get("to")
     return orjson.dumps(
         {
             "v": SCHEMA_VERSION,
-            "event_id": f"{message_id}:{kind}",
+            "event_id": event_id or f"{message_id}:{kind}",
             "type": kind,
             "at": at or now_iso(),
             "message_id": message_id,
             "bulk_id": bulk_id or report.get("bulkId"),
             "lane": lane,
-            "id": job.get("id"),
-            "metadata": job.get("metadata"),
-            "to": job.get("to") or report.get("to"),
+            "id": producer_id if type(producer_id) is str else None,
+            "metadata": metadata if type(metadata) is dict else None,
+            "to": to if type(to) is str else None,
             "status": status,
             "error": error,
             "reason": reason,

@@ -78,13 +78,15 @@ class RedisStateCollector(Collector):
         waiting = GaugeMetricFamily("sms_outbox_waiting", "Jobs not yet claimed", labels=["lane"])
         age = GaugeMetricFamily("sms_outbox_oldest_age_seconds", "Age of the oldest job in the outbox", labels=["lane"])
         paused = GaugeMetricFamily("sms_lane_paused", "1 while a lane is paused", labels=["lane", "reason"])
+        scheduled = GaugeMetricFamily("sms_scheduled_jobs", "Jobs held until their send_at", labels=["lane"])
         for lane in status.lanes:
+            scheduled.add_metric([lane.lane], lane.scheduled)
             depth.add_metric([lane.lane], lane.depth)
             waiting.add_metric([lane.lane], lane.waiting)
             age.add_metric([lane.lane], lane.oldest_age_s or 0.0)
             if lane.paused:
                 paused.add_metric([lane.lane, lane.paused], 1)
-        yield from (depth, waiting, age, paused)
+        yield from (depth, waiting, age, paused, scheduled)
         for name, doc, value in (
             ("sms_ambiguous_messages", "Messages awaiting a reconciliation verdict", status.ambiguous),
             ("sms_awaiting_reports", "Accepted messages without a final report yet", status.awaiting_reports),

@@ -7,6 +7,7 @@ refused so a typo in an option never silently sends something other than what wa
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -17,9 +18,10 @@ from worker.errors import JobValidationError, Problem
 
 JOB_FORMAT_VERSION = 1
 
-# E.164 without formatting: optional '+', 7 to 15 digits, no leading zero.
-_PHONE = re.compile(r"^\+?[1-9][0-9]{6,14}$")
-_HEX = re.compile(r"^[0-9A-Fa-f]{2}( [0-9A-Fa-f]{2})*$")
+# E.164 without formatting: optional '+', 7 to 15 digits, no leading zero. \Z, not $: $ also matches
+# before a trailing newline, and "41793026727\n" is no number (worker/schemas/job-v1.schema.json agrees).
+_PHONE = re.compile(r"^\+?[1-9][0-9]{6,14}\Z")
+_HEX = re.compile(r"^[0-9A-Fa-f]{2}( [0-9A-Fa-f]{2})*\Z")
 _GSM7_BASIC = set(
     "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§"
     "¿abcdefghijklmnopqrstuvwxyzäöñüà"
@@ -47,10 +49,12 @@ class State(StrEnum):
     EXPIRED = "EXPIRED"
     REJECTED = "REJECTED"
     FAILED = "FAILED"
+    SCHEDULED = "SCHEDULED"  # held in the lane's schedule until its send_at (worker.store.schedule)
+    CANCELLED = "CANCELLED"  # cancelled before any attempt: never sent (worker.cancel)
 
 
 TERMINAL_STATES = frozenset(
-    {State.DELIVERED, State.UNDELIVERABLE, State.EXPIRED, State.REJECTED, State.FAILED}
+    {State.DELIVERED, State.UNDELIVERABLE, State.EXPIRED, State.REJECTED, State.FAILED, State.CANCELLED}
 )
 
 
@@ -146,14 +150,21 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
+# An integer option within 64 bits: JSON has no limit, but a bigger one has no JSON form in orjson
+# (encode_job raised TypeError after validation) nor in most producers' languages.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a value of the wrong JSON type is refused, not coerced ("5" is no integer, "yes" no
+    # boolean), as the published schema says (tests/unit/test_schemas.py checks they agree).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Binary(_Strict):
     hex: str
-    data_coding: int = 0
-    esm_class: int = 0
+    data_coding: Int64 = 0
+    esm_class: Int64 = 0
 
     @field_validator("hex")
     @classmethod
@@ -170,7 +181,7 @@ class Language(_Strict):
 
 
 class ValidityPeriod(_Strict):
-    amount: Annotated[int, Field(ge=1)]
+    amount: Annotated[int, Field(ge=1, le=2**63 - 1)]
     time_unit: Literal["SECONDS", "MINUTES", "HOURS"] = "MINUTES"
 
     def seconds(self) -> int:
@@ -195,7 +206,8 @@ class DeliveryTimeWindow(_Strict):
     from_: Annotated[TimeOfDay | None, Field(alias="from")] = None
     to: TimeOfDay | None = None
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # By alias only: the wire key is "from"; "from_" is an unknown key like any other.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     @model_validator(mode="after")
     def _window(self) -> DeliveryTimeWindow:
@@ -212,17 +224,17 @@ class DeliveryTimeWindow(_Strict):
 class IndiaDlt(_Strict):
     principal_entity_id: str
     content_template_id: str | None = None
-    telemarketer_id: int | None = None
+    telemarketer_id: Int64 | None = None
 
 
 class TurkeyIys(_Strict):
     recipient_type: Literal["BIREYSEL", "TACIR"]
-    brand_code: int | None = None
+    brand_code: Int64 | None = None
 
 
 class SouthKorea(_Strict):
     title: Annotated[str, Field(max_length=66)] | None = None
-    reseller_code: int | None = None
+    reseller_code: Int64 | None = None
 
 
 class Regional(_Strict):
@@ -255,7 +267,22 @@ class Job(_Strict):
     regional: Regional | None = None
     flash: bool | None = None
     callback_data: Annotated[str, Field(max_length=4000)] | None = None
+    send_at: Annotated[str, Field(max_length=64)] | None = None
     v: Literal[1] = 1
+
+    @field_validator("send_at")
+    @classmethod
+    def _send_at(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_send_at(value)  # raises ValueError naming what is wrong
+        return value
+
+    @field_validator("v", mode="before")
+    @classmethod
+    def _version(cls, value: object) -> object:
+        if value is True:  # Literal[1] compares by equality, and True == 1
+            raise ValueError("must be the integer 1")
+        return value
 
     @field_validator("text")
     @classmethod
@@ -276,6 +303,28 @@ class Job(_Strict):
         if (self.text is None) == (self.binary is None):
             raise ValueError("exactly one of 'text' or 'binary' is required")
         return self
+
+
+# RFC 3339 date-time: seconds required, fraction optional, an offset ('Z' or +hh:mm) required, so
+# a time is never read in whatever zone the worker happens to run in.
+_RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})")
+_NO_OFFSET = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?")
+
+
+def parse_send_at(value: str) -> int:
+    """A job's `send_at` (RFC 3339 with an offset) as Unix milliseconds; ValueError says what is wrong."""
+    found = _RFC3339.fullmatch(value)  # fullmatch: `$` would let a trailing newline through
+    if found is None:
+        if _NO_OFFSET.fullmatch(value):
+            raise ValueError("has no UTC offset: add 'Z' or '+hh:mm', e.g. 2026-12-01T09:30:00+01:00")
+        raise ValueError("must be an RFC 3339 date-time with an offset, e.g. 2026-12-01T09:30:00Z")
+    date, clock, fraction, offset = found.groups()
+    micros = f".{fraction[:6].ljust(6, '0')}" if fraction else ""  # Python keeps microseconds
+    try:
+        moment = datetime.fromisoformat(f"{date}T{clock}{micros}{'+00:00' if offset in 'Zz' else offset}")
+    except ValueError as error:
+        raise ValueError(f"is not a valid date-time: {error}") from None
+    return int(moment.timestamp() * 1000)
 
 
 def _problems(error: ValidationError) -> list[Problem]:
@@ -307,7 +356,11 @@ def validate_job(data: object, *, max_text_parts: int, metadata_max_bytes: int, 
     if job.text is not None and (problem := text_problem(job.text, max_text_parts)) is not None:
         problems.append(Problem("text", problem))
     if job.metadata is not None:
-        size = len(orjson.dumps(job.metadata))
+        try:
+            size = len(orjson.dumps(job.metadata))
+        except orjson.JSONEncodeError as error:  # a producer's dict: an int beyond 64 bits, a set...
+            problems.append(Problem("metadata", f"not JSON: {error}"))
+            size = 0
         if size > metadata_max_bytes:
             problems.append(Problem("metadata", f"{size} bytes as JSON, at most {metadata_max_bytes} allowed"))
     if problems:
@@ -365,7 +418,7 @@ def _plain_options(producer_id: Any, sender: Any, metadata: Any, version: Any) -
         return False
     if sender is not None and (type(sender) is not str or not 0 < len(sender) <= 64):
         return False
-    return version == 1 and (metadata is None or type(metadata) is dict)
+    return version == 1 and version is not True and (metadata is None or type(metadata) is dict)
 
 
 def _plain_has_lone_surrogate(text: str, producer_id: str | None, sender: str | None,

@@ -4,17 +4,23 @@ The wire format other languages use is one stream entry per job on `{prefix}:out
 field `job` holding the job's JSON (see README, "Enqueue from any language"):
 
     XADD sms:outbox:bulk * job '{"to":"41793026727","text":"Hello","id":"order-42"}'
+
+A job with a future `send_at` is not appended: it is held in the lane's schedule (state SCHEDULED,
+worker.store.schedule) and appended when due; one with a past `send_at` is appended at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from worker.errors import EnqueueIncomplete, JobValidationError, Problem, StoreError
-from worker.models import Job, encode_job, encode_plain_job, validate_job
+from worker.models import Job, encode_job, encode_plain_job, parse_send_at, validate_job
 from worker.settings import Settings
 from worker.store import Store
 
@@ -28,6 +34,8 @@ class OutboxConfig:
     max_text_parts: int
     metadata_max_bytes: int
     idempotency_ttl_s: int
+    schedule_horizon_s: int = 180 * 86400  # SMS_SCHEDULE_HORIZON_S: how far ahead send_at may be
+    state_ttl_s: int = 3 * 86400  # a scheduled job's record is kept this long after it is due
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OutboxConfig:
@@ -37,6 +45,8 @@ class OutboxConfig:
             max_text_parts=settings.sms_max_text_parts,
             metadata_max_bytes=settings.sms_metadata_max_bytes,
             idempotency_ttl_s=settings.sms_idempotency_ttl_s,
+            schedule_horizon_s=settings.sms_schedule_horizon_s,
+            state_ttl_s=settings.sms_state_ttl_s,
         )
 
 
@@ -79,16 +89,46 @@ class Outbox:
         )
 
     def _encode(self, job: Job | Mapping[str, Any], index: int | None = None) -> tuple[bytes, str | None]:
-        """(wire JSON, producer id) of a valid job; JobValidationError otherwise."""
+        """(wire JSON, producer id) of a valid job; JobValidationError otherwise (also for a
+        send_at beyond SMS_SCHEDULE_HORIZON_S)."""
+        encoded, producer_id, _ = self._encode_due(job, index)
+        return encoded, producer_id
+
+    def _encode_due(
+        self, job: Job | Mapping[str, Any], index: int | None = None
+    ) -> tuple[bytes, str | None, int | None]:
+        """`_encode` and the due time (ms) of the job's send_at, None without one. Only the pydantic
+        path can see a send_at: the fast path turns any job with one over to it."""
         fast = encode_plain_job(
             job, max_text_parts=self.config.max_text_parts,
             metadata_max_bytes=self.config.metadata_max_bytes,
         )
         if fast is not None:
             assert isinstance(job, dict)
-            return fast, job.get("id")
+            return fast, job.get("id"), None
         valid = self.validate(job, index)
-        return encode_job(valid), valid.id
+        due = None
+        if valid.send_at is not None:
+            due = parse_send_at(valid.send_at)
+            if (ahead_s := (due - time.time() * 1000) / 1000) > (horizon := self.config.schedule_horizon_s):
+                raise JobValidationError([Problem(
+                    "send_at", f"is {ahead_s / 86400:.1f} days ahead; at most {horizon} s "
+                               f"({horizon / 86400:g} days) allowed (SMS_SCHEDULE_HORIZON_S)")], index)
+        return encode_job(valid), valid.id, due
+
+    @staticmethod
+    def due_later(encoded: list[tuple[bytes, str | None]], now_ms: float | None = None) -> list[tuple[int, int]]:
+        """(index, due ms) of the encoded jobs (as `prepare` returns them) whose send_at is still
+        ahead: they go to the schedule. (`enqueue` knows this from encoding; this reads it back
+        from the JSON for a client that writes `prepare`'s jobs itself.)"""
+        now_ms = time.time() * 1000 if now_ms is None else now_ms
+        later = []
+        for index, (job, _) in enumerate(encoded):
+            if b'"send_at"' not in job or not isinstance(send_at := orjson.loads(job).get("send_at"), str):
+                continue
+            if (due := parse_send_at(send_at)) > now_ms:
+                later.append((index, due))
+        return later
 
     def enqueue(self, job: Job | Mapping[str, Any], lane: str | None = None) -> Enqueued:
         """Queue one job; JobValidationError lists every problem and nothing is written.
@@ -96,7 +136,8 @@ class Outbox:
         EnqueueIncomplete (`.queued == [None]`) means Redis refused it and nothing of it was written;
         any other StoreError leaves it unknown whether it was written (see `enqueue_many`)."""
         lane = self._lane(lane)
-        [(mid, queued)] = self._write(lane, [self._encode(job)])
+        encoded, producer_id, due = self._encode_due(job)
+        [(mid, queued)] = self._write(lane, [(encoded, producer_id)], [] if due is None else [(0, due)])
         return Enqueued(mid, lane, queued)
 
     def enqueue_many(self, jobs: Iterable[Job | Mapping[str, Any]], lane: str | None = None) -> list[Enqueued]:
@@ -112,19 +153,79 @@ class Outbox:
         Any other StoreError (the connection was lost mid-call) leaves unknown what was written:
         retrying the call is then safe only for jobs with a producer id.
         """
+        lane, encoded, dues = self._prepare_many(jobs, lane)
+        return [Enqueued(mid, lane, queued) for mid, queued in self._write(lane, encoded, dues)]
+
+    def prepare(
+        self, job: Job | Mapping[str, Any], lane: str | None = None
+    ) -> tuple[str, list[tuple[bytes, str | None]]]:
+        """`enqueue`'s checks without its write: (lane, [(wire JSON, producer id)]), or the same
+        JobValidationError (the asyncio client writes what this returns through its own store)."""
+        return self._lane(lane), [self._encode(job)]
+
+    def prepare_many(
+        self, jobs: Iterable[Job | Mapping[str, Any]], lane: str | None = None, start: int = 0
+    ) -> tuple[str, list[tuple[bytes, str | None]]]:
+        """`enqueue_many`'s checks without its write: every job is checked, every problem listed
+        (`start` numbers the jobs of a slice of a bigger call as that call's)."""
+        lane, encoded, _ = self._prepare_many(jobs, lane, start)
+        return lane, encoded
+
+    def _prepare_many(
+        self, jobs: Iterable[Job | Mapping[str, Any]], lane: str | None = None, start: int = 0
+    ) -> tuple[str, list[tuple[bytes, str | None]], list[tuple[int, int]]]:
+        """`prepare_many`, and (index, due ms) of the jobs with a send_at."""
         lane = self._lane(lane)
         encoded = []
+        dues = []
         problems: list[Problem] = []
-        for index, job in enumerate(jobs):
+        for index, job in enumerate(jobs, start):
             try:
-                encoded.append(self._encode(job, index))
+                wire, producer_id, due = self._encode_due(job, index)
             except JobValidationError as error:
                 problems += [Problem(f"jobs[{index}].{p.field}", p.message) for p in error.problems]
+                continue
+            if due is not None:
+                dues.append((index - start, due))
+            encoded.append((wire, producer_id))
         if problems:
             raise JobValidationError(problems)
-        return [Enqueued(mid, lane, queued) for mid, queued in self._write(lane, encoded)]
+        return lane, encoded, dues
 
-    def _write(self, lane: str, encoded: list[tuple[bytes, str | None]]) -> list[tuple[str, bool]]:
+    def _write(self, lane: str, encoded: list[tuple[bytes, str | None]],
+               dues: list[tuple[int, int]]) -> list[tuple[str, bool]]:
+        """Jobs due later (`dues`: index, due ms) go to the lane's schedule (Store.schedule), the
+        others (a past send_at included) to its outbox.
+
+        A call mixing both writes the scheduled ones first; when the outbox write then fails,
+        EnqueueIncomplete answers the scheduled ones as written."""
+        now_ms = time.time() * 1000
+        later = [(index, due) for index, due in dues if due > now_ms]
+        if not later:
+            return self._append(lane, encoded)
+        answers: list[tuple[str, bool] | None] = [None] * len(encoded)
+        try:
+            held: list[tuple[str, bool] | None] = list(self.store.schedule(
+                lane, [(*encoded[i], due) for i, due in later], state_ttl_s=self.config.state_ttl_s,
+                idempotency_ttl_s=self.config.idempotency_ttl_s))
+        except EnqueueIncomplete as error:  # its answers are the scheduled jobs': renumber them
+            for (i, _), partial in zip(later, error.queued, strict=True):
+                answers[i] = partial
+            raise EnqueueIncomplete(str(error), answers) from error
+        for (i, _), answer in zip(later, held, strict=True):
+            answers[i] = answer
+        now = [i for i in range(len(encoded)) if answers[i] is None]
+        try:
+            appended: list[tuple[str, bool]] = self._append(lane, [encoded[i] for i in now]) if now else []
+        except EnqueueIncomplete as error:
+            for i, partial in zip(now, error.queued, strict=True):
+                answers[i] = partial
+            raise EnqueueIncomplete(str(error), answers) from error
+        for i, answer in zip(now, appended, strict=True):
+            answers[i] = answer
+        return [answer for answer in answers if answer is not None]
+
+    def _append(self, lane: str, encoded: list[tuple[bytes, str | None]]) -> list[tuple[str, bool]]:
         """Store.enqueue, then wake the lane if anything new was queued, also by a call that failed
         part-way (EnqueueIncomplete is raised after the wake; a failing wake does not replace it)."""
         try:

@@ -149,6 +149,8 @@ class Settings(BaseSettings):
     sms_metadata_max_bytes: Annotated[int, Field(ge=0, le=1_000_000)] = 2048
     sms_max_text_parts: Annotated[int, Field(ge=1, le=255)] = 25
     sms_dispatch_tick_ms: Annotated[int, Field(ge=10, le=60_000)] = 500
+    # How far ahead a job's send_at may be; a later one is refused at enqueue.
+    sms_schedule_horizon_s: Annotated[int, Field(ge=60, le=10 * 365 * 86400)] = 180 * 86400
 
     # --- status events -------------------------------------------------------------------------
     sms_events_stream_maxlen: Annotated[int, Field(ge=1000)] = 1_000_000

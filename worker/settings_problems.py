@@ -55,6 +55,7 @@ EXAMPLES: dict[str, str] = {
     "SMS_EVENTS_DRAMATIQ_QUEUE": "sms_status",
     "SMS_EVENTS_DRAMATIQ_ACTOR": "handle_sms_status",
     "SMS_DISPATCH_TICK_MS": "500",
+    "SMS_SCHEDULE_HORIZON_S": "15552000",
     "SMS_REPORTS_DRAIN_INTERVAL_S": "5",
     "SMS_REPORTS_ENTITY_ID": "my-entity",
     "SMS_REPORTS_APPLICATION_ID": "my-app",

@@ -26,6 +26,8 @@ class LaneStatus:
     paused: str | None
     paused_for_s: float | None = None  # how long the pause has left before it lifts by itself
     configured: bool = True  # False: an outbox stream of a lane SMS_LANES does not name
+    scheduled: int = 0  # jobs held until their send_at (not in the outbox yet)
+    next_due_in_s: float | None = None  # when the earliest of them is due (negative: overdue)
 
 
 @dataclass
@@ -103,7 +105,8 @@ def _lane_status(lane: str, raw: LaneSnapshot, now: float, *, configured: bool) 
         oldest_age_s=round(_age_s(raw.head_id, now), 3) if raw.head_id is not None else None,
         paused=raw.paused,
         paused_for_s=round(raw.pause_ms / 1000, 1) if raw.paused and raw.pause_ms >= 0 else None,
-        configured=configured,
+        configured=configured, scheduled=raw.scheduled,
+        next_due_in_s=round(raw.next_due_ms / 1000 - now, 1) if raw.next_due_ms is not None else None,
     )
 
 
@@ -137,7 +140,7 @@ def _table(rows: list[list[str]], right: set[int]) -> list[str]:
 
 def render(status: SystemStatus) -> str:
     """A readable report for people: an aligned table of lanes, then one labelled line per fact."""
-    rows = [["lane", "depth", "waiting", "in flight", "oldest", "paused"]]
+    rows = [["lane", "depth", "waiting", "in flight", "oldest", "scheduled", "next due", "paused"]]
     for lane in status.lanes:
         paused = "no"
         if lane.paused:
@@ -145,8 +148,9 @@ def render(status: SystemStatus) -> str:
             paused = f"{lane.paused}{left} (sms-worker resume --lane {lane.lane})"
         rows.append([lane.lane, f"{lane.depth:,}", f"{lane.waiting:,}", f"{lane.in_flight:,}",
                      "-" if lane.oldest_age_s is None else duration(lane.oldest_age_s),
+                     f"{lane.scheduled:,}", _due(lane.next_due_in_s),
                      paused if lane.configured else f"{paused}  ({UNCONFIGURED})"])
-    lines = _table(rows, right={1, 2, 3, 4})
+    lines = _table(rows, right={1, 2, 3, 4, 5, 6})
 
     limiter = status.limiter
     rates = ", ".join(f"{unit} {'none (no limit)' if limiter.get(key) is None else f'{limiter[key]:g}'}"
@@ -169,6 +173,12 @@ def render(status: SystemStatus) -> str:
         lines.append(f"{label + ':':<{width}}{values[0]}")
         lines += [f"{'':<{width}}{value}" for value in values[1:]]
     return "\n".join(lines)
+
+
+def _due(in_s: float | None) -> str:
+    if in_s is None:
+        return "-"
+    return f"in {duration(in_s)}" if in_s >= 0 else f"{duration(-in_s)} overdue"
 
 
 def _render_drain(drain: dict[str, Any] | None) -> str:

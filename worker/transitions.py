@@ -26,6 +26,9 @@ class Script(StrEnum):
     ABSENT = "absent"  # a message missing from the logs: resent (SUBMITTING) or checked again (AMBIGUOUS)
     SETTLE = "settle"  # the outcome of a POST or a reconciliation (its ALLOWED table)
     CHECK_RENEW = "check_renew"  # renews a reconciliation lease; never changes a state
+    SCHEDULE = "schedule"  # a job with a future send_at is held in its lane's schedule
+    DUE = "due"  # a due scheduled job is appended to its lane's outbox
+    CANCEL = "cancel"  # a message never submitted is cancelled (it is never sent)
 
 
 Transition = tuple[State | None, State]
@@ -49,6 +52,14 @@ TRANSITIONS: Final[Mapping[Script, frozenset[Transition]]] = {
         (State.AMBIGUOUS, State.FAILED),
     }),
     Script.CHECK_RENEW: frozenset(),
+    Script.SCHEDULE: frozenset({(None, State.SCHEDULED)}),
+    Script.DUE: frozenset({(State.SCHEDULED, State.QUEUED)}),
+    # Only before any attempt: from SUBMITTING on, a request may have reached the provider.
+    Script.CANCEL: frozenset({
+        (None, State.CANCELLED),  # still in the outbox, unclaimed or claimed but not submitted
+        (State.SCHEDULED, State.CANCELLED),
+        (State.QUEUED, State.CANCELLED),  # moved from the schedule, or certainly not sent by a failed attempt
+    }),
 }
 
 

@@ -107,6 +107,7 @@ BAD_VALUES: dict[str, str] = {
     "SMS_METADATA_MAX_BYTES": "-1",
     "SMS_MAX_TEXT_PARTS": "256",
     "SMS_DISPATCH_TICK_MS": "5",
+    "SMS_SCHEDULE_HORIZON_S": "30",
     "SMS_EVENTS_STREAM_MAXLEN": "10",
     "SMS_EVENTS_DRAMATIQ_QUEUE": "two words",
     "SMS_EVENTS_DRAMATIQ_ACTOR": "handle_sms_status",  # without its queue

@@ -123,3 +123,54 @@ def test_check_renew_lua_agrees_with_the_table(store: Store) -> None:
         store.renew_checks([entry.message_id], "me", 60_000)
         seen.record(before, _state(store, entry))
     seen.covers_the_table()
+
+
+def _derived(store: Store, n: int) -> Entry:
+    """An entry really in the bulk outbox, whose message id is derived from its entry id."""
+    entry = Entry(f"1-{n + 1}", f"sw-bulk-1-{n + 1}", JOB)
+    store.r.xadd(store.outbox("bulk"), {"job": JOB}, id=entry.entry_id)
+    return entry
+
+
+def test_schedule_lua_agrees_with_the_table(store: Store) -> None:
+    """A raw entry with a future send_at is held only while its message has no record."""
+    seen = Seen(Script.SCHEDULE)
+    for n, before in enumerate(FROM):
+        entry = _derived(store, n)
+        _put(store, entry, before, job=JOB)
+        [answer] = store.schedule_entries("bulk", [(entry, None, FAR_MS)], state_ttl_s=3600, idempotency_ttl_s=60)
+        assert answer == ("SCHEDULED" if before is None else str(before))
+        seen.record(before, _state(store, entry))
+    [(mid, queued)] = store.schedule("bulk", [(JOB, None, FAR_MS)], state_ttl_s=3600, idempotency_ttl_s=60)
+    assert queued
+    seen.record(None, State(store.r.hget(store.msg(mid), "state").decode()))
+    seen.covers_the_table()
+
+
+def test_due_lua_agrees_with_the_table(store: Store) -> None:
+    seen = Seen(Script.DUE)
+    for n, before in enumerate(FROM):
+        entry = _entry(n)
+        _put(store, entry, before, job=JOB)
+        store.r.zadd(store.scheduled("bulk"), {entry.message_id: 1})
+        store.move_due("bulk", state_ttl_s=3600)
+        assert store.r.zscore(store.scheduled("bulk"), entry.message_id) is None, "a due member is always removed"
+        seen.record(before, _state(store, entry))
+    seen.covers_the_table()
+
+
+def test_cancel_lua_agrees_with_the_table(store: Store) -> None:
+    """From every state, by message id; an unrecorded message is cancellable only while its entry is
+    in the outbox."""
+    seen = Seen(Script.CANCEL)
+    for n, before in enumerate(FROM):
+        entry = _derived(store, n)
+        _put(store, entry, before, job=JOB)
+        answer = store.cancel(message_id=entry.message_id, events_maxlen=1000, state_ttl_s=3600)
+        after = _state(store, entry)
+        assert answer.cancelled == (after == State.CANCELLED != before), f"cancel's answer from {before}"
+        seen.record(before, after)
+    gone = Entry("1-999", "sw-bulk-1-999", JOB)  # no record and no entry: nothing to cancel
+    assert store.cancel(message_id=gone.message_id, events_maxlen=1000, state_ttl_s=3600).outcome == "unknown"
+    seen.record(None, _state(store, gone))
+    seen.covers_the_table()

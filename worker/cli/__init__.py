@@ -2,8 +2,10 @@
 
     processes.py   worker, clock, web; the dev tools' sandbox and demo
     enqueue.py     enqueue: one SMS, or a CSV file of them
+    cancel.py      cancel: scheduled or queued messages not yet submitted
     dlq.py         dlq list, show, replay, purge
     operations.py  status, resume, logs, reconcile, check
+    schema.py      schema: the published JSON Schemas and AsyncAPI document
     errors.py      which exceptions are a user's mistake, and the line each one gets
     common.py      what the commands share: loaded settings, Store, Triggers, JSON output
 
@@ -20,18 +22,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from worker.cli import common, dlq, enqueue
+from worker.cli import cancel, common, dlq, enqueue, schema
+from worker.cli.cancel import cmd_cancel
 from worker.cli.dlq import cmd_dlq
 from worker.cli.enqueue import cmd_enqueue
 from worker.cli.errors import UsageError, stdout_closed, user_error
 from worker.cli.operations import cmd_check, cmd_logs, cmd_reconcile, cmd_resume, cmd_status
 from worker.cli.processes import add_sandbox_arguments, cmd_clock, cmd_demo, cmd_sandbox, cmd_web, cmd_worker
+from worker.cli.schema import cmd_schema
 from worker.errors import ConfigError
 from worker.settings import ENV_FILE_VARIABLE, load_settings
 
 __all__ = [
-    "UsageError", "build_parser", "cmd_check", "cmd_clock", "cmd_demo", "cmd_dlq", "cmd_enqueue", "cmd_logs",
-    "cmd_reconcile", "cmd_resume", "cmd_sandbox", "cmd_status", "cmd_web", "cmd_worker", "main",
+    "UsageError", "build_parser", "cmd_cancel", "cmd_check", "cmd_clock", "cmd_demo", "cmd_dlq", "cmd_enqueue",
+    "cmd_logs", "cmd_reconcile", "cmd_resume", "cmd_sandbox", "cmd_schema", "cmd_status", "cmd_web", "cmd_worker",
+    "main",
 ]
 
 
@@ -100,11 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_arguments(p)
     p.set_defaults(func=cmd_enqueue)
 
+    p = _command(sub, "cancel", "cancel scheduled or queued messages not yet submitted", cancel.EPILOG)
+    cancel.add_arguments(p)
+    p.set_defaults(func=cmd_cancel)
+
     p = _command(sub, "dlq", "list, show, replay or purge dead letters", dlq.EPILOG)
     dlq.add_arguments(p)
     p.set_defaults(func=cmd_dlq)
 
     _add_operations(sub)
+
+    p = _command(sub, "schema", "print the JSON Schema of the job or the event, or the AsyncAPI document",
+                 schema.EPILOG)
+    schema.add_arguments(p)
+    p.set_defaults(func=cmd_schema)
 
     p = _command(sub, "demo", "run the whole system locally and send a few thousand SMS",
                  "example:\n  sms-worker demo --messages 3000")
@@ -192,7 +206,7 @@ def _add_operations(sub: Any) -> None:
 # --- the entry point: shared options, logging, and one line per mistake ------------------------------
 ENV_FILE_HELP = "read settings from FILE (default: .env in the working directory); the environment wins over it"
 # Commands that run without the worker's settings: the sandbox has its own flags, the demo its own stack.
-_NO_SETTINGS = frozenset({"sandbox", "demo"})
+_NO_SETTINGS = frozenset({"sandbox", "demo", "schema"})
 # Commands that report variables that are no setting themselves (not as a log warning).
 _OWN_WARNINGS = frozenset({"check"})
 

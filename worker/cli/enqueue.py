@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 EPILOG = """examples:
   sms-worker enqueue --to 41793026727 --text "Your code is 123456" --lane otp
   sms-worker enqueue --to 41793026727 --text "Hi" --id order-42 --metadata '{"order": 42}'
+  sms-worker enqueue --to 41793026727 --text "See you at 9" --send-at 2026-12-01T08:30:00+01:00
   sms-worker enqueue --csv people.csv --text-template "Hello {name}, your table is ready" --dry-run
   sms-worker enqueue --csv people.csv --text-template "Hello {name}, your table is ready"
 
@@ -53,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id", help="producer id (idempotency key); in a CSV file, its `id` column")
     p.add_argument("--sender")
     p.add_argument("--metadata", help="JSON object echoed in every status event")
+    p.add_argument("--send-at", metavar="TIME",
+                   help="send at this RFC 3339 time with an offset (e.g. 2026-12-01T08:30:00Z); held until "
+                        "then, at most SMS_SCHEDULE_HORIZON_S ahead; a past time sends at once")
     p.add_argument("--dry-run", action="store_true", help="check everything, report, and write nothing")
 
 
@@ -77,6 +81,8 @@ def _base_job(args: argparse.Namespace) -> dict[str, Any]:
     base: dict[str, Any] = {}
     if args.sender:
         base["sender"] = args.sender
+    if args.send_at:
+        base["send_at"] = args.send_at
     if args.metadata:
         try:
             base["metadata"] = orjson.loads(args.metadata)
@@ -101,8 +107,20 @@ def _enqueue_one(outbox: Outbox, args: argparse.Namespace, base: dict[str, Any],
         result = outbox.enqueue(job, lane)
     except EnqueueIncomplete as error:
         raise SmsWorkerError(f"not queued: {error}") from None
-    print(f"{'queued' if result.queued else 'duplicate (already queued)'}: {result.message_id} lane={result.lane}")
+    what = "queued" if result.queued else "duplicate (already queued)"
+    if result.queued and _later(job):
+        what = f"scheduled for {job['send_at']}"
+    print(f"{what}: {result.message_id} lane={result.lane}")
     return 0
+
+
+def _later(job: dict[str, Any]) -> bool:
+    """Whether a valid job's send_at is still ahead (it was scheduled, not appended)."""
+    import time
+
+    from worker.models import parse_send_at
+
+    return "send_at" in job and parse_send_at(str(job["send_at"])) > time.time() * 1000
 
 
 # --- reading the file ------------------------------------------------------------------------------

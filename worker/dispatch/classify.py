@@ -262,7 +262,9 @@ def give_up(
                            detail=detail, attempts=attempts, job=entry.job, last_answer=answer)
     outcome = Outcome(
         entry.message_id, entry.entry_id, State.FAILED, ack=True,
-        event=events.build("failed", entry.message_id, job, lane=lane, reason=reason),
+        # Its own id per entry: a replayed message that fails again is a new state change.
+        event=events.build("failed", entry.message_id, job, lane=lane, reason=reason,
+                           event_id=f"{entry.message_id}:failed:{entry.entry_id}"),
         fields={"reason": reason, "lane": lane, "job": entry.job.decode("utf-8", "replace")},
         dead_letter=dead,
     )

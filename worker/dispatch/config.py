@@ -43,6 +43,7 @@ class DispatchConfig:
     no_report_grace_s: float  # SMS_NO_REPORT_GRACE_S
     default_sender: str | None  # SMS_DEFAULT_SENDER
     webhook_url: str | None  # Settings.webhook_delivery_url()
+    schedule_horizon_s: int = 180 * 86400  # SMS_SCHEDULE_HORIZON_S: a raw entry's send_at beyond it is refused
     fence_margin_ms: int = FENCE_MARGIN_MS
     recover_every_s: float = RECOVER_EVERY_S
     listen: bool = True  # an immediate lane's run waits on its outbox for the rest of its budget
@@ -68,4 +69,5 @@ class DispatchConfig:
             no_report_grace_s=settings.sms_no_report_grace_s,
             default_sender=settings.sms_default_sender,
             webhook_url=settings.webhook_delivery_url(),
+            schedule_horizon_s=settings.sms_schedule_horizon_s,
         )

@@ -32,13 +32,14 @@ from worker.dispatch.classify import (
     plan_submitted,
 )
 from worker.dispatch.config import LISTEN_SLICE_MS, RUN_BUDGET_S, DispatchConfig
-from worker.dispatch.jobs import lenient_job, parse_job
+from worker.dispatch.counts import count_settled, note_verdicts
+from worker.dispatch.jobs import later_than, lenient_job, parse_job
 from worker.errors import ProviderError
 from worker.models import State
 from worker.provider import Provider, wire_message_from_dict, wire_request
 from worker.ratelimit import RateLimiter
 from worker.settings import LaneConfig
-from worker.store import AbsentVerdict, Claim, ClaimKind, Entry, Outcome, Store, Verdict
+from worker.store import Claim, ClaimKind, Entry, Outcome, Store
 
 # The logger keeps the name it had when the send path was one module.
 log = structlog.get_logger("worker.dispatch")
@@ -238,7 +239,7 @@ class Dispatcher:
         of absent.lua."""
         started = time.perf_counter()
         batch = _Batch(lane)
-        items = self._first_owners(batch, self._readable(batch, entries))
+        items = self._held(batch, self._first_owners(batch, self._readable(batch, entries)))
         fence, opened = secrets.token_hex(8), time.monotonic()
         answers = self.store.submit(
             lane, [item.entry for item in items], consumer=self._checker(), lease_ms=self.config.lease_ms,
@@ -291,6 +292,27 @@ class Dispatcher:
                 batch.outcomes.append(Outcome.acknowledge(item.message_id, item.entry_id))
         return [item for item in items if item.message_id not in repeats]
 
+    def _held(self, batch: _Batch, items: list[Item]) -> list[Item]:
+        """Entries written with plain XADD whose send_at is still ahead go to the lane's schedule
+        (acknowledged and deleted there, appended again when due); the others are sent. An entry the
+        schedule appended itself has a record already, so clock skew never holds it twice."""
+        now_ms, later, held = events.now_ms(), [], set()
+        for item in (item for item in items if "send_at" in item.job):
+            due, problem = later_than(item.job, now_ms, self.config.schedule_horizon_s)
+            if problem is not None:
+                self._perform(batch, give_up(batch.lane, item.entry, item.job, "invalid_job", problem, 0))
+                held.add(item.message_id)
+            elif due is not None:
+                later.append((item, due))
+        if later:
+            answers = self.store.schedule_entries(
+                batch.lane, [(item.entry, item.job.get("id"), due) for item, due in later],
+                state_ttl_s=self.config.state_ttl_s, idempotency_ttl_s=self.config.idempotency_ttl_s)
+            held |= {item.message_id for (item, _), answer in zip(later, answers, strict=True)
+                     if answer in ("SCHEDULED", "DUPLICATE")}
+            log.info("scheduled_from_outbox", lane=batch.lane, entries=len(later))
+        return [item for item in items if item.message_id not in held] if held else items
+
     def _checker(self) -> str:
         """Who holds a slot or a reconciliation lease: this thread of this process (threads share a consumer)."""
         return f"{self.consumer}:{threading.get_ident()}"
@@ -303,7 +325,7 @@ class Dispatcher:
             batch.lane, batch.outcomes, now_ms=events.now_ms(), events_maxlen=self.config.events_maxlen,
             state_ttl_s=self.config.state_ttl_s,
         )
-        _count(batch.lane, batch.outcomes, applied)
+        count_settled(batch.lane, batch.outcomes, applied)
         # A stale owner's decisions were not applied: the entries are their new owner's business.
         mine = {o.entry_id for o, done in zip(batch.outcomes, applied, strict=True) if done or not o.guard}
         for retry in batch.retry_in:
@@ -421,7 +443,7 @@ class Dispatcher:
             max_attempts=self.config.max_attempts,
         )
         plan = plan_absent(batch.lane, missing, verdicts, checker=self._checker())
-        _note_verdicts(batch.lane, verdicts)
+        note_verdicts(batch.lane, verdicts)
         batch.waiting += plan.waiting
         self._perform(batch, plan.decision)
         if plan.resend:
@@ -458,33 +480,3 @@ class Dispatcher:
         metrics.RECONCILE.labels("missing").inc(len(items) - len(found))
         log.info("reconciled", lane=batch.lane, messages=len(items), found=len(found), missing=len(items) - len(found))
         return [item for item in items if item.message_id not in found]
-
-
-def _note_verdicts(lane: str, verdicts: Sequence[Verdict]) -> None:
-    tally = Counter(v.state for v in verdicts)
-    for verdict in verdicts:
-        metrics.RECONCILE.labels(verdict.state.lower()).inc()
-    if tally[AbsentVerdict.RESEND] < len(verdicts):
-        log.info("reconcile_verdicts", lane=lane, resend=tally[AbsentVerdict.RESEND],
-                 **{v.lower(): n for v, n in tally.items() if v != AbsentVerdict.RESEND})
-
-
-_OUTCOME_LABELS = {State.ACCEPTED: "accepted", State.REJECTED: "rejected", State.FAILED: "failed",
-                   State.QUEUED: "retry", State.AMBIGUOUS: "ambiguous"}
-_EVENT_TYPES = {State.ACCEPTED: "accepted", State.REJECTED: "rejected", State.FAILED: "failed"}
-
-
-def _count(lane: str, outcomes: Sequence[Outcome], applied: Sequence[bool]) -> None:
-    """sms_messages_total and sms_events_total for the outcomes settle applied."""
-    by_outcome: Counter[str] = Counter()
-    published: Counter[str] = Counter()
-    for outcome, done in zip(outcomes, applied, strict=True):
-        if outcome.state is None or not done or outcome.state not in _OUTCOME_LABELS:
-            continue
-        by_outcome[_OUTCOME_LABELS[outcome.state]] += 1
-        if outcome.event and outcome.state in _EVENT_TYPES:
-            published[_EVENT_TYPES[outcome.state]] += 1
-    for label, n in by_outcome.items():
-        metrics.MESSAGES.labels(lane, label).inc(n)
-    for kind, n in published.items():
-        metrics.EVENTS.labels(kind).inc(n)

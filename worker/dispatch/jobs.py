@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from worker.errors import JobValidationError
-from worker.models import encode_job, plain_job, validate_job
+from worker.models import encode_job, parse_send_at, plain_job, validate_job
 
 
 def parse_job(raw: bytes, *, max_text_parts: int, metadata_max_bytes: int) -> tuple[dict[str, Any], str | None]:
@@ -37,3 +37,16 @@ def lenient_job(raw: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         return {}
     return job if isinstance(job, dict) else {}
+
+
+def later_than(job: dict[str, Any], now_ms: int, horizon_s: int) -> tuple[int | None, str | None]:
+    """(due ms, None) for a checked job whose send_at is after `now_ms`; (None, why) for one beyond
+    the horizon; (None, None) for one to send now. A producer writing the outbox with plain XADD may
+    set any send_at; the Python API holds future ones in the schedule itself."""
+    send_at = job.get("send_at")
+    if not isinstance(send_at, str):
+        return None, None
+    due = parse_send_at(send_at)  # checked already by parse_job
+    if due - now_ms > horizon_s * 1000:
+        return None, f"send_at is beyond SMS_SCHEDULE_HORIZON_S ({horizon_s} s ahead at most)"
+    return (due, None) if due > now_ms else (None, None)

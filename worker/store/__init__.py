@@ -10,7 +10,10 @@
     streams.py     consumer groups on other streams (the events relay)
     reports.py     report pages, parked reports, counters, the logs lookup
     deadletters.py the dead-letter stream
+    schedule.py    the lanes' schedules (send_at), moving due jobs, the atomic cancel
     ops.py         status snapshots, heartbeats, the instance marker
+    lookup.py      where one message is (its hash, or its outbox entry): the clients' `status`
+    aio.py         `AsyncStore`, the asyncio producer client's store (not joined into `Store`)
 
 `Store` joins the domains the way redis-py's `Redis` joins its command groups (one class per group,
 one object for the caller). redis-py's errors become StoreError at this boundary (`redis_errors`);
@@ -36,13 +39,16 @@ from worker.store.ops import OperationsOps
 from worker.store.outbox import DISPATCH_GROUP, ENQUEUE_CHUNK, Claim, ClaimKind, Entry, OutboxOps
 from worker.store.reports import ReportOps
 from worker.store.resp import redis_errors
+from worker.store.schedule import CancelAnswer, CancelOutcome, ScheduleOps, cancel_steps
 from worker.store.streams import StreamOps
 
 __all__ = [
-    "DISPATCH_GROUP", "ENQUEUE_CHUNK", "FENCE_MARGIN_MS", "SCRIPT_CHUNK", "AbsentVerdict", "Claim", "ClaimKind",
-    "Entry", "Outcome", "Store", "SubmitAnswer", "Submitted", "Verdict", "connect", "consumer_name", "redis_errors",
+    "DISPATCH_GROUP", "ENQUEUE_CHUNK", "FENCE_MARGIN_MS", "SCRIPT_CHUNK", "AbsentVerdict", "CancelAnswer",
+    "CancelOutcome", "Claim", "ClaimKind", "Entry", "Outcome", "ScheduleOps", "Store", "SubmitAnswer", "Submitted",
+    "Verdict", "cancel_steps", "connect", "consumer_name", "redis_errors",
 ]
 
 
-class Store(OutboxOps, MessageOps, LaneOps, LimiterOps, StreamOps, ReportOps, DeadLetterOps, OperationsOps):
+class Store(OutboxOps, MessageOps, ScheduleOps, LaneOps, LimiterOps, StreamOps, ReportOps, DeadLetterOps,
+            OperationsOps):
     """Typed operations over one Redis database, each one round trip."""

@@ -2,6 +2,7 @@
 
     {p}:outbox:{lane}             stream, one entry per job (`job` JSON, optional `mid`), group `dispatch`
     {p}:msg:{message_id}          hash, the message's state, job, attempts, bulk id... (TTL: state TTL)
+    {p}:scheduled:{lane}          sorted set, SCHEDULED message ids by due time (ms); their job is in the hash
     {p}:idem:{producer_id}        string, the message id a producer id was queued as (TTL: retention)
     {p}:events                    stream, status events (`event` JSON)
     {p}:dlq                       stream, dead letters (`message_id`, `entry` JSON)
@@ -41,6 +42,9 @@ class Keys:
 
     def msg(self, message_id: str) -> str:
         return f"{self.p}:msg:{message_id}"
+
+    def scheduled(self, lane: str) -> str:
+        return f"{self.p}:scheduled:{lane}"
 
     def idem(self, producer_id: str) -> str:
         return f"{self.p}:idem:{producer_id}"

@@ -19,6 +19,7 @@ from worker.store.base import StoreBase
 from worker.store.outbox import DISPATCH_GROUP
 
 AMBIGUOUS_SCAN = 10_000  # pending entries per lane looked at for the ambiguous count
+PER_LANE = 6  # replies per lane in a snapshot
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class LaneSnapshot:
     paused: str | None  # the pause's reason
     pause_ms: int  # its PTTL (-1 without expiry, -2 none)
     pending: int  # claimed, pending in the dispatch group
+    scheduled: int = 0  # jobs held in the lane's schedule (send_at ahead)
+    next_due_ms: int | None = None  # the earliest of their due times
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class OperationsOps(StoreBase):
                 pipe.xrange(self.outbox(lane), "-", "+", count=1)
                 pipe.get(self.pause_key(lane))
                 pipe.pttl(self.pause_key(lane))
+                pipe.zcard(self.scheduled(lane))
+                pipe.zrange(self.scheduled(lane), 0, 0, withscores=True)
             pipe.zcard(self.awaiting)
             pipe.xlen(self.dlq)
             pipe.zcard(self.reports_parked)
@@ -78,12 +83,13 @@ class OperationsOps(StoreBase):
             pending = [self._pending(lane) for lane in lanes]
         per_lane = []
         for i, lane_pending in enumerate(pending):
-            depth, head, paused, pause_ms = replies[4 * i : 4 * i + 4]
+            depth, head, paused, pause_ms, scheduled, first_due = replies[PER_LANE * i : PER_LANE * i + PER_LANE]
             per_lane.append(LaneSnapshot(
                 depth=int(depth), head_id=head[0][0].decode() if head else None,
                 paused=paused.decode() if paused else None, pause_ms=int(pause_ms), pending=lane_pending,
+                scheduled=int(scheduled), next_due_ms=int(first_due[0][1]) if first_due else None,
             ))
-        awaiting, dlq, parked, events, heartbeats, last_drain, tat, marker = replies[4 * len(lanes) :]
+        awaiting, dlq, parked, events, heartbeats, last_drain, tat, marker = replies[PER_LANE * len(lanes) :]
         return Snapshot(
             lanes=per_lane, awaiting=int(awaiting), dead_letters=int(dlq), parked=int(parked), events=int(events),
             heartbeats={name.decode(): float(beat) for name, beat in heartbeats.items()},

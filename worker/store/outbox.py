@@ -291,14 +291,20 @@ def _undo(conn: Any, reader: hiredis.Reader, call: _Enqueue) -> None:
     Plain commands (XDEL and DEL are allowed when Redis is out of memory, also inside a failed call;
     queued in a MULTI they would not be). If this round trip is lost, a plain StoreError says the
     outcome is unknown."""
+    commands = _undo_commands(call)
+    if commands:
+        conn.send_packed_command([resp.pack(commands)])
+        resp.check(resp.read_replies(conn, reader, len(commands)))
+
+
+def _undo_commands(call: _Enqueue) -> list[tuple[Any, ...]]:
+    """The XDEL and DEL of `_undo` (also sent by worker.store.aio's enqueue)."""
     commands: list[tuple[Any, ...]] = []
     if call.repeats or call.undo_entries:
         commands.append((b"XDEL", call.outbox, *call.repeats, *call.undo_entries))
     if call.undo_claims:
         commands.append((b"DEL", *(key for key, _ in call.undo_claims)))
-    if commands:
-        conn.send_packed_command([resp.pack(commands)])
-        resp.check(resp.read_replies(conn, reader, len(commands)))
+    return commands
 
 
 def _answers(call: _Enqueue) -> list[tuple[str, bool]]:
