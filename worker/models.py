@@ -455,3 +455,13 @@ def validity_seconds(amount: int, time_unit: str = "MINUTES") -> int:
     place the unit and the 48 h cap are applied (ValidityPeriod and the dispatcher's report
     deadline). An unknown unit counts as minutes, the API's default."""
     return min(amount * _UNIT_SECONDS.get(time_unit, 60), MAX_VALIDITY_S)
+
+
+def lenient_job(raw: bytes) -> dict[str, Any]:
+    """A job's JSON as far as it parses, for the event of one that will
+    never be sent (or is cancelled before it is)."""
+    try:
+        job = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    return job if isinstance(job, dict) else {}

@@ -33,9 +33,9 @@ from worker.dispatch.classify import (
 )
 from worker.dispatch.config import LISTEN_SLICE_MS, RUN_BUDGET_S, DispatchConfig
 from worker.dispatch.counts import count_settled, note_verdicts
-from worker.dispatch.jobs import later_than, lenient_job, parse_job
+from worker.dispatch.jobs import later_than, parse_job
 from worker.errors import ProviderError
-from worker.models import State
+from worker.models import State, lenient_job
 from worker.provider import Provider, wire_message_from_dict, wire_request
 from worker.ratelimit import RateLimiter
 from worker.settings import LaneConfig

@@ -30,15 +30,6 @@ def parse_job(raw: bytes, *, max_text_parts: int, metadata_max_bytes: int) -> tu
     return orjson.loads(encode_job(valid)), None
 
 
-def lenient_job(raw: bytes) -> dict[str, Any]:
-    """A job's JSON as far as it parses, for the event of one that will never be sent."""
-    try:
-        job = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return {}
-    return job if isinstance(job, dict) else {}
-
-
 def later_than(job: dict[str, Any], now_ms: int, horizon_s: int) -> tuple[int | None, str | None]:
     """(due ms, None) for a checked job whose send_at is after `now_ms`; (None, why) for one beyond
     the horizon; (None, None) for one to send now. A producer writing the outbox with plain XADD may

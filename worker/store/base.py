@@ -41,7 +41,8 @@ def is_nogroup(error: BaseException | None) -> bool:
     return isinstance(error, redis.ResponseError) and str(error).startswith("NOGROUP")
 
 
-def _load(name: str) -> str:
+def load_script(name: str) -> str:
+    """The source of worker/lua/<name>.lua."""
     return (resources.files("worker") / "lua" / f"{name}.lua").read_text()
 
 
@@ -58,7 +59,7 @@ class StoreBase(Keys):
     def script(self, name: str) -> Script:
         script = self._scripts.get(name)
         if script is None:
-            script = self._scripts[name] = self.r.register_script(_load(name))
+            script = self._scripts[name] = self.r.register_script(load_script(name))
         return script
 
     def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:

@@ -21,17 +21,15 @@ import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from importlib import resources
 from typing import Any, cast
 
-import orjson
 import redis
 
 from worker import events
 from worker.errors import EnqueueIncomplete, StoreError
-from worker.models import State
+from worker.models import State, lenient_job
 from worker.store import resp
-from worker.store.base import SCRIPT_CHUNK, StoreBase
+from worker.store.base import SCRIPT_CHUNK, StoreBase, load_script
 from worker.store.keys import Keys
 from worker.store.outbox import DISPATCH_GROUP, Entry
 
@@ -47,8 +45,8 @@ _LOOKUP_PAGE = 1000
 CANCEL_TRIES = 5
 MESSAGE_ID_MAX = 512
 
-CANCEL_LUA = (resources.files("worker") / "lua" / "cancel.lua").read_text()
-SCHEDULE_LUA = (resources.files("worker") / "lua" / "schedule.lua").read_text()
+CANCEL_LUA = load_script("cancel")
+SCHEDULE_LUA = load_script("schedule")
 CANCELLABLE = frozenset({State.SCHEDULED, State.QUEUED})
 _STATES = frozenset(State)
 
@@ -134,7 +132,7 @@ def cancel_steps(keys: Keys, *, message_id: str | None = None, producer_id: str 
             lane, job = _text(raw_lane), bytes(raw_job)
         else:
             return CancelAnswer(CancelOutcome.NOT_CANCELLABLE, message_id, state, producer_id)
-        event = events.build("cancelled", message_id, _job_dict(job), lane=lane, reason="cancelled")
+        event = events.build("cancelled", message_id, lenient_job(job), lane=lane, reason="cancelled")
         reply = yield ("EVAL", CANCEL_LUA, 4, keys.msg(message_id), keys.events, keys.scheduled(lane),
                        keys.outbox(lane), state.value if state else "NONE", message_id, lane, entry, job, event,
                        events_maxlen, state_ttl_s)
@@ -147,14 +145,6 @@ def cancel_steps(keys: Keys, *, message_id: str | None = None, producer_id: str 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _job_dict(job: bytes) -> dict[str, Any]:
-    try:
-        value = orjson.loads(job)
-    except orjson.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _locate(keys: Keys, message_id: str) -> Generator[Command, Any, tuple[str, str, bytes] | None]:
