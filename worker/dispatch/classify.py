@@ -30,7 +30,7 @@ from worker.errors import (
 from worker.models import MAX_VALIDITY_S, State, validity_seconds
 from worker.provider import SendResponse, SendResult
 from worker.statuses import ACCEPTED_GROUPS, DUPLICATE_MESSAGE_ID, KNOWN_GROUPS
-from worker.store import AbsentVerdict, Entry, Outcome, SubmitAnswer, Submitted, Verdict
+from worker.store import AbsentVerdict, Entry, Outcome, SubmitAnswer, Submitted, Verdict, campaign_spec
 
 # Outcomes that are our own decisions (not the provider's facts): applied only while we own the
 # message (settle.lua's guards).
@@ -266,7 +266,7 @@ def give_up(
         event=events.build("failed", entry.message_id, job, lane=lane, reason=reason,
                            event_id=f"{entry.message_id}:failed:{entry.entry_id}"),
         fields={"reason": reason, "lane": lane, "job": entry.job.decode("utf-8", "replace")},
-        dead_letter=dead,
+        dead_letter=dead, campaign=campaign_spec(entry.job, entry.counted, job),
     )
     return Decision(outcomes=[outcome], dead_letters=[DeadLetter(entry.message_id, reason, detail)])
 

@@ -289,7 +289,7 @@ class Dispatcher:
         for item in items:
             if item.message_id in repeats:
                 log.info("duplicate_producer_id", lane=batch.lane, message_id=item.message_id)
-                batch.outcomes.append(Outcome.acknowledge(item.message_id, item.entry_id))
+                batch.outcomes.append(Outcome.acknowledge(item.message_id, item.entry_id, repeat_of=item.entry))
         return [item for item in items if item.message_id not in repeats]
 
     def _held(self, batch: _Batch, items: list[Item]) -> list[Item]:

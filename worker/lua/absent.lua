@@ -19,6 +19,8 @@
 --   STALE     -> this consumer no longer holds the message's reconciliation lease, or its state
 --                moved on: nothing changed, the caller leaves it alone.
 -- (worker.store.AbsentVerdict names these verdicts; worker.transitions lists the state changes.)
+-- WAIT and RESEND are written to the message's trail (both states count as "sending" in campaigns).
+--#include ledger
 local me, needed, window, token = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local send_window, max_attempts = tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = redis.call('TIME')
@@ -26,7 +28,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out, fenced = {}, false
 for i = 2, #KEYS do
   local key = KEYS[i]
-  local h = redis.call('HMGET', key, 'state', 'attempts', 'checker', 'check_until', 'absent_checks', 'absent_first')
+  local h = redis.call('HMGET', key, 'state', 'attempts', 'checker', 'check_until', 'absent_checks', 'absent_first',
+    'trail')
   local state, attempts = h[1], tonumber(h[2] or '0')
   if (state ~= 'SUBMITTING' and state ~= 'AMBIGUOUS') or h[3] ~= me or tonumber(h[4] or '0') <= now then
     out[i - 1] = {'STALE', attempts, 0}
@@ -38,14 +41,15 @@ for i = 2, #KEYS do
         out[i - 1] = {'EXHAUSTED', attempts + 1, 0}
       else
         redis.call('HSET', key, 'state', 'SUBMITTING', 'attempts', attempts + 1, 'updated_ms', now,
-          'fence', token, 'send_by', now + send_window)
+          'fence', token, 'send_by', now + send_window,
+          'trail', ledger_trail(h[7], now .. ' resend attempt=' .. (attempts + 1) .. ' by=' .. me .. ' fence=' .. token))
         redis.call('HDEL', key, 'checker', 'check_until', 'absent_checks', 'absent_first')
         out[i - 1] = {'RESEND', attempts + 1, 0}
         fenced = true
       end
     else
       redis.call('HSET', key, 'state', 'AMBIGUOUS', 'updated_ms', now, 'absent_checks', checks,
-        'absent_first', first)
+        'absent_first', first, 'trail', ledger_trail(h[7], now .. ' absent check=' .. checks .. ' by=' .. me))
       redis.call('HDEL', key, 'checker', 'check_until')
       -- The next check is due at the next of the N points spread evenly over the window.
       local spacing = needed > 1 and math.floor(window / (needed - 1)) or window

@@ -9,7 +9,8 @@
 -- ARGV[1]  consumer group of KEYS[1]   ARGV[2]  now in ms   ARGV[3]  events stream max length (~)
 -- ARGV[4]  A, how many raw entry ids follow; ARGV[5..4+A] the ids to XACK and XDEL
 -- ARGV[5+A] D, how many dead letters follow, then D pairs (messageId, dead-letter JSON)
--- then 5 values per op i: code, messageId (of the hash KEYS[7+i]), new state, status name, payload
+-- then 7 values per op i: code, messageId (of the hash KEYS[7+i]), new state, status name, payload,
+--   price ("<millionths> <currency>" or ""), source (drain, webhook, logs... "" for ops without a report)
 -- Op codes (worker.reports.ops.OpCode; tests/unit/test_report_ops.py checks both tables):
 --   A  APPLY           a final report from a raw page; payload: its event JSON
 --   P  PARK            the report of a message with no hash: park it; payload: the report JSON
@@ -25,12 +26,15 @@
 -- nothing, and if any op conflicts nothing is acknowledged or dead-lettered, so the caller
 -- retries the conflicting ops with fresh reads (a crash in between replays the page; every op
 -- is idempotent).
+-- Every state change is written to the message's trail (with its report's source and its event's
+-- id) and moves its campaign's counters, adding the report's price to the campaign's sum.
 -- Returns {acked (1|0), result per op}; the results (worker.reports.ops.ApplyResult):
 --   0  NOTHING    nothing to do (a duplicate)
 --   1  APPLIED
 --   2  CONFLICT   the message changed since it was read: nothing done
 --   3  PARKED
 --   4  TIMED_OUT  a parked report given up (unknown_message emitted or dropped)
+--#include ledger
 local raw, events, awaiting, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local parked, parked_since, counters = KEYS[5], KEYS[6], KEYS[7]
 local group, now, maxlen = ARGV[1], ARGV[2], ARGV[3]
@@ -46,24 +50,26 @@ local out, done, unparked = {0}, {}, {}
 local count = {applied = 0, duplicates = 0, parked = 0, unknown_emitted = 0, unknown_dropped = 0,
   no_report = 0, conflicts = 0, dead_letters = 0}
 local conflict, emitted = false, 0
+local server_ms = ledger_now()  -- the trail's clock, as in the other scripts
 
 -- Scripts are not rolled back on error: refuse a bad call before writing anything.
 local CODES = {A = true, P = true, R = true, U = true, N = true}
-if #ARGV ~= obase + 5 * (#KEYS - 7) then
+if #ARGV ~= obase + 7 * (#KEYS - 7) then
   return redis.error_reply('report_apply: ' .. #ARGV .. ' arguments do not match ' .. (#KEYS - 7) .. ' ops')
 end
 for i = 8, #KEYS do
-  local code = ARGV[obase + (i - 8) * 5 + 1]
+  local code = ARGV[obase + (i - 8) * 7 + 1]
   if not CODES[code] then return redis.error_reply('report_apply: unknown op code ' .. tostring(code)) end
 end
 
 for i = 8, #KEYS do
   local key = KEYS[i]
-  local b = obase + (i - 8) * 5
+  local b = obase + (i - 8) * 7
   local code, mid = ARGV[b + 1], ARGV[b + 2]
-  local state, status, payload = ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
-  local cur = redis.call('HMGET', key, 'state', 'reason')
-  local current, reason = cur[1], cur[2]
+  local state, status, payload, price, source = ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7]
+  local cur = redis.call('HMGET', key, 'state', 'reason', 'trail', 'campaign')
+  local current, reason, campaign = cur[1], cur[2], cur[4]
+  local ttl = campaign and redis.call('TTL', key) or nil
   local result = 0
   if code == 'A' or code == 'R' then
     if not current then
@@ -72,9 +78,14 @@ for i = 8, #KEYS do
       if payload == '' then
         result = 2
       else
-        redis.call('HSET', key, 'state', state, 'status', status, 'updated_ms', now)
+        local event_id = redis.call('XADD', events, '*', 'event', payload)
+        redis.call('HSET', key, 'state', state, 'status', status, 'updated_ms', now,
+          'trail', ledger_trail(cur[3], server_ms .. ' report to=' .. state .. ' status=' .. status
+            .. ' source=' .. source .. ' event=' .. event_id))
         if reason then redis.call('HDEL', key, 'reason') end
-        redis.call('XADD', events, '*', 'event', payload)
+        ledger_move(key, campaign, current, state, false, ttl)
+        local micro, currency = string.match(price, '^(-?%d+) (%S+)$')
+        if micro then ledger_count(key, campaign, 'price:' .. currency, tonumber(micro), ttl) end
         emitted = emitted + 1
         done[#done + 1] = mid
         result = 1
@@ -108,8 +119,10 @@ for i = 8, #KEYS do
       if payload == '' then
         result = 2
       else
-        redis.call('HSET', key, 'state', 'EXPIRED', 'reason', 'no_report', 'updated_ms', now)
-        redis.call('XADD', events, '*', 'event', payload)
+        local event_id = redis.call('XADD', events, '*', 'event', payload)
+        redis.call('HSET', key, 'state', 'EXPIRED', 'reason', 'no_report', 'updated_ms', now,
+          'trail', ledger_trail(cur[3], server_ms .. ' expired reason=no_report event=' .. event_id))
+        ledger_move(key, campaign, current, 'EXPIRED', false, ttl)
         emitted = emitted + 1
         count.no_report = count.no_report + 1
         result = 1
@@ -149,4 +162,5 @@ end
 for name, n in pairs(count) do
   if n > 0 then redis.call('HINCRBY', counters, name, n) end
 end
+ledger_flush()
 return out

@@ -5,8 +5,9 @@
 --          hash again when it has no producer id)
 -- ARGV[1]  state TTL in seconds (counted from the due time)   ARGV[2]  producer-id TTL in seconds
 -- ARGV[3]  the dispatch consumer group   ARGV[4]  the lane
--- ARGV[4+4i-3..4+4i]  for job i: message id, job JSON, due ms, outbox entry id ("" for a producer's
---          call; for a raw outbox entry with a future send_at, the entry to acknowledge and delete)
+-- ARGV[4+5i-4..4+5i]  for job i: message id, job JSON, due ms, outbox entry id ("" for a producer's
+--          call; for a raw outbox entry with a future send_at, the entry to acknowledge and delete),
+--          campaign spec (see ledger.lua)
 -- Returns, per job, {message id, answer}: answer is
 --   "SCHEDULED" (held now), "DUPLICATE" (its producer id is already queued as the message id
 --   returned), or for an outbox entry whose message already has a record (the schedule moved it
@@ -14,6 +15,8 @@
 --   dispatcher goes on with it as with any entry.
 -- One call is all or nothing for its checks and writes; a crash leaves a job either in the
 -- schedule with its hash, or (for an entry) still in the outbox.
+-- A job held is written to its trail and counted in its campaign.
+--#include ledger
 local schedule, outbox = KEYS[1], KEYS[2]
 local ttl, idem_ttl, group, lane = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local t = redis.call('TIME')
@@ -21,8 +24,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 for i = 1, (#KEYS - 2) / 2 do
   local key, idem = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
-  local base = 4 + (i - 1) * 4
+  local base = 4 + (i - 1) * 5
   local mid, job, due, entry = ARGV[base + 1], ARGV[base + 2], tonumber(ARGV[base + 3]), ARGV[base + 4]
+  local campaign, counted = ledger_spec(ARGV[base + 5])
   local state = redis.call('HGET', key, 'state')
   local left = math.max(0, math.ceil((due - now) / 1000))
   local earlier = false
@@ -41,8 +45,11 @@ for i = 1, (#KEYS - 2) / 2 do
     out[i] = {earlier, 'DUPLICATE'}
   else
     redis.call('HSET', key, 'state', 'SCHEDULED', 'lane', lane, 'job', job,
-      'due_ms', due, 'attempts', 0, 'first_ms', now, 'updated_ms', now)
+      'due_ms', due, 'attempts', 0, 'first_ms', now, 'updated_ms', now,
+      'trail', now .. ' scheduled due=' .. ARGV[base + 3] .. (entry ~= '' and (' entry=' .. entry) or ''))
+    if campaign then redis.call('HSET', key, 'campaign', campaign) end
     redis.call('EXPIRE', key, ttl + left)
+    ledger_move(key, campaign, nil, 'SCHEDULED', counted, ttl + left)
     redis.call('ZADD', schedule, due, mid)
     out[i] = {mid, 'SCHEDULED'}
   end
@@ -50,7 +57,11 @@ for i = 1, (#KEYS - 2) / 2 do
   -- record stays for the dispatcher.
   if entry ~= '' and (out[i][2] == 'SCHEDULED' or out[i][2] == 'DUPLICATE') then
     redis.call('XACK', outbox, group, entry)
-    redis.call('XDEL', outbox, entry)
+    -- A counted repeat leaves its campaign (only if deleted here: see settle.lua).
+    if redis.call('XDEL', outbox, entry) == 1 and out[i][2] == 'DUPLICATE' and counted then
+      ledger_move(key, campaign, nil, nil, true, ttl)
+    end
   end
 end
+ledger_flush()
 return out

@@ -9,7 +9,9 @@
 --   the entry only, see below), "1" to acknowledge and delete the entry (outcome final for the
 --   outbox) or "0" to keep it pending, event JSON ("" for none), report deadline in ms ("" for
 --   none), dead-letter JSON ("" for none), guard ("" for none, "f:<fence token>" or
---   "c:<checker>", see below), the number n of extra hash fields, and then n field/value pairs.
+--   "c:<checker>", see below), campaign spec ("" for none, "1<id>"/"0<id>": see ledger.lua; read only
+--   for a message with no record yet, and for an acknowledge-only repeat), the number n of extra
+--   hash fields, and then n field/value pairs.
 -- A state change is applied only where the transition is allowed (see ALLOWED, which
 -- worker.transitions mirrors); otherwise the message keeps its state and no event or dead letter
 -- is written, but the entry is still acked. An empty new state is "acknowledge only" (a message
@@ -20,7 +22,12 @@
 -- since), "c:" while we hold its reconciliation lease. A stale owner's guarded outcome changes
 -- nothing and leaves the entry to its new owner. Unguarded outcomes are the provider's facts
 -- (accepted, rejected) and apply whoever learnt them.
+-- Every applied change is written to the message's trail (with the ids of its event and dead letter)
+-- and moves its campaign's counters. An acknowledge-only entry with a counted campaign spec is a
+-- repeat of a producer id the producer API counted at enqueue: it leaves the campaign (uncounted)
+-- only if this call is the one that deletes it (the producer's own undo may have, see uncount.lua).
 -- Returns, per message, 1 if the change was applied and 0 if not.
+--#include ledger
 local ALLOWED = {
   SUBMITTING = {QUEUED = true},
   ACCEPTED   = {SUBMITTING = true, AMBIGUOUS = true, QUEUED = true},
@@ -40,8 +47,8 @@ for i = 5, #KEYS do
   local key = KEYS[i]
   local mid, entry, state, ack = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
   local event, deadline, dead, guard = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6], ARGV[at + 7]
-  local n = tonumber(ARGV[at + 8])
-  local h = redis.call('HMGET', key, 'state', 'fence', 'checker', 'check_until')
+  local spec, n = ARGV[at + 8], tonumber(ARGV[at + 9])
+  local h = redis.call('HMGET', key, 'state', 'fence', 'checker', 'check_until', 'trail', 'campaign')
   local current = h[1] or 'NONE'
   local owned = true
   if guard ~= '' then
@@ -57,18 +64,41 @@ for i = 5, #KEYS do
     ack = '0'
   elseif state ~= '' and ALLOWED[state] and ALLOWED[state][current] then
     applied = 1
-    redis.call('HSET', key, 'state', state, 'updated_ms', now, unpack(ARGV, at + 9, at + 8 + 2 * n))
-    -- submit.lua set the TTL when it made the hash; only a hash made here needs one.
-    if current == 'NONE' then redis.call('EXPIRE', key, ttl) end
+    local line, note = server_now .. ' state to=' .. state, nil
     if event ~= '' then
-      redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'event', event)
+      line = line .. ' event=' .. redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'event', event)
     end
     if deadline ~= '' then redis.call('ZADD', awaiting, deadline, mid) end
-    if dead ~= '' then redis.call('XADD', dlq, '*', 'message_id', mid, 'entry', dead) end
+    if dead ~= '' then line = line .. ' dlq=' .. redis.call('XADD', dlq, '*', 'message_id', mid, 'entry', dead) end
+    for j = at + 10, at + 9 + 2 * n, 2 do
+      local name = ARGV[j]
+      if name == 'last_error' or name == 'reason' or (name == 'status' and not note) then note = ARGV[j + 1] end
+    end
+    if note and note ~= '' then line = line .. ' note=' .. string.gsub(string.sub(note, 1, 200), '\n', ' ') end
+    redis.call('HSET', key, 'state', state, 'updated_ms', now, 'trail', ledger_trail(h[5], line),
+      unpack(ARGV, at + 10, at + 9 + 2 * n))
+    local campaign, counted = h[6], false
+    if current == 'NONE' then
+      -- submit.lua set the TTL when it made the hash; only a hash made here needs one.
+      redis.call('EXPIRE', key, ttl)
+      campaign, counted = ledger_spec(spec)
+      if campaign then redis.call('HSET', key, 'campaign', campaign) end
+    end
+    ledger_move(key, campaign, current ~= 'NONE' and current or nil, state, counted, ttl)
+    if state == 'ACCEPTED' then ledger_count(key, campaign, 'sent', 1, ttl) end
+  elseif state == '' and ack == '1' and entry ~= '' and string.sub(spec, 1, 1) == '1' then
+    -- A counted repeat: acknowledged and deleted here, one at a time, so it is uncounted only if
+    -- this call deleted it.
+    redis.call('XACK', outbox, group, entry)
+    if redis.call('XDEL', outbox, entry) == 1 then
+      local campaign = ledger_spec(spec)
+      ledger_move(key, campaign, nil, nil, true, ttl)
+    end
+    ack = '0'
   end
   out[#out + 1] = applied
   if ack == '1' and entry ~= '' then acks[#acks + 1] = entry end
-  at = at + 9 + 2 * n
+  at = at + 10 + 2 * n
 end
 
 -- XACK/XDEL take many ids; chunks keep unpack() under Lua's stack limit.
@@ -77,4 +107,5 @@ for i = 1, #acks, 1000 do
   redis.call('XACK', outbox, group, unpack(chunk))
   redis.call('XDEL', outbox, unpack(chunk))
 end
+ledger_flush()
 return out

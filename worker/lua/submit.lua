@@ -8,7 +8,8 @@
 -- ARGV[4]  the batch's fence token
 -- ARGV[5]  send window in ms: the request may be written until now + this, never after
 -- ARGV[6]  margin in ms a takeover adds to a SUBMITTING message's send_by before reconciling it
--- ARGV[6+3i-2..6+3i]  for message i: lane, outbox entry id, job JSON
+-- ARGV[6+4i-3..6+4i]  for message i: lane, outbox entry id, job JSON, campaign spec ("" for none,
+--          "1<id>" counted at enqueue, "0<id>" not: see ledger.lua)
 -- Time is the server's (TIME), so every host's deadlines are on one clock.
 -- Returns, per message, {answer, attempts, wait ms}:
 --   NEW (no record yet) or QUEUED -> moved to SUBMITTING with fence = the token and
@@ -21,6 +22,8 @@
 --   SETTLED       -> any other state (the message was settled already, e.g. a report raced ahead):
 --                    nothing changed; the caller only acknowledges the entry.
 -- (worker.store.SubmitAnswer names these answers; worker.transitions lists the state changes.)
+-- Every state change and lease taken is written to the message's trail; campaign counters move with it.
+--#include ledger
 local ttl, me, lease, token = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local window, margin = tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = redis.call('TIME')
@@ -28,22 +31,30 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out, fenced = {}, false
 for i = 2, #KEYS do
   local key = KEYS[i]
-  local base = 6 + (i - 2) * 3
-  local current = redis.call('HMGET', key, 'state', 'attempts', 'send_by', 'updated_ms')
-  local state, attempts = current[1], tonumber(current[2] or '0')
+  local base = 6 + (i - 2) * 4
+  local current = redis.call('HMGET', key, 'state', 'attempts', 'send_by', 'updated_ms', 'trail', 'campaign')
+  local state, attempts, trail = current[1], tonumber(current[2] or '0'), current[5]
+  local entry = ARGV[base + 2]
   if not state then
-    redis.call('HSET', key, 'state', 'SUBMITTING', 'lane', ARGV[base + 1], 'entry', ARGV[base + 2],
+    local campaign, counted = ledger_spec(ARGV[base + 4])
+    redis.call('HSET', key, 'state', 'SUBMITTING', 'lane', ARGV[base + 1], 'entry', entry,
       'job', ARGV[base + 3], 'attempts', 1, 'first_ms', now, 'updated_ms', now,
-      'fence', token, 'send_by', now + window)
+      'fence', token, 'send_by', now + window,
+      'trail', now .. ' submit attempt=1 by=' .. me .. ' fence=' .. token .. ' entry=' .. entry)
+    if campaign then redis.call('HSET', key, 'campaign', campaign) end
     redis.call('EXPIRE', key, ttl)
+    ledger_move(key, campaign, nil, 'SUBMITTING', counted, ttl)
     out[i - 1] = {'NEW', 1, 0}
     fenced = true
   elseif state == 'QUEUED' then
     attempts = attempts + 1
-    redis.call('HSET', key, 'state', 'SUBMITTING', 'entry', ARGV[base + 2], 'attempts', attempts,
-      'updated_ms', now, 'fence', token, 'send_by', now + window)
+    redis.call('HSET', key, 'state', 'SUBMITTING', 'entry', entry, 'attempts', attempts,
+      'updated_ms', now, 'fence', token, 'send_by', now + window,
+      'trail', ledger_trail(trail, now .. ' submit attempt=' .. attempts .. ' by=' .. me .. ' fence=' .. token
+        .. ' entry=' .. entry))
     redis.call('HDEL', key, 'checker', 'check_until', 'absent_checks', 'absent_first')
     redis.call('EXPIRE', key, ttl)
+    ledger_move(key, current[6], 'QUEUED', 'SUBMITTING', false, ttl)
     out[i - 1] = {'QUEUED', attempts, 0}
     fenced = true
   elseif state == 'SUBMITTING' or state == 'AMBIGUOUS' then
@@ -55,7 +66,8 @@ for i = 2, #KEYS do
     elseif holder[1] and holder[1] ~= me and tonumber(holder[2]) > now then
       out[i - 1] = {'BUSY', attempts, 0}
     else
-      redis.call('HSET', key, 'checker', me, 'check_until', now + lease)
+      redis.call('HSET', key, 'checker', me, 'check_until', now + lease,
+        'trail', ledger_trail(trail, now .. ' reconcile state=' .. state .. ' by=' .. me))
       out[i - 1] = {state, attempts, 0}
     end
   else
@@ -63,4 +75,5 @@ for i = 2, #KEYS do
   end
 end
 if fenced then redis.call('SET', KEYS[1], me, 'PX', window) end
+ledger_flush()
 return out

@@ -17,6 +17,7 @@ calls small enough that Redis never stalls an otp send behind one.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from enum import IntEnum, StrEnum
 from typing import Any, Final, NamedTuple
 
@@ -73,6 +74,28 @@ class Op(NamedTuple):
     state: str = ""
     status: str = ""
     payload: bytes = b""
+    price: str = ""  # the report's price for its campaign's sum: "<millionths> <currency>" (price_spec)
+    source: str = ""  # where the report came from (drain, webhook, logs...), for the message's trail
+
+
+# The key a parked report's JSON carries its source under (the report's own keys are camelCase).
+PARKED_SOURCE = "_source"
+
+
+def price_spec(item: dict[str, Any]) -> str:
+    """A report's `price` as the scripts sum it: "<pricePerMessage in millionths> <currency>", "" if
+    it has none (or an unreadable one: a price is information, never a reason to refuse a report)."""
+    price = item.get("price")
+    if not isinstance(price, dict):
+        return ""
+    amount, currency = price.get("pricePerMessage"), price.get("currency")
+    if type(amount) not in (int, float) or not isinstance(currency, str) or not currency.isalnum():
+        return ""
+    try:
+        micro = int((Decimal(str(amount)) * 1_000_000).to_integral_value(ROUND_HALF_EVEN))
+    except (InvalidOperation, ValueError):  # inf, nan
+        return ""
+    return f"{micro} {currency[:16]}"
 
 
 def job_of(raw: bytes | None) -> dict[str, Any] | None:

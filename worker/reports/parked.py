@@ -14,7 +14,18 @@ from typing import Any, Final
 import orjson
 
 from worker import events
-from worker.reports.ops import APPLIED, CONFLICT, Op, OpCode, ReportState, Row, is_open, report_event
+from worker.reports.ops import (
+    APPLIED,
+    CONFLICT,
+    PARKED_SOURCE,
+    Op,
+    OpCode,
+    ReportState,
+    Row,
+    is_open,
+    price_spec,
+    report_event,
+)
 from worker.statuses import FINAL_GROUPS, group_of
 from worker.store import Store
 
@@ -85,7 +96,9 @@ def _retry_op(mid: str, row: Row, item: dict[str, Any], at: str) -> Op:
     status = item.get("status")
     name = status.get("name") if isinstance(status, dict) else None
     event = report_event(group.lower(), mid, row, item, at) if is_open(row) else b""
-    return Op(OpCode.RETRY_PARKED, mid, group, name if isinstance(name, str) else group, event)
+    source = item.get(PARKED_SOURCE)
+    return Op(OpCode.RETRY_PARKED, mid, group, name if isinstance(name, str) else group, event, price_spec(item),
+              f"{source if isinstance(source, str) else '?'}+parked")
 
 
 def _count(ops: Sequence[Op], results: Sequence[int], counts: dict[str, int]) -> int:

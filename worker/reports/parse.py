@@ -52,6 +52,7 @@ class FinalReport(NamedTuple):
     group: str
     status_name: str
     item: dict[str, Any]
+    source: str = "?"  # its page's source (drain, webhook, logs...)
 
 
 @dataclass(slots=True)
@@ -246,7 +247,7 @@ def _sort_status(page: Page, message_id: str, status: dict[str, Any], item: dict
         group = group_of(status)
     if group in FINAL_GROUPS:
         name = status.get("name")
-        page.finals.append(FinalReport(message_id, group, name if type(name) is str else group, item))
+        page.finals.append(FinalReport(message_id, group, name if type(name) is str else group, item, page.source))
         return True
     if group is not None:
         page.intermediate += 1  # PENDING/ACCEPTED change nothing: the send already said so

@@ -29,6 +29,7 @@ from worker.reports.ops import (
     APPLIED,
     CONFLICT,
     PARKED,
+    PARKED_SOURCE,
     RAW_GROUP,
     Op,
     OpCode,
@@ -36,6 +37,7 @@ from worker.reports.ops import (
     Row,
     is_open,
     job_of,
+    price_spec,
 )
 from worker.reports.parse import FinalReport, Page, parse_page
 from worker.settings import Settings
@@ -340,13 +342,15 @@ class Processor:
             mid = f.message_id
             row = rows[mid]
             if row.state is None:
-                op = Op(OpCode.PARK, mid, payload=orjson.dumps(f.item))
+                # The source rides with the parked report, for the trail when it is applied.
+                op = Op(OpCode.PARK, mid, payload=orjson.dumps({**f.item, PARKED_SOURCE: f.source}))
             elif mid in closed or not is_open(row):
                 duplicates += 1
                 continue
             else:
                 closed.add(mid)
-                op = Op(OpCode.APPLY, mid, f.group, f.status_name, _final_event(f, row, at))
+                op = Op(OpCode.APPLY, mid, f.group, f.status_name, _final_event(f, row, at), price_spec(f.item),
+                        f.source)
             ops.append(op)
             sources.append(f)
         return ops, sources, duplicates

@@ -36,7 +36,7 @@ from worker.store.messages import (
     Verdict,
 )
 from worker.store.ops import OperationsOps
-from worker.store.outbox import DISPATCH_GROUP, ENQUEUE_CHUNK, Claim, ClaimKind, Entry, OutboxOps
+from worker.store.outbox import DISPATCH_GROUP, ENQUEUE_CHUNK, Claim, ClaimKind, Entry, OutboxOps, campaign_spec
 from worker.store.reports import ReportOps
 from worker.store.resp import redis_errors
 from worker.store.schedule import CancelAnswer, CancelOutcome, ScheduleOps, cancel_steps
@@ -45,7 +45,7 @@ from worker.store.streams import StreamOps
 __all__ = [
     "DISPATCH_GROUP", "ENQUEUE_CHUNK", "FENCE_MARGIN_MS", "SCRIPT_CHUNK", "AbsentVerdict", "CancelAnswer",
     "CancelOutcome", "Claim", "ClaimKind", "Entry", "Outcome", "ScheduleOps", "Store", "SubmitAnswer", "Submitted",
-    "Verdict", "cancel_steps", "connect", "consumer_name", "redis_errors",
+    "Verdict", "campaign_spec", "cancel_steps", "connect", "consumer_name", "redis_errors",
 ]
 
 

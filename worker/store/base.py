@@ -42,8 +42,16 @@ def is_nogroup(error: BaseException | None) -> bool:
 
 
 def load_script(name: str) -> str:
-    """The source of worker/lua/<name>.lua."""
-    return (resources.files("worker") / "lua" / f"{name}.lua").read_text()
+    """The source of worker/lua/<name>.lua, with each `--#include <lib>` line replaced by
+    worker/lua/lib/<lib>.lua (Redis scripts cannot load one another: the ledger every state change
+    writes is one file included where it is used)."""
+    lua = resources.files("worker") / "lua"
+    lines = []
+    for line in (lua / f"{name}.lua").read_text().splitlines(keepends=True):
+        if line.startswith("--#include "):
+            line = (lua / "lib" / f"{line.split()[1]}.lua").read_text()
+        lines.append(line)
+    return "".join(lines)
 
 
 class StoreBase(Keys):

@@ -12,7 +12,7 @@ from enum import StrEnum
 import redis
 
 from worker.store import resp
-from worker.store.base import StoreBase
+from worker.store.base import StoreBase, load_script
 
 # A replay is one transaction guarded by WATCH on the dead-letter stream (so two operators cannot
 # both queue the same dead letter); workers dead-lettering meanwhile abort it, and it is retried.
@@ -96,7 +96,7 @@ class DeadLetterOps(StoreBase):
                         if r.handover_id:
                             pipe.set(watched[1], r.message_id, ex=r.idempotency_ttl_s)
                     else:
-                        pipe.hset(self.msg(r.message_id), mapping={"state": "QUEUED", "lane": r.lane, "job": r.job})
+                        pipe.eval(load_script("requeue"), 1, self.msg(r.message_id), r.lane, r.job, r.dlq_id)
                     pipe.xadd(self.events, {"event": r.event}, maxlen=r.events_maxlen, approximate=True)
                     pipe.xdel(self.dlq, r.dlq_id)
                     pipe.execute()

@@ -1,10 +1,12 @@
 """Every Redis key name of the worker: the one catalogue (prefix `sms` by default).
 
     {p}:outbox:{lane}             stream, one entry per job (`job` JSON, optional `mid`), group `dispatch`
-    {p}:msg:{message_id}          hash, the message's state, job, attempts, bulk id... (TTL: state TTL)
+    {p}:msg:{message_id}          hash, the message's state, job, attempts, bulk id, campaign, trail (TTL: state TTL)
     {p}:scheduled:{lane}          sorted set, SCHEDULED message ids by due time (ms); their job is in the hash
     {p}:idem:{producer_id}        string, the message id a producer id was queued as (TTL: retention)
     {p}:events                    stream, status events (`event` JSON)
+    {p}:campaign:{campaign_id}    hash, a campaign's counters: total, per state, sent, price:<CUR> (TTL >= state TTL)
+    {p}:campaigns                 sorted set, campaign ids by last update (ms)
     {p}:dlq                       stream, dead letters (`message_id`, `entry` JSON)
     {p}:awaiting                  sorted set, accepted message ids by report deadline (ms)
     {p}:rl:{bucket}               GCRA bucket (TAT, microseconds)
@@ -46,6 +48,9 @@ class Keys:
     def scheduled(self, lane: str) -> str:
         return f"{self.p}:scheduled:{lane}"
 
+    def campaign(self, campaign_id: str) -> str:
+        return f"{self.p}:campaign:{campaign_id}"
+
     def idem(self, producer_id: str) -> str:
         return f"{self.p}:idem:{producer_id}"
 
@@ -75,6 +80,10 @@ class Keys:
     @property
     def events(self) -> str:
         return f"{self.p}:events"
+
+    @property
+    def campaigns(self) -> str:
+        return f"{self.p}:campaigns"
 
     @property
     def dlq(self) -> str:

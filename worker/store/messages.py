@@ -11,7 +11,7 @@ from typing import Any
 from worker.models import State
 from worker.store import resp
 from worker.store.base import SCRIPT_CHUNK, StoreBase
-from worker.store.outbox import DISPATCH_GROUP, Entry
+from worker.store.outbox import DISPATCH_GROUP, Entry, campaign_spec
 
 # A takeover waits this long past a SUBMITTING message's send_by before reconciling it: a request
 # written just before the deadline is on its way, and a batch's submit calls (one per SCRIPT_CHUNK)
@@ -68,7 +68,11 @@ class Outcome:
     (we still hold its reconciliation lease); "" for the provider's facts (accepted, rejected).
 
     `ack_only` (made by `Outcome.acknowledge`, `state` None): no state change at all, the outbox
-    entry is only acknowledged — its message was settled already, or it repeats a producer id."""
+    entry is only acknowledged — its message was settled already, or it repeats a producer id.
+
+    `campaign` is the entry's campaign spec (`campaign_spec`): read for a message with no record
+    yet (it is recorded under its campaign), and for an acknowledged repeat the producer API counted
+    (it leaves the campaign's counts)."""
 
     message_id: str
     entry_id: str
@@ -80,15 +84,18 @@ class Outcome:
     dead_letter: bytes = b""
     guard: str = ""
     ack_only: bool = False
+    campaign: str = ""
 
     def __post_init__(self) -> None:
         if self.ack_only != (self.state is None):
             raise ValueError("an outcome has a state unless it only acknowledges its entry")
 
     @classmethod
-    def acknowledge(cls, message_id: str, entry_id: str) -> Outcome:
-        """Acknowledge (and delete) the outbox entry, and change nothing else."""
-        return cls(message_id, entry_id, None, ack=True, ack_only=True)
+    def acknowledge(cls, message_id: str, entry_id: str, *, repeat_of: Entry | None = None) -> Outcome:
+        """Acknowledge (and delete) the outbox entry, and change nothing else; `repeat_of`: the entry
+        repeats a producer id (a counted one leaves its campaign's counts)."""
+        spec = "1" + repeat_of.counted if repeat_of is not None and repeat_of.counted else ""
+        return cls(message_id, entry_id, None, ack=True, ack_only=True, campaign=spec)
 
 
 class MessageOps(StoreBase):
@@ -115,7 +122,7 @@ class MessageOps(StoreBase):
             chunk = items[start : start + SCRIPT_CHUNK]
             args: list[Any] = [state_ttl_s, consumer, lease_ms, fence, send_window_ms, margin_ms]
             for e in chunk:
-                args += [lane, e.entry_id, e.job]
+                args += [lane, e.entry_id, e.job, campaign_spec(e.job, e.counted)]
             calls.append(([self.fence_key(fence), *(self.msg(e.message_id) for e in chunk)], args))
         return [Submitted(SubmitAnswer(state.decode()), int(n), int(wait)) for reply in self.run_many("submit", calls)
                 for state, n, wait in reply]
@@ -158,7 +165,7 @@ class MessageOps(StoreBase):
                 fields = o.fields or {}
                 args += [
                     o.message_id, o.entry_id, "" if o.state is None else o.state, "1" if o.ack else "0", o.event,
-                    "" if o.deadline_ms is None else o.deadline_ms, o.dead_letter, o.guard, len(fields),
+                    "" if o.deadline_ms is None else o.deadline_ms, o.dead_letter, o.guard, o.campaign, len(fields),
                 ]
                 for name, value in fields.items():
                     args += [name, value]

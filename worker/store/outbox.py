@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import Any, cast
 
 import hiredis
+import orjson
 import redis
 
 from worker.errors import EnqueueIncomplete, StoreError
@@ -34,11 +35,33 @@ class ClaimKind(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One outbox entry as claimed: its stream id, message id and job JSON."""
+    """One outbox entry as claimed: its stream id, message id and job JSON; `counted` is the campaign
+    id the producer API counted it under at enqueue (its field `c`), None for entries it did not count
+    (no campaign, or a plain XADD: those are counted when their message is first recorded)."""
 
     entry_id: str
     message_id: str
     job: bytes
+    counted: str | None = None
+
+
+def campaign_spec(job: bytes, counted: str | None = None, parsed: object = None) -> str:
+    """The campaign spec the Lua scripts take for a job (worker/lua/lib/ledger.lua): "" for no
+    campaign, "1<id>" when the producer API counted it at enqueue (`counted`: its entry's field `c`),
+    "0<id>" when its message joins the campaign's counts only when first recorded (a plain XADD, a
+    scheduled job). `parsed`: the job parsed already; else its JSON is read, only when it names a
+    campaign at all."""
+    if counted:
+        return "1" + counted
+    if parsed is None:
+        if b'"campaign_reference_id"' not in job:
+            return ""
+        try:
+            parsed = orjson.loads(job)
+        except orjson.JSONDecodeError:
+            return ""
+    campaign = parsed.get("campaign_reference_id") if isinstance(parsed, dict) else None
+    return "0" + campaign if isinstance(campaign, str) and campaign else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +203,9 @@ class OutboxOps(StoreBase):
             entry_id = flat[i].decode()
             raw = flat[i + 1]
             fields = {raw[j]: raw[j + 1] for j in range(0, len(raw), 2)}
-            entries.append(Entry(entry_id, self.entry_message_id(lane, entry_id, fields), fields.get(b"job", b"")))
+            counted = fields.get(b"c")
+            entries.append(Entry(entry_id, self.entry_message_id(lane, entry_id, fields), fields.get(b"job", b""),
+                                 counted.decode() if counted else None))
         return entries
 
     def retry_in(self, lane: str, consumer: str, entry_ids: Sequence[str], delay_ms: int, lease_ms: int) -> None:

@@ -141,9 +141,9 @@ class ReportOps(StoreBase):
         self, ops: Sequence[Sequence[Any]], *, group: str, now_ms: int, events_maxlen: int,
         ack: Sequence[str] = (), dead: Sequence[tuple[str, bytes]] = (),
     ) -> tuple[bool, list[int]]:
-        """One report_apply.lua call: `ops` are (code, messageId, state, status, payload) each; the
-        raw entries `ack` are acknowledged and `dead` written only if no op conflicted. Returns
-        (acknowledged, result per op)."""
+        """One report_apply.lua call: `ops` are (code, messageId, state, status, payload, price, source)
+        each; the raw entries `ack` are acknowledged and `dead` written only if no op conflicted.
+        Returns (acknowledged, result per op)."""
         keys = [self.reports_raw, self.events, self.awaiting, self.dlq, self.reports_parked,
                 self.reports_parked_since, self.reports_stats]
         keys += [self.msg(op[1]) for op in ops]
@@ -151,7 +151,7 @@ class ReportOps(StoreBase):
         for message_id, entry in dead:
             args += [message_id, entry]
         for op in ops:
-            args += op  # code, messageId, state, status, payload: the script's order
+            args += op  # code, messageId, state, status, payload, price, source: the script's order
         reply = self.run("report_apply", keys, args)
         return reply[0] == 1, [int(x) for x in reply[1:]]
 

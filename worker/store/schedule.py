@@ -31,7 +31,7 @@ from worker.models import State, lenient_job
 from worker.store import resp
 from worker.store.base import SCRIPT_CHUNK, StoreBase, load_script
 from worker.store.keys import Keys
-from worker.store.outbox import DISPATCH_GROUP, Entry
+from worker.store.outbox import DISPATCH_GROUP, Entry, campaign_spec
 
 # Due jobs moved per due.lua call: one call holds Redis for well under a millisecond.
 MOVE_CHUNK = 500
@@ -135,7 +135,7 @@ def cancel_steps(keys: Keys, *, message_id: str | None = None, producer_id: str 
         event = events.build("cancelled", message_id, lenient_job(job), lane=lane, reason="cancelled")
         reply = yield ("EVAL", CANCEL_LUA, 4, keys.msg(message_id), keys.events, keys.scheduled(lane),
                        keys.outbox(lane), state.value if state else "NONE", message_id, lane, entry, job, event,
-                       events_maxlen, state_ttl_s)
+                       events_maxlen, state_ttl_s, campaign_spec(job)[1:])
         if _text(reply[0]) == "CANCELLED":
             return CancelAnswer(CancelOutcome.CANCELLED, message_id, State.CANCELLED, producer_id)
         # CHANGED or GONE: the state moved between the read and the script; read it again.
@@ -187,8 +187,9 @@ def _rows(reply: Any) -> list[tuple[str, dict[bytes, bytes]]]:
     return rows
 
 
-# (message id, job JSON, producer id, due ms, outbox entry id or "") per job of a schedule.lua call
-ScheduleItem = tuple[str, bytes, str | None, int, str]
+# (message id, job JSON, producer id, due ms, outbox entry id or "", the campaign the entry was counted
+# under at enqueue or None) per job of a schedule.lua call
+ScheduleItem = tuple[str, bytes, str | None, int, str, str | None]
 
 
 def schedule_calls(keys: Keys, lane: str, items: Sequence[ScheduleItem], *, state_ttl_s: int,
@@ -198,9 +199,9 @@ def schedule_calls(keys: Keys, lane: str, items: Sequence[ScheduleItem], *, stat
     for start in range(0, len(items), SCRIPT_CHUNK):
         call_keys = [keys.scheduled(lane), keys.outbox(lane)]
         args: list[Any] = [state_ttl_s, idempotency_ttl_s, DISPATCH_GROUP, lane]
-        for mid, job, pid, due, entry in items[start : start + SCRIPT_CHUNK]:
+        for mid, job, pid, due, entry, counted in items[start : start + SCRIPT_CHUNK]:
             call_keys += [keys.msg(mid), keys.idem(pid) if pid is not None else keys.msg(mid)]
-            args += [mid, job, due, entry]
+            args += [mid, job, due, entry, campaign_spec(job, counted)]
         calls.append((call_keys, args))
     return calls
 
@@ -215,7 +216,7 @@ def schedule_steps(keys: Keys, lane: str, jobs: Sequence[tuple[bytes, str | None
     """`ScheduleOps.schedule` as sans-I/O steps (one EVAL per chunk) for another client, e.g. an
     asyncio one. `mid_base` starts every message id: `{lane prefix}{ms}-p{a tag of this producer}s`,
     then a counter in hex is appended per job (`new_mid_base`)."""
-    items = [(f"{mid_base}{n:x}", job, pid, due, "") for n, (job, pid, due) in enumerate(jobs)]
+    items = [(f"{mid_base}{n:x}", job, pid, due, "", None) for n, (job, pid, due) in enumerate(jobs)]
     replies = []
     for call_keys, args in schedule_calls(keys, lane, items, state_ttl_s=state_ttl_s,
                                           idempotency_ttl_s=idempotency_ttl_s):
@@ -245,7 +246,7 @@ class ScheduleOps(StoreBase):
         jobs were written (`.queued[i]`, None for nothing); a lost connection is a plain StoreError
         (the chunk in flight unknown: retrying is safe for jobs with a producer id)."""
         base = f"{self.lane_prefix(lane)}{int(time.time() * 1000)}-p{self._schedule_tag}s"
-        items: list[ScheduleItem] = [(f"{base}{next(self._schedule_counter):x}", job, pid, due, "")
+        items: list[ScheduleItem] = [(f"{base}{next(self._schedule_counter):x}", job, pid, due, "", None)
                                      for job, pid, due in jobs]
         answers: list[tuple[str, bool] | None] = []
         for call_keys, args in schedule_calls(self, lane, items, state_ttl_s=state_ttl_s,
@@ -267,7 +268,7 @@ class ScheduleOps(StoreBase):
         schedule; per entry "SCHEDULED" (acknowledged and deleted from the outbox), "DUPLICATE", or
         the state of a message that has a record already (the schedule moved it here when due, or
         it was cancelled): that entry is left to the dispatcher."""
-        items: list[ScheduleItem] = [(e.message_id, e.job, pid, due, e.entry_id) for e, pid, due in entries]
+        items: list[ScheduleItem] = [(e.message_id, e.job, pid, due, e.entry_id, e.counted) for e, pid, due in entries]
         return [answer for _, answer in self._schedule(lane, items, state_ttl_s, idempotency_ttl_s)]
 
     def _schedule(self, lane: str, items: Sequence[ScheduleItem], state_ttl_s: int,
