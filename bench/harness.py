@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for every process of the stack, e.g. MALLOC_ARENA_MAX=2 or "
                              "SMS_LANES='{...}' (to try a setting; repeatable)")
+    parser.add_argument("--campaign", metavar="NAME", help="jobs of scenarios 1-4 carry this campaign_reference_id "
+                        "(their messages then keep campaign counters)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (smoke test)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
@@ -58,6 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.messages, args.baseline_messages, args.producer_jobs = 300, 100, 300
         args.latency_bulk, args.otp_rate, args.slow_messages, args.reports = 2_000, 100.0, 2_000, 2_000
     args.e2e_repeat = args.e2e_repeat or args.repeat
+    scenarios.CAMPAIGN = args.campaign
     args.extra_env = {}
     for item in args.env:
         name, sep, value = item.partition("=")

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.redis_cost                  # 50,000 messages, 3 repetitions
     .venv/bin/python -m bench.redis_cost -n 20000 -r 5
+    .venv/bin/python -m bench.redis_cost --campaign spring   # every job in one campaign
 
 One Redis process runs every step of every message (append, claim, SUBMITTING before the POST,
 the settle that records the outcome, publishes the event and acknowledges the entry), so
@@ -20,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from bench import procs
+from bench import procs, scenarios
 from bench.scenarios import jobs
 from bench.system import BenchStack
 from worker import events
@@ -78,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.redis_cost", description=__doc__.split("\n")[0])
     parser.add_argument("-n", "--messages", type=int, default=50_000)
     parser.add_argument("-r", "--repeat", type=int, default=3)
+    parser.add_argument("--campaign", metavar="NAME", help="every job carries this campaign_reference_id")
     args = parser.parse_args(argv)
+    scenarios.CAMPAIGN = args.campaign
     runs = []
     with BenchStack(sandbox_flags=None) as stack:
         for _ in range(args.repeat):

@@ -35,6 +35,11 @@ OTP_PRODUCER_THREADS = 32
 REPORT_GROUPS = frozenset({"delivered", "undeliverable", "expired", "rejected"})
 
 
+# `--campaign NAME`: every job of the bulk scenarios carries this campaign_reference_id, so its
+# messages move campaign counters in every state change (worker/lua/lib/ledger.lua).
+CAMPAIGN: str | None = None
+
+
 def jobs(n: int, start: int = 0, ids: bool = False) -> list[dict[str, Any]]:
     """`n` ordinary jobs (Swiss mobile numbers, a one-part text, a little metadata)."""
     made = []
@@ -43,6 +48,8 @@ def jobs(n: int, start: int = 0, ids: bool = False) -> list[dict[str, Any]]:
                                "metadata": {"order": i}}
         if ids:
             job["id"] = f"order-{i}"
+        if CAMPAIGN:
+            job["campaign_reference_id"] = CAMPAIGN
         made.append(job)
     return made
 

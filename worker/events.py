@@ -67,36 +67,39 @@ def build(
     report: dict[str, Any] | None = None,
     at: str | None = None,
     event_id: str | None = None,
+    rule: str | None = None,
 ) -> bytes:
     """One event as JSON; `job` is the producer's job (its id, metadata and `to` are echoed);
-    `event_id` replaces the default `<message_id>:<kind>`."""
+    `event_id` replaces the default `<message_id>:<kind>`; `rule` (a traffic-policy rejection only,
+    worker.policy) names the rule that fired and is the one key not always present."""
     job = job or {}
     report = report or {}
     # The job of an invalid_job `failed` is whatever a producer wrote: echo only what has the
     # schema's type (a number as `id` would break every consumer coded against it).
     producer_id, metadata, to = job.get("id"), job.get("metadata"), job.get("to") or report.get("to")
-    return orjson.dumps(
-        {
-            "v": SCHEMA_VERSION,
-            "event_id": event_id or f"{message_id}:{kind}",
-            "type": kind,
-            "at": at or now_iso(),
-            "message_id": message_id,
-            "bulk_id": bulk_id or report.get("bulkId"),
-            "lane": lane,
-            "id": producer_id if type(producer_id) is str else None,
-            "metadata": metadata if type(metadata) is dict else None,
-            "to": to if type(to) is str else None,
-            "status": status,
-            "error": error,
-            "reason": reason,
-            "price": report.get("price"),
-            "mcc_mnc": report.get("mccMnc"),
-            "sent_at": report.get("sentAt"),
-            "done_at": report.get("doneAt"),
-            "message_count": report.get("messageCount"),
-        }
-    )
+    event: dict[str, Any] = {
+        "v": SCHEMA_VERSION,
+        "event_id": event_id or f"{message_id}:{kind}",
+        "type": kind,
+        "at": at or now_iso(),
+        "message_id": message_id,
+        "bulk_id": bulk_id or report.get("bulkId"),
+        "lane": lane,
+        "id": producer_id if type(producer_id) is str else None,
+        "metadata": metadata if type(metadata) is dict else None,
+        "to": to if type(to) is str else None,
+        "status": status,
+        "error": error,
+        "reason": reason,
+        "price": report.get("price"),
+        "mcc_mnc": report.get("mccMnc"),
+        "sent_at": report.get("sentAt"),
+        "done_at": report.get("doneAt"),
+        "message_count": report.get("messageCount"),
+    }
+    if rule is not None:
+        event["rule"] = rule
+    return orjson.dumps(event)
 
 
 def requeued(message_id: str, job: dict[str, Any] | None, *, lane: str, reason: str, replay_id: str,

@@ -87,6 +87,15 @@ class RedisStateCollector(Collector):
             if lane.paused:
                 paused.add_metric([lane.lane, lane.paused], 1)
         yield from (depth, waiting, age, paused, scheduled)
+        spent = GaugeMetricFamily("sms_lane_spend_today", "Messages and SMS parts the traffic policy counted today "
+                                  "(UTC) on lanes with a daily cap", labels=["lane", "unit"])
+        cap = GaugeMetricFamily("sms_lane_daily_cap", "A lane's daily cap today (the configured cap plus any "
+                                "`resume --extra`)", labels=["lane", "unit"])
+        for lane in status.lanes:
+            for unit, (used, limit) in (lane.budget or {}).items():
+                spent.add_metric([lane.lane, unit], used)
+                cap.add_metric([lane.lane, unit], limit)
+        yield from (spent, cap)
         for name, doc, value in (
             ("sms_ambiguous_messages", "Messages awaiting a reconciliation verdict", status.ambiguous),
             ("sms_awaiting_reports", "Accepted messages without a final report yet", status.awaiting_reports),
@@ -225,4 +234,21 @@ PROVIDER_POOL_RESETS = Counter(
     "sms_provider_pool_resets_total",
     "icomm HTTP clients replaced because their connection pool stopped handing out connections, by reason",
     ["reason"],
+)
+
+# --- the traffic policy (worker.policy) ----------------------------------------------------------------
+# Labels are small fixed sets (lane, worker.policy.Reason / HoldReason, open|closed): never a number or an id.
+POLICY_REJECTED = Counter(
+    "sms_policy_rejected_total", "Jobs rejected by the traffic policy before any send, by lane and reason",
+    ["lane", "reason"],
+)
+POLICY_HELD = Counter(
+    "sms_policy_held_total",
+    "Jobs the traffic policy kept for later (budget: the lane is at a daily cap; campaign_cap; guard_unavailable)",
+    ["lane", "reason"],
+)
+POLICY_GUARD_ERRORS = Counter(
+    "sms_policy_guard_errors_total",
+    "Batches whose guards' state Redis could not give, by lane and what was done (open: sent unchecked; closed: kept)",
+    ["lane", "mode"],
 )

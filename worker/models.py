@@ -15,6 +15,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from worker.errors import JobValidationError, Problem
+from worker.sms_text import analyse
+from worker.sms_text import sms_parts as sms_parts  # how many SMS parts the platform bills for a text
 
 JOB_FORMAT_VERSION = 1
 
@@ -22,13 +24,6 @@ JOB_FORMAT_VERSION = 1
 # before a trailing newline, and "41793026727\n" is no number (worker/schemas/job-v1.schema.json agrees).
 _PHONE = re.compile(r"^\+?[1-9][0-9]{6,14}\Z")
 _HEX = re.compile(r"^[0-9A-Fa-f]{2}( [0-9A-Fa-f]{2})*\Z")
-_GSM7_BASIC = set(
-    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§"
-    "¿abcdefghijklmnopqrstuvwxyzäöñüà"
-)
-_GSM7_EXTENDED = set("^{}\\[~]|€\f")  # escape + character: two septets each
-_GSM7 = frozenset(_GSM7_BASIC | _GSM7_EXTENDED)
-_GSM7_EXTENDED_CHARS = tuple(_GSM7_EXTENDED)
 # A sanity cap on a text's UTF-8 size, far above anything the parts limit lets through: at most
 # 255 parts (SMS_MAX_TEXT_PARTS' maximum) x 153 septets x 2 bytes (a GSM-7 letter such as 'é' is
 # one septet, two bytes) = 78,030 bytes; UCS-2 is at most 255 x 67 units x 3 bytes = 51,255 bytes.
@@ -59,34 +54,9 @@ TERMINAL_STATES = frozenset(
 
 
 def text_size(text: str) -> tuple[int, str, int]:
-    """(SMS parts, encoding, units) of `text` as the platform bills it.
-
-    GSM-7 when every character is in the default alphabet or its extension table (an extension
-    character is an escape plus the character: two septets): one part of 160 septets, else parts of
-    153. Otherwise UCS-2, counted in UTF-16 code units (a character outside the BMP is a surrogate
-    pair, two units): one part of 70 units, else parts of 67, and a pair is never split between two
-    parts (a part that has one unit left starts the next part with the pair)."""
-    if _GSM7.issuperset(text):
-        septets = len(text) + sum(text.count(ch) for ch in _GSM7_EXTENDED_CHARS)
-        return (1 if septets <= 160 else -(-septets // 153)), "GSM-7", septets
-    if not text or max(text) <= "\uffff":
-        units = len(text)
-        return (1 if units <= 70 else -(-units // 67)), "UCS-2", units
-    units = len(text) + sum(1 for ch in text if ch > "\uffff")
-    if units <= 70:
-        return 1, "UCS-2", units
-    parts, room = 1, 67
-    for ch in text:
-        need = 2 if ch > "\uffff" else 1
-        if need > room:
-            parts, room = parts + 1, 67
-        room -= need
-    return parts, "UCS-2", units
-
-
-def sms_parts(text: str) -> int:
-    """How many SMS parts the platform bills for `text` (see `text_size`)."""
-    return text_size(text)[0]
+    """(SMS parts, encoding, units) of `text` as the platform bills it: worker.sms_text says how."""
+    info = analyse(text)
+    return info.parts, info.encoding, info.units
 
 
 def text_problem(text: str, max_parts: int) -> str | None:
@@ -98,13 +68,11 @@ def text_problem(text: str, max_parts: int) -> str | None:
     # A character is at most 4 bytes in UTF-8, so texts of up to a quarter of the cap skip the encode.
     if len(text) * 4 > TEXT_MAX_BYTES and (size := len(text.encode("utf-8", "surrogatepass"))) > TEXT_MAX_BYTES:
         return f"too long: {size:,} bytes as UTF-8, at most {TEXT_MAX_BYTES:,} accepted"
-    parts, encoding, units = text_size(text)
-    if parts <= max_parts:
+    info = analyse(text)
+    if info.parts <= max_parts:
         return None
-    unit = "septets" if encoding == "GSM-7" else "UTF-16 code units"
-    per_part = 153 if encoding == "GSM-7" else 67
-    return (f"too long: {parts} SMS parts ({units} {unit} in {encoding}, {per_part} per part), "
-            f"at most {max_parts} allowed (SMS_MAX_TEXT_PARTS)")
+    return (f"too long: {info.parts} SMS parts ({info.units} {info.unit_name} in {info.encoding}, "
+            f"{info.per_part} per part), at most {max_parts} allowed (SMS_MAX_TEXT_PARTS)")
 
 
 def _lone_surrogate(value: str) -> str | None:

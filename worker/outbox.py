@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,21 +91,22 @@ class Outbox:
     def _encode(self, job: Job | Mapping[str, Any], index: int | None = None) -> tuple[bytes, str | None]:
         """(wire JSON, producer id) of a valid job; JobValidationError otherwise (also for a
         send_at beyond SMS_SCHEDULE_HORIZON_S)."""
-        encoded, producer_id, _ = self._encode_due(job, index)
+        encoded, producer_id, _, _ = self._encode_due(job, index)
         return encoded, producer_id
 
     def _encode_due(
         self, job: Job | Mapping[str, Any], index: int | None = None
-    ) -> tuple[bytes, str | None, int | None]:
-        """`_encode` and the due time (ms) of the job's send_at, None without one. Only the pydantic
-        path can see a send_at: the fast path turns any job with one over to it."""
+    ) -> tuple[bytes, str | None, int | None, str | None]:
+        """`_encode`, the due time (ms) of the job's send_at (None without one) and its campaign
+        (campaign_reference_id, None without one). Only the pydantic path can see either: the fast
+        path turns any job with one over to it."""
         fast = encode_plain_job(
             job, max_text_parts=self.config.max_text_parts,
             metadata_max_bytes=self.config.metadata_max_bytes,
         )
         if fast is not None:
             assert isinstance(job, dict)
-            return fast, job.get("id"), None
+            return fast, job.get("id"), None, None
         valid = self.validate(job, index)
         due = None
         if valid.send_at is not None:
@@ -114,7 +115,7 @@ class Outbox:
                 raise JobValidationError([Problem(
                     "send_at", f"is {ahead_s / 86400:.1f} days ahead; at most {horizon} s "
                                f"({horizon / 86400:g} days) allowed (SMS_SCHEDULE_HORIZON_S)")], index)
-        return encode_job(valid), valid.id, due
+        return encode_job(valid), valid.id, due, valid.campaign_reference_id or None
 
     @staticmethod
     def due_later(encoded: list[tuple[bytes, str | None]], now_ms: float | None = None) -> list[tuple[int, int]]:
@@ -136,8 +137,9 @@ class Outbox:
         EnqueueIncomplete (`.queued == [None]`) means Redis refused it and nothing of it was written;
         any other StoreError leaves it unknown whether it was written (see `enqueue_many`)."""
         lane = self._lane(lane)
-        encoded, producer_id, due = self._encode_due(job)
-        [(mid, queued)] = self._write(lane, [(encoded, producer_id)], [] if due is None else [(0, due)])
+        encoded, producer_id, due, campaign = self._encode_due(job)
+        [(mid, queued)] = self._write(lane, [(encoded, producer_id)], [] if due is None else [(0, due)],
+                                      None if campaign is None else [campaign])
         return Enqueued(mid, lane, queued)
 
     def enqueue_many(self, jobs: Iterable[Job | Mapping[str, Any]], lane: str | None = None) -> list[Enqueued]:
@@ -153,8 +155,8 @@ class Outbox:
         Any other StoreError (the connection was lost mid-call) leaves unknown what was written:
         retrying the call is then safe only for jobs with a producer id.
         """
-        lane, encoded, dues = self._prepare_many(jobs, lane)
-        return [Enqueued(mid, lane, queued) for mid, queued in self._write(lane, encoded, dues)]
+        lane, encoded, dues, campaigns = self._prepare_many(jobs, lane)
+        return [Enqueued(mid, lane, queued) for mid, queued in self._write(lane, encoded, dues, campaigns)]
 
     def prepare(
         self, job: Job | Mapping[str, Any], lane: str | None = None
@@ -168,41 +170,61 @@ class Outbox:
     ) -> tuple[str, list[tuple[bytes, str | None]]]:
         """`enqueue_many`'s checks without its write: every job is checked, every problem listed
         (`start` numbers the jobs of a slice of a bigger call as that call's)."""
-        lane, encoded, _ = self._prepare_many(jobs, lane, start)
+        lane, encoded, _, _ = self._prepare_many(jobs, lane, start)
         return lane, encoded
+
+    @staticmethod
+    def campaigns_of(encoded: Sequence[tuple[bytes, str | None]]) -> list[str | None] | None:
+        """Each encoded job's campaign (campaign_reference_id, None without one), read back from
+        the JSON as `prepare` returns it, for a client that writes `prepare`'s jobs itself; None
+        when no job has one (`enqueue` knows them from encoding)."""
+        campaigns: list[str | None] = [None] * len(encoded)
+        found = False
+        for index, (job, _) in enumerate(encoded):
+            if b'"campaign_reference_id"' in job and isinstance(
+                    campaign := orjson.loads(job).get("campaign_reference_id"), str) and campaign:
+                campaigns[index] = campaign
+                found = True
+        return campaigns if found else None
 
     def _prepare_many(
         self, jobs: Iterable[Job | Mapping[str, Any]], lane: str | None = None, start: int = 0
-    ) -> tuple[str, list[tuple[bytes, str | None]], list[tuple[int, int]]]:
-        """`prepare_many`, and (index, due ms) of the jobs with a send_at."""
+    ) -> tuple[str, list[tuple[bytes, str | None]], list[tuple[int, int]], list[str | None] | None]:
+        """`prepare_many`, (index, due ms) of the jobs with a send_at, and each job's campaign
+        (None for a call without campaign jobs)."""
         lane = self._lane(lane)
         encoded = []
         dues = []
+        counted: dict[int, str] = {}  # index -> campaign, only for the jobs that have one
         problems: list[Problem] = []
         for index, job in enumerate(jobs, start):
             try:
-                wire, producer_id, due = self._encode_due(job, index)
+                wire, producer_id, due, campaign = self._encode_due(job, index)
             except JobValidationError as error:
                 problems += [Problem(f"jobs[{index}].{p.field}", p.message) for p in error.problems]
                 continue
             if due is not None:
                 dues.append((index - start, due))
+            if campaign is not None:
+                counted[index - start] = campaign
             encoded.append((wire, producer_id))
         if problems:
             raise JobValidationError(problems)
-        return lane, encoded, dues
+        campaigns = [counted.get(i) for i in range(len(encoded))] if counted else None
+        return lane, encoded, dues, campaigns
 
-    def _write(self, lane: str, encoded: list[tuple[bytes, str | None]],
-               dues: list[tuple[int, int]]) -> list[tuple[str, bool]]:
+    def _write(self, lane: str, encoded: list[tuple[bytes, str | None]], dues: list[tuple[int, int]],
+               campaigns: list[str | None] | None = None) -> list[tuple[str, bool]]:
         """Jobs due later (`dues`: index, due ms) go to the lane's schedule (Store.schedule), the
-        others (a past send_at included) to its outbox.
+        others (a past send_at included) to its outbox; `campaigns` (per job, or None for none)
+        are counted at enqueue for the outbox's jobs (Store.enqueue), by schedule.lua for the others.
 
         A call mixing both writes the scheduled ones first; when the outbox write then fails,
         EnqueueIncomplete answers the scheduled ones as written."""
         now_ms = time.time() * 1000
         later = [(index, due) for index, due in dues if due > now_ms]
         if not later:
-            return self._append(lane, encoded)
+            return self._append(lane, encoded, campaigns)
         answers: list[tuple[str, bool] | None] = [None] * len(encoded)
         try:
             held: list[tuple[str, bool] | None] = list(self.store.schedule(
@@ -216,7 +238,9 @@ class Outbox:
             answers[i] = answer
         now = [i for i in range(len(encoded)) if answers[i] is None]
         try:
-            appended: list[tuple[str, bool]] = self._append(lane, [encoded[i] for i in now]) if now else []
+            appended: list[tuple[str, bool]] = self._append(
+                lane, [encoded[i] for i in now], None if campaigns is None else [campaigns[i] for i in now]
+            ) if now else []
         except EnqueueIncomplete as error:
             for i, partial in zip(now, error.queued, strict=True):
                 answers[i] = partial
@@ -225,11 +249,17 @@ class Outbox:
             answers[i] = answer
         return [answer for answer in answers if answer is not None]
 
-    def _append(self, lane: str, encoded: list[tuple[bytes, str | None]]) -> list[tuple[str, bool]]:
+    def _append(self, lane: str, encoded: list[tuple[bytes, str | None]],
+                campaigns: list[str | None] | None = None) -> list[tuple[str, bool]]:
         """Store.enqueue, then wake the lane if anything new was queued, also by a call that failed
-        part-way (EnqueueIncomplete is raised after the wake; a failing wake does not replace it)."""
+        part-way (EnqueueIncomplete is raised after the wake; a failing wake does not replace it).
+        Campaign counters are kept at least SMS_STATE_TTL_S (the state TTL, as the scripts keep them)."""
         try:
-            answers = self.store.enqueue(lane, encoded, self.config.idempotency_ttl_s)
+            if campaigns is None:
+                answers = self.store.enqueue(lane, encoded, self.config.idempotency_ttl_s)
+            else:
+                answers = self.store.enqueue(lane, encoded, self.config.idempotency_ttl_s, campaigns=campaigns,
+                                             state_ttl_s=self.config.state_ttl_s)
         except EnqueueIncomplete as error:
             if self.wake is not None and any(answer is not None and answer[1] for answer in error.queued):
                 with contextlib.suppress(StoreError):  # the clock's tick wakes the lane anyway

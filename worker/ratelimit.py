@@ -73,6 +73,20 @@ class RateLimiter:
         if (unused > 0 or request_unused) and any(rate < UNLIMITED for _, rate, _, _ in buckets):
             self.store.refund_tokens(unused, request_unused, buckets)
 
+    @property
+    def limits_messages(self) -> bool:
+        """Whether a messages/s limit is set (only then are parts worth counting)."""
+        return self.config.mps > 0
+
+    def charge_parts(self, lane: str, extra_parts: int) -> None:
+        """A claimed batch has `extra_parts` SMS parts beyond one per message (multi-part texts):
+        charge the message buckets for them, so the shared rate counts parts as the provider does.
+        Without a limit there is nothing to charge, and no round trip is spent on it."""
+        buckets = [(name, rate) for name, rate, _, kind in self._buckets(lane)
+                   if kind == "messages" and rate < UNLIMITED]
+        if extra_parts > 0 and buckets:
+            self.store.charge_tokens(extra_parts, buckets)
+
     def acquire_logs_call(self) -> int:
         """One GET /sms/3/logs call: 0 if allowed now, else ms to wait."""
         rate = self.config.logs_per_min / 60.0

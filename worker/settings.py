@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -51,8 +52,8 @@ from worker.settings_problems import EXAMPLES, format_problems
 # worker.settings_env and worker.settings_problems).
 __all__ = [
     "DEFAULT_ENV_FILE", "ENV_FILE_VARIABLE", "EXAMPLES", "NOT_SETTINGS", "NOT_SETTINGS_PREFIXES", "SETTING_NAMES",
-    "LaneConfig", "Settings", "UnknownVariable", "env_file_path", "load_settings", "settings_from_env",
-    "unknown_variables",
+    "Countries", "DailyCap", "LaneConfig", "NumberVelocity", "PrefixVelocity", "Settings", "UnknownVariable",
+    "Velocity", "env_file_path", "load_settings", "settings_from_env", "unknown_variables",
 ]
 
 _LANE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -60,8 +61,68 @@ _LANE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _DRAMATIQ_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9._-]*$")
 
 
+def _no_boolean(value: Any) -> Any:
+    if isinstance(value, bool):  # JSON true is no batch size or limit (pydantic would take it as 1)
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+# A guard's counts and limits are JSON numbers, never true/false (see _no_boolean).
+_Count = Annotated[int, BeforeValidator(_no_boolean)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class NumberVelocity(_Strict):
+    """At most `limit` messages to one destination number per fixed window of `window_s`."""
+
+    limit: Annotated[_Count, Field(ge=1, le=1_000_000)]
+    window_s: Annotated[_Count, Field(ge=1, le=31 * 86400)]
+
+
+class PrefixVelocity(NumberVelocity):
+    """The same per number prefix: the number without its last `digits_dropped` digits."""
+
+    digits_dropped: Annotated[_Count, Field(ge=1, le=8)] = 3
+
+
+class Velocity(_Strict):
+    per_number: NumberVelocity | None = None
+    per_prefix: PrefixVelocity | None = None
+
+
+class Countries(_Strict):
+    """ISO 3166 regions (from the number itself, worker.numbers.facts): an allow-list or a block-list."""
+
+    allow: list[Annotated[str, Field(pattern=r"^[A-Z]{2}$")]] | None = None
+    block: list[Annotated[str, Field(pattern=r"^[A-Z]{2}$")]] | None = None
+
+    @model_validator(mode="after")
+    def _one_list(self) -> Countries:
+        if (self.allow is None) == (self.block is None):
+            raise ValueError('give either "allow" or "block" (a list of ISO regions such as "CH"), not both or neither')
+        return self
+
+
+class DailyCap(_Strict):
+    """Messages and SMS parts a lane may send per UTC day (either or both)."""
+
+    messages: Annotated[_Count, Field(ge=1)] | None = None
+    parts: Annotated[_Count, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _some_cap(self) -> DailyCap:
+        if self.messages is None and self.parts is None:
+            raise ValueError('give "messages", "parts" or both')
+        return self
+
+
 class LaneConfig(BaseModel):
-    """How one lane batches: `otp` waits ~0 ms for company, `bulk` waits to fill big batches."""
+    """How one lane batches: `otp` waits ~0 ms for company, `bulk` waits to fill big batches; and its
+    traffic policy (worker.policy), every guard off unless set, except the defaults that depend on
+    the lane's name (None here: worker.policy.LanePolicy resolves them)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -70,12 +131,37 @@ class LaneConfig(BaseModel):
     concurrency: Annotated[int, Field(ge=1, le=64)] = 4
     # Share of the global messages/s limit this lane may use (1.0 = all of it).
     rate_share: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # --- traffic policy (worker.policy; config/example.env documents each) ---
+    velocity: Velocity | None = None
+    countries: Countries | None = None
+    # phonenumbers PhoneNumberType names; None: PREMIUM_RATE and SHARED_COST on the lane named otp, none elsewhere.
+    block_number_types: list[str] | None = None
+    # Reject numbers on the suppression list; None: on for the lane named bulk, off elsewhere.
+    suppression: bool | None = None
+    max_parts: Annotated[_Count, Field(ge=1, le=255)] | None = None
+    allow_ucs2: bool = True
+    # When the guards' own state cannot be read; None: open on the lane named otp, closed elsewhere.
+    on_guard_error: Literal["open", "closed"] | None = None
+    daily_cap: DailyCap | None = None
+    # Messages per campaign_reference_id per UTC day on this lane; the rest wait for the next day.
+    campaign_daily_cap: Annotated[_Count, Field(ge=1)] | None = None
 
     @field_validator("batch_size", "max_wait_ms", "concurrency", "rate_share", mode="before")
     @classmethod
     def _no_booleans(cls, value: Any) -> Any:
-        if isinstance(value, bool):  # JSON true is no batch size (pydantic would take it as 1)
-            raise ValueError("must be a number, not true or false")
+        return _no_boolean(value)
+
+    @field_validator("block_number_types")
+    @classmethod
+    def _number_types(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        import phonenumbers  # only a lane that names number types pays for the import here
+
+        known = [name for name in vars(phonenumbers.PhoneNumberType) if name.isupper()]
+        for name in value:
+            if name not in known:
+                raise ValueError(f"{name!r} is no phonenumbers PhoneNumberType (one of {', '.join(known)})")
         return value
 
 

@@ -76,6 +76,21 @@ EXAMPLES: dict[str, str] = {
     "LOG_LEVEL": "INFO",
 }
 
+# One example per traffic-policy key of a lane (worker.policy), shown instead of SMS_LANES's when the
+# mistake is inside that key.
+LANE_POLICY_EXAMPLES: dict[str, str] = {
+    "velocity": ('{"per_number":{"limit":5,"window_s":3600},'
+                 '"per_prefix":{"digits_dropped":3,"limit":20,"window_s":3600}}'),
+    "countries": '{"allow":["CH","DE"]} or {"block":["XX"]}',
+    "block_number_types": '["PREMIUM_RATE","SHARED_COST"]',
+    "suppression": "true",
+    "max_parts": "3",
+    "allow_ucs2": "false",
+    "on_guard_error": '"open" or "closed"',
+    "daily_cap": '{"messages":100000,"parts":150000}',
+    "campaign_daily_cap": "50000",
+}
+
 _SECRET_VARIABLES = frozenset({"ICOMM_API_KEY", "SMS_WEBHOOK_SECRET"})
 # What pydantic says when a lane is not a JSON object.
 _NOT_AN_OBJECT = frozenset({"model_type", "model_attributes_type", "dict_type"})
@@ -130,4 +145,6 @@ def _lanes_line(item: ErrorDetails, where: list[str], message: str, lane_keys: S
         return f"SMS_LANES: lane {lane!r} has an unknown key {inner[0]!r} ({guess}a lane has {', '.join(lane_keys)})"
     if not inner and item["type"] in _NOT_AN_OBJECT:
         return f"SMS_LANES: lane {lane!r} must be a JSON object of {', '.join(lane_keys)}{hint}"
+    if inner and inner[0] in LANE_POLICY_EXAMPLES:
+        hint = f" (example: \"{inner[0]}\":{LANE_POLICY_EXAMPLES[inner[0]]})"
     return f"SMS_LANES: lane {lane!r}: {'.'.join(inner)}={item.get('input')!r}: {message}{hint}"

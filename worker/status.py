@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from worker import redis_health
+from worker.policy import LanePolicy
 from worker.settings import Settings
 from worker.store import Store
 from worker.store.ops import LaneSnapshot
@@ -28,6 +29,10 @@ class LaneStatus:
     configured: bool = True  # False: an outbox stream of a lane SMS_LANES does not name
     scheduled: int = 0  # jobs held until their send_at (not in the outbox yet)
     next_due_in_s: float | None = None  # when the earliest of them is due (negative: overdue)
+    # The traffic policy's rules in force (worker.policy.LanePolicy.describe), and on a lane with a
+    # daily cap today's spend: unit ("messages", "parts") -> [counted today, today's cap].
+    policy: dict[str, Any] = field(default_factory=dict)
+    budget: dict[str, list[int]] | None = None
 
 
 @dataclass
@@ -61,11 +66,13 @@ class StatusConfig:
     allow_volatile: bool  # SMS_REDIS_ALLOW_VOLATILE
     rate_limit_mps: float  # 0: no limit
     rate_limit_rps: float
+    policies: tuple[LanePolicy, ...] = ()  # the configured lanes' traffic policies
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StatusConfig:
         return cls(lanes=tuple(settings.sms_lanes), allow_volatile=settings.sms_redis_allow_volatile,
-                   rate_limit_mps=settings.sms_rate_limit_mps, rate_limit_rps=settings.sms_rate_limit_rps)
+                   rate_limit_mps=settings.sms_rate_limit_mps, rate_limit_rps=settings.sms_rate_limit_rps,
+                   policies=tuple(LanePolicy.of(lane, cfg) for lane, cfg in settings.sms_lanes.items()))
 
 
 def collect(config: StatusConfig, store: Store, *, all_outboxes: bool = False) -> SystemStatus:
@@ -84,6 +91,7 @@ def collect(config: StatusConfig, store: Store, *, all_outboxes: bool = False) -
     redis_info = {**health.as_dict(), "data_since": redis_health.marker_since(snap.marker)}
     statuses = [_lane_status(lane, raw, now, configured=lane in config.lanes)
                 for lane, raw in zip(lanes, snap.lanes, strict=True)]
+    _add_policies(config, store, statuses)
     workers = []
     for name, beat in sorted(snap.heartbeats.items()):
         age = now - beat / 1000
@@ -97,6 +105,22 @@ def collect(config: StatusConfig, store: Store, *, all_outboxes: bool = False) -
     }
     return SystemStatus(statuses, ambiguous, snap.awaiting, snap.dead_letters, snap.parked, snap.events, limiter,
                         snap.last_drain or None, workers, redis=redis_info)
+
+
+def _add_policies(config: StatusConfig, store: Store, statuses: list[LaneStatus]) -> None:
+    """Each lane's rules, and today's spend against its caps (one more round trip, only with caps)."""
+    policies = {p.lane: p for p in config.policies}
+    capped = [p.lane for p in config.policies if p.cap_messages or p.cap_parts]
+    spend = store.spend_today(capped) if capped else {}
+    for lane in statuses:
+        policy = policies.get(lane.lane)
+        if policy is None:
+            continue
+        lane.policy = policy.describe()
+        today = spend.get(lane.lane)
+        if today is not None:
+            lane.budget = {unit: [used, cap + today.extra] for unit, used, cap in (
+                ("messages", today.messages, policy.cap_messages), ("parts", today.parts, policy.cap_parts)) if cap}
 
 
 def _lane_status(lane: str, raw: LaneSnapshot, now: float, *, configured: bool) -> LaneStatus:
@@ -145,7 +169,8 @@ def render(status: SystemStatus) -> str:
         paused = "no"
         if lane.paused:
             left = f", lifts in {duration(lane.paused_for_s)}" if lane.paused_for_s is not None else ""
-            paused = f"{lane.paused}{left} (sms-worker resume --lane {lane.lane})"
+            extra = " --extra N" if lane.paused == "budget" else ""  # a budget pause is lifted by raising the cap
+            paused = f"{lane.paused}{left} (sms-worker resume --lane {lane.lane}{extra})"
         rows.append([lane.lane, f"{lane.depth:,}", f"{lane.waiting:,}", f"{lane.in_flight:,}",
                      "-" if lane.oldest_age_s is None else duration(lane.oldest_age_s),
                      f"{lane.scheduled:,}", _due(lane.next_due_in_s),
@@ -165,6 +190,7 @@ def render(status: SystemStatus) -> str:
         ("rate limiter", [f"{rates}; booked ahead {booked}"]),
         ("last drain", [_render_drain(status.last_drain)]),
         ("workers", _render_workers(status.workers)),
+        *_render_policies(status.lanes),
         *_render_redis(status.redis),
     ]
     width = max(len(label) for label, _ in facts) + 2
@@ -200,6 +226,27 @@ def _render_workers(workers: list[dict[str, Any]]) -> list[str]:
     rows = [[w["consumer"], f"seen {duration(w['last_seen_s'])} ago",
              "alive" if w["alive"] else f"STALE (no heartbeat for {duration(HEARTBEAT_STALE_S)})"] for w in workers]
     return _table(rows, right=set())
+
+
+def _render_policies(lanes: list[LaneStatus]) -> list[tuple[str, list[str]]]:
+    """One line per lane with a traffic policy: its rules, and today's spend against its caps."""
+    lines = []
+    for lane in lanes:
+        if not lane.policy:
+            continue
+        rules = ", ".join(f"{name} {_rule_value(value)}" for name, value in lane.policy.items())
+        spend = "; ".join(f"{used:,}/{cap:,} {unit} today" + (" (AT CAP)" if used >= cap else "")
+                          for unit, (used, cap) in (lane.budget or {}).items())
+        lines.append(f"{lane.lane}: {rules}" + (f"; {spend}" if spend else ""))
+    return [("traffic policy", lines)] if lines else []
+
+
+def _rule_value(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k} {v:,}" for k, v in value.items())
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _render_redis(info: dict[str, Any]) -> list[tuple[str, list[str]]]:

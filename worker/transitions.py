@@ -46,6 +46,7 @@ TRANSITIONS: Final[Mapping[Script, frozenset[Transition]]] = {
         (State.QUEUED, State.SUBMITTING),
         (State.SUBMITTING, State.ACCEPTED), (State.AMBIGUOUS, State.ACCEPTED), (State.QUEUED, State.ACCEPTED),
         (State.SUBMITTING, State.REJECTED), (State.AMBIGUOUS, State.REJECTED), (State.QUEUED, State.REJECTED),
+        (None, State.REJECTED),  # a traffic-policy rejection (worker.policy) of a message never submitted
         (State.SUBMITTING, State.AMBIGUOUS),
         (State.SUBMITTING, State.QUEUED), (State.AMBIGUOUS, State.QUEUED),
         (None, State.FAILED), (State.QUEUED, State.FAILED), (State.SUBMITTING, State.FAILED),

@@ -105,6 +105,24 @@ def test_a_batch_is_sent_as_one_bulk_and_every_message_accepted(rig: Rig, sbx: S
     assert rig.store.message(queued[0].message_id)["state"] == "ACCEPTED"
 
 
+def test_multi_part_texts_are_charged_to_the_rate_limiter_by_parts(
+    redis_url: str, sbx: SandboxProcess, store: Store
+) -> None:
+    """The provider counts SMS parts: 10 three-part texts cost 30 tokens, the 20 beyond one per
+    message charged after the claim, so the next grant waits for them."""
+    rig = Rig(_settings(redis_url, sbx, sms_rate_limit_mps=10, sms_rate_limit_burst_s=1), store)
+    try:
+        rig.outbox.enqueue_many([{"to": f"4179{i:07d}", "text": "a" * 400} for i in range(10)], "bulk")
+        entries = store.claim("bulk", "t1", 10, lease_ms=60_000, max_wait_ms=0, recover=False).entries
+        assert rig.dispatcher.process("bulk", entries) == 10
+        assert sbx.stats()["messages_accepted"] == 10
+        granted, wait_ms = rig.limiter.acquire("bulk", 1)
+        # 20 tokens of debt at 10/s, 1 s of it within the burst: the next message in ~1.1 s.
+        assert granted == 0 and 800 <= wait_ms <= 1100
+    finally:
+        rig.provider.close()
+
+
 def test_the_same_producer_id_is_sent_once(rig: Rig, sbx: SandboxProcess) -> None:
     """Enqueueing the same id twice reports a duplicate, and the sandbox sees one send."""
     first = rig.outbox.enqueue({"to": "41790000001", "text": "a", "id": "once"})

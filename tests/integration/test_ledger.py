@@ -89,7 +89,7 @@ def test_a_plain_xadd_campaign_is_counted_when_recorded_and_follows_every_state(
     assert 0 < store.r.ttl(store.campaign("spring")) <= 3600
 
     item = {"messageId": ok.message_id, "price": {"pricePerMessage": 0.0075, "currency": "EUR"}}
-    acked, results = store.apply_reports(
+    _, results = store.apply_reports(
         [Op(OpCode.APPLY, ok.message_id, "DELIVERED", "DELIVERED_TO_HANDSET", b'{"type":"delivered"}',
             price_spec(item), "webhook")], group="reports", now_ms=2, events_maxlen=10_000)
     assert results == [1]
@@ -99,11 +99,12 @@ def test_a_plain_xadd_campaign_is_counted_when_recorded_and_follows_every_state(
 
     trail = _trail(store, ok.message_id)
     steps = [line.split(" ")[1] for line in trail]
-    assert steps == ["submit", "state", "report"]
-    assert "attempt=1 by=c1 fence=f1" in trail[0]
-    accepted_event = trail[1].split("event=")[1]
+    # The first submit is the record itself (no text built on the common path), then one line a step.
+    assert steps == ["state", "report"]
+    assert store.r.hmget(store.msg(ok.message_id), "first_by", "fence", "attempts") == [b"c1", b"f1", b"1"]
+    accepted_event = trail[0].split("event=")[1]
     assert store.r.xrange(store.events, accepted_event, accepted_event)[0][1][b"event"] == b'{"type":"accepted"}'
-    assert "to=DELIVERED status=DELIVERED_TO_HANDSET source=webhook event=" in trail[2]
+    assert "to=DELIVERED status=DELIVERED_TO_HANDSET source=webhook event=" in trail[1]
     assert _trail(store, failed.message_id)[-1].endswith("state to=QUEUED note=HTTP 503")
     assert _trail(store, rejected.message_id)[-1].endswith("note=REJECTED_NETWORK")
 
@@ -173,7 +174,8 @@ def test_a_counted_entry_never_claimed_is_cancelled_out_of_queued(store: Store) 
 @pytest.mark.parametrize("lines", [3, 400])
 def test_the_trail_is_capped_keeping_its_first_line_and_the_newest(store: Store, lines: int) -> None:
     script = (resources.files("worker") / "lua" / "lib" / "ledger.lua").read_text()
-    script += "\nlocal t = false\nfor i = 1, tonumber(ARGV[1]) do t = ledger_trail(t, i .. ' step n=' .. i) end\nreturn t"
+    script += ("\nlocal t = false\nfor i = 1, tonumber(ARGV[1]) do t = ledger_trail(t, i .. ' step n=' .. i) end"
+               "\nreturn t")
     trail = store.r.eval(script, 0, lines).decode().split("\n")
     if lines == 3:
         assert trail == ["1 step n=1", "2 step n=2", "3 step n=3"]

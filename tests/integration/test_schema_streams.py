@@ -1,5 +1,5 @@
 """A real run's streams keep the published contracts: every outbox entry the Outbox writes is a job
-worker/schemas/job-v1.schema.json accepts (fields `job` and `mid` only, as asyncapi.yaml says), and
+worker/schemas/job-v1.schema.json accepts (fields `job`, `mid` and `c` only, as asyncapi.yaml says), and
 every event the run publishes (accepted, rejected, failed, requeued, cancelled, the reports'
 delivered, undeliverable, expired, rejected, unknown_message, and expired no_report) validates
 against event-v1.schema.json with an event_id of its own; a real Redis and sandbox.
@@ -56,7 +56,7 @@ def _errors(validator: Draft202012Validator, value: Any) -> list[str]:
 def _outbox_entries_fit_the_job_schema(store: Store, lane: str) -> int:
     entries = store.r.xrange(store.outbox(lane))
     for _, fields in entries:
-        assert set(fields) <= {b"job", b"mid"}, fields
+        assert set(fields) <= {b"job", b"mid", b"c"}, fields
         job = orjson.loads(fields[b"job"])
         assert _errors(JOB, job) == [], job
     return len(entries)

@@ -13,6 +13,7 @@ import redis
 from tests.support.redis_server import RedisServer
 from worker.errors import EnqueueIncomplete, StoreError
 from worker.outbox import Outbox, OutboxConfig
+from worker.ratelimit import RateLimiter, RateLimiterConfig
 from worker.settings import Settings
 from worker.store import Outcome, Store, Submitted, connect
 
@@ -133,6 +134,23 @@ def test_request_bucket_limits_calls_not_messages(store: Store) -> None:
     assert store.acquire_tokens(1000, buckets)[0] == 1000
     granted, wait_ms = store.acquire_tokens(1000, buckets)
     assert granted == 0 and 900 <= wait_ms <= 1000
+
+
+def test_extra_parts_are_charged_to_the_message_buckets(store: Store) -> None:
+    """A batch whose texts have more parts than messages owes the difference: charged after the
+    claim, it delays the next grants as if the parts had been granted (the provider counts parts)."""
+    buckets = [("mps", 100.0, 100.0, "messages")]
+    assert store.acquire_tokens(50, buckets) == (50, 0)  # 50 messages granted, half the burst
+    store.charge_tokens(150, [("mps", 100.0)])  # ... of 200 parts: 150 more than granted
+    granted, wait_ms = store.acquire_tokens(10, buckets)
+    assert granted == 0 and 900 <= wait_ms <= 1010  # 100 tokens of debt past the burst: ~1 s at 100/s
+    limiter = RateLimiter(RateLimiterConfig(mps=100.0, lane_shares={"bulk": 1.0}), store)
+    before = store.r.get(store.bucket("mps"))
+    limiter.charge_parts("bulk", 0)
+    RateLimiter(RateLimiterConfig(lane_shares={"bulk": 1.0}), store).charge_parts("bulk", 10)  # no limit: no charge
+    assert store.r.get(store.bucket("mps")) == before
+    limiter.charge_parts("bulk", 10)
+    assert float(store.r.get(store.bucket("mps"))) > float(before)
 
 
 def test_penalize_pauses_every_caller(store: Store) -> None:

@@ -64,7 +64,7 @@ def test_the_payloads_are_the_shipped_schemas_and_the_example_is_a_valid_job() -
     messages = DOC["components"]["messages"]
     assert messages["job"]["payload"] == {"$ref": f"./{schemas.FILES['job']}"}
     assert messages["statusEvent"]["payload"] == {"$ref": f"./{schemas.FILES['event']}"}
-    assert set(messages["job"]["headers"]["properties"]) == {"mid"}
+    assert set(messages["job"]["headers"]["properties"]) == {"mid", "c"}
     job = Draft202012Validator(schemas.load("job"))
     for example in messages["job"]["examples"]:
         assert job.is_valid(example["payload"]), example

@@ -902,7 +902,7 @@ def test_parse_reports_good_page() -> None:
     provider's time strings untouched); an intermediate one is counted; nothing is dead-lettered."""
     page = page_of(orjson.dumps({"results": [REPORT, {"messageId": "sw-2", "status": PENDING}]}))
     assert page.dead == []
-    assert page.finals == [FinalReport("sw-1", "DELIVERED", "DELIVERED_TO_HANDSET", REPORT)]
+    assert page.finals == [FinalReport("sw-1", "DELIVERED", "DELIVERED_TO_HANDSET", REPORT, "drain")]
     assert page.finals[0].item["sentAt"] == "2019-11-09T16:00:00.000+0100"
     assert page.intermediate == 1
 

@@ -442,11 +442,11 @@ def test_text_too_long_limits() -> None:
 
 
 def test_the_byte_limit_counts_the_sms_encoding_not_utf8() -> None:
-    """25 parts of euro signs (3,824 septets, 5,736 bytes of UTF-8) or of CJK (1,675 UCS-2 units) are
-    sent; the 26th part is too long."""
-    for text in ("€" * 1912, "漢" * 1675):
+    """25 parts of euro signs (3,800 septets, 5,700 bytes of UTF-8: 76 a part, an escape never split
+    from its character) or of CJK (1,675 UCS-2 units) are sent; the 26th part is too long."""
+    for text in ("€" * 1900, "漢" * 1675):
         assert text_parts(text) == 25 and not text_too_long(text, 25)
-    for text in ("€" * 1913, "漢" * 1676):
+    for text in ("€" * 1901, "漢" * 1676):
         assert text_parts(text) == 26 and text_too_long(text, 26)
 
 

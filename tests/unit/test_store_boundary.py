@@ -18,7 +18,7 @@ EXEMPT = ("store", "devtools")
 CLIENT_ATTRIBUTES = {"r", "connection_pool", "pipeline", "execute_command", "register_script", "evalsha"}
 # What a key name built by hand looks like: a namespace part between colons in an f-string.
 KEY_PARTS = re.compile(r":(outbox|msg|idem|events|dlq|awaiting|rl|dispatchers|kick|pause|fence|lease|reports|"
-                       r"heartbeats|instance)(:|$)")
+                       r"heartbeats|instance|suppressed|campaign|campaigns|policy)(:|$)")
 
 
 def violations(source: str) -> list[str]:

@@ -1,6 +1,7 @@
 """A text is refused only for more SMS parts than SMS_MAX_TEXT_PARTS (GSM-7 160/153 septets with the
-extension table at two septets, else UCS-2 70/67 UTF-16 units, a surrogate pair never split), or for
-an absurd size; the message says which, truly."""
+extension table at two septets, else UCS-2 70/67 UTF-16 units, neither an escape nor a surrogate pair
+ever split), or for an absurd size; the message says which, truly. (worker.sms_text counts; its own
+tests are tests/unit/test_sms_text.py.)"""
 
 from __future__ import annotations
 
@@ -29,9 +30,12 @@ EMOJI = "\U0001f600"  # outside the BMP: a surrogate pair in UTF-16
 
 # (text, parts): each at exactly the 25-part limit, and one unit more.
 AT_THE_LIMIT = [
-    pytest.param("€" * 1912, 25, id="euro-25"),  # 3824 septets (each € is escape + character), 5736 UTF-8 bytes
-    pytest.param("€" * 1912 + "a", 25, id="euro-3825-septets"),
-    pytest.param("€" * 1913, 26, id="euro-26"),
+    # 3800 septets (each € is escape + character, 76 a part: a pair is never split), 5700 UTF-8 bytes
+    pytest.param("€" * 1900, 25, id="euro-25"),
+    pytest.param("€" * 1900 + "a", 25, id="euro-3801-septets"),  # the last part's spare septet
+    pytest.param("a" + "€" * 1900, 25, id="euro-shifted-25"),  # 153 + 24 x 152 septets
+    pytest.param("€" * 1901, 26, id="euro-26"),
+    pytest.param("€" * 1912, 26, id="euro-3824-septets-26"),  # 25 x 153 septets only if pairs could be split
     pytest.param("中" * 1675, 25, id="cjk-25"),  # 1675 UTF-16 units, 5025 UTF-8 bytes
     pytest.param("中" * 1676, 26, id="cjk-26"),
     pytest.param("a" * 3825, 25, id="gsm-25"),

@@ -115,6 +115,19 @@ def test_settle_lua_agrees_with_the_table(store: Store) -> None:
     seen.covers_the_table()
 
 
+def test_a_policy_rejection_applies_only_to_a_message_never_submitted_or_certainly_not_sent(store: Store) -> None:
+    """settle.lua's "p:" guard: REJECTED by the traffic policy from no record or QUEUED; from any other
+    state (another worker submitted it meanwhile) nothing changes and the entry is left pending."""
+    kw: dict[str, Any] = {"now_ms": 1, "events_maxlen": 1000, "state_ttl_s": 3600}
+    for n, before in enumerate(FROM):
+        entry = _entry(200 + n)
+        _put(store, entry, before)
+        outcome = Outcome(entry.message_id, entry.entry_id, State.REJECTED, ack=True, guard="p:")
+        [applied] = store.settle("bulk", [outcome], **kw)
+        assert applied == (before in (None, State.QUEUED)), before
+        assert _state(store, entry) == (State.REJECTED if applied else before)
+
+
 def test_check_renew_lua_agrees_with_the_table(store: Store) -> None:
     seen = Seen(Script.CHECK_RENEW)
     for before in FROM:

@@ -3,9 +3,13 @@
     processes.py   worker, clock, web; the dev tools' sandbox and demo
     enqueue.py     enqueue: one SMS, or a CSV file of them
     cancel.py      cancel: scheduled or queued messages not yet submitted
+    trace.py       trace: where is my message (its trail, events, dead letters; --to finds a number's)
+    campaigns.py   campaigns, campaign X [--watch]: campaign counters
     dlq.py         dlq list, show, replay, purge
     operations.py  status, resume, logs, reconcile, check
     schema.py      schema: the published JSON Schemas and AsyncAPI document
+    preview.py     preview: a text's encoding and SMS parts, and whether a lane would refuse it
+    suppress.py    suppress add, remove, list, import, check: the suppression list (opt-outs)
     errors.py      which exceptions are a user's mistake, and the line each one gets
     common.py      what the commands share: loaded settings, Store, Triggers, JSON output
 
@@ -22,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from worker.cli import cancel, common, dlq, enqueue, schema
+from worker.cli import campaigns, cancel, common, dlq, enqueue, preview, schema, suppress
 from worker.cli.cancel import cmd_cancel
 from worker.cli.dlq import cmd_dlq
 from worker.cli.enqueue import cmd_enqueue
@@ -30,6 +34,7 @@ from worker.cli.errors import UsageError, stdout_closed, user_error
 from worker.cli.operations import cmd_check, cmd_logs, cmd_reconcile, cmd_resume, cmd_status
 from worker.cli.processes import add_sandbox_arguments, cmd_clock, cmd_demo, cmd_sandbox, cmd_web, cmd_worker
 from worker.cli.schema import cmd_schema
+from worker.cli.trace import register as register_trace
 from worker.errors import ConfigError
 from worker.settings import ENV_FILE_VARIABLE, load_settings
 
@@ -109,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_arguments(p)
     p.set_defaults(func=cmd_cancel)
 
+    campaigns.register(sub, _command)
+
+    register_trace(sub)
+
+    suppress.register(sub, _command)
+
+    preview.register(sub, _command)
+
     p = _command(sub, "dlq", "list, show, replay or purge dead letters", dlq.EPILOG)
     dlq.add_arguments(p)
     p.set_defaults(func=cmd_dlq)
@@ -168,11 +181,15 @@ def _add_operations(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = _command(sub, "resume", "lift a lane's pause (auth, provider_unavailable) now",
+    p = _command(sub, "resume", "lift a lane's pause (auth, provider_unavailable, budget) now",
                  "examples:\n  sms-worker resume --lane bulk\n  sms-worker resume --lane otp --lane bulk\n"
-                 "  sms-worker resume --all")
+                 "  sms-worker resume --all\n  sms-worker resume --lane bulk --extra 5000   (a budget pause: "
+                 "raise today's caps by 5000, after a y/N question)")
     p.add_argument("--lane", action="append", help="a lane to resume (repeat for several)")
     p.add_argument("--all", action="store_true", help="every configured lane")
+    p.add_argument("--extra", type=int, help="for a lane paused for budget: raise today's (UTC) daily caps by N "
+                   "(messages, and parts) and resume it; the counters keep counting")
+    p.add_argument("--yes", action="store_true", help="confirm raising a budget without being asked")
     p.set_defaults(func=cmd_resume)
 
     p = _command(sub, "logs", "query the provider's GET /sms/3/logs (last 48 h)",
@@ -205,8 +222,9 @@ def _add_operations(sub: Any) -> None:
 
 # --- the entry point: shared options, logging, and one line per mistake ------------------------------
 ENV_FILE_HELP = "read settings from FILE (default: .env in the working directory); the environment wins over it"
-# Commands that run without the worker's settings: the sandbox has its own flags, the demo its own stack.
-_NO_SETTINGS = frozenset({"sandbox", "demo", "schema"})
+# Commands that run without the worker's settings: the sandbox has its own flags, the demo its own stack
+# (preview loads them only for --lane).
+_NO_SETTINGS = frozenset({"sandbox", "demo", "schema", "preview"})
 # Commands that report variables that are no setting themselves (not as a log warning).
 _OWN_WARNINGS = frozenset({"check"})
 

@@ -35,11 +35,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
     store = common.store(settings)
     lanes = _lanes_to_resume(settings, store, args)
     triggers = common.triggers(settings, store)
-    lifted = []
+    if args.extra is not None and args.extra < 1:
+        raise UsageError(f"--extra {args.extra}: give how many more messages (and parts) to allow today, at least 1")
+    lifted, refused = [], 0
     for lane in lanes:
         reason = store.paused(lane)
         if reason is None:
             print(f"{lane}: not paused")
+            continue
+        if reason == "budget" and not _raise_budget(store, lane, args):
+            refused += 1
             continue
         store.resume(lane)
         lifted.append(reason)
@@ -50,7 +55,31 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if "auth" in lifted:
         print("if the API key is still refused, the next batch pauses the lane again (`sms-worker check` "
               "verifies the key the workers would use, from the same settings)")
-    return 0
+    return 1 if refused else 0
+
+
+def _raise_budget(store: Store, lane: str, args: argparse.Namespace) -> bool:
+    """A lane paused at its daily cap resumes only with more allowance (`--extra N`), confirmed by
+    --yes or a y/N answer on a terminal: resuming without it would pause again at the next batch."""
+    spend = store.spend_today([lane])[lane]
+    used = f"{spend.messages:,} messages, {spend.parts:,} parts today (UTC)"
+    if args.extra is None:
+        print(f"sms-worker: {lane}: paused for budget, its daily cap is reached ({used}); give --extra N to raise "
+              "today's caps by N and resume it, or wait: the pause lifts by itself at midnight UTC", file=sys.stderr)
+        return False
+    question = f"{lane}: raise today's caps by {args.extra:,} ({used}) and resume sending?"
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print(f"sms-worker: {lane}: not resumed: raising a budget needs a confirmation; run with --yes "
+                  "(no terminal to ask on)", file=sys.stderr)
+            return False
+        if input(f"{question} [y/N] ").strip().lower() not in ("y", "yes"):
+            print(f"{lane}: not resumed")
+            return False
+    after = store.raise_budget(lane, args.extra)
+    print(f"{lane}: today's caps raised by {after.extra:,} in all; the counters stay ({used}), so the lane pauses "
+          "again once it has sent the extra; tomorrow the configured caps apply")
+    return True
 
 
 def _lanes_to_resume(settings: Settings, store: Store, args: argparse.Namespace) -> list[str]:

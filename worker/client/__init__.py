@@ -11,6 +11,7 @@ no actors, no dispatcher, no provider client, no web stack (tests/unit/test_clie
 
 from __future__ import annotations
 
+from worker.campaigns import Campaign
 from worker.cancel import CancelAnswer, CancelOutcome
 from worker.client.aio import AsyncClient
 from worker.client.common import ClientConfig, MessageStatus
@@ -20,6 +21,6 @@ from worker.models import State
 from worker.outbox import Enqueued
 
 __all__ = [
-    "AsyncClient", "CancelAnswer", "CancelOutcome", "Client", "ClientConfig", "EnqueueIncomplete", "Enqueued",
-    "JobValidationError", "MessageStatus", "Problem", "State", "StoreError", "StoreUnavailable",
+    "AsyncClient", "Campaign", "CancelAnswer", "CancelOutcome", "Client", "ClientConfig", "EnqueueIncomplete",
+    "Enqueued", "JobValidationError", "MessageStatus", "Problem", "State", "StoreError", "StoreUnavailable",
 ]

@@ -22,6 +22,7 @@ from typing import Any
 
 from dramatiq.brokers.redis import RedisBroker
 
+from worker.campaigns import Campaign
 from worker.cancel import CancelAnswer, CancelConfig, cancel
 from worker.client.common import ClientConfig, MessageStatus, make_job
 from worker.errors import StoreError
@@ -125,6 +126,25 @@ class Client:
                 return MessageStatus.unknown(None)
         assert message_id is not None
         return MessageStatus.of(self._lookup.locate(message_id))
+
+    def campaign(self, campaign_id: str) -> Campaign | None:
+        """A campaign's counters (worker.campaigns.Campaign: total, per state, sent, prices,
+        complete, progress), None when it has none here (no job carried it, or they expired)."""
+        self._open()
+        return self._store.campaign_counts(campaign_id)
+
+    def is_suppressed(self, number: str) -> bool:
+        """Whether a number is on the suppression list (opted out): a job to it is rejected with
+        reason "suppressed" on lanes that respect the list. International, with or without '+' and
+        formatting ("41793026727", "+41 79 302 67 27"); ValueError for what is no phone number.
+        One SMISMEMBER; the number is normalised as the worker does (worker.numbers)."""
+        self._open()
+        from worker.numbers import normalise, problem  # phonenumbers: loaded by the first check only
+
+        normal = normalise(number)
+        if normal is None:
+            raise ValueError(f"not a phone number the worker can send to: {number!r} ({problem(number)})")
+        return self._store.suppressed([normal])[0]
 
     def cancel(self, message_id: str | None = None, *, id: str | None = None) -> CancelAnswer:
         """Cancel a scheduled message, or a queued one no dispatcher has submitted yet (worker.cancel).

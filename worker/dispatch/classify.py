@@ -42,6 +42,10 @@ class PauseReason(StrEnum):
 
     AUTH = "auth"  # 401/403: the key was refused
     PROVIDER_UNAVAILABLE = "provider_unavailable"  # connect errors, 429, 503 after every retry
+    # The traffic policy's (worker.policy): a daily cap reached (set by policy.lua, until midnight
+    # UTC), and guards whose state Redis could not give on a lane that fails closed.
+    BUDGET = "budget"
+    GUARD_UNAVAILABLE = "guard_unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +273,24 @@ def give_up(
         dead_letter=dead, campaign=campaign_spec(entry.job, entry.counted, job),
     )
     return Decision(outcomes=[outcome], dead_letters=[DeadLetter(entry.message_id, reason, detail)])
+
+
+# Settle's guard for a policy rejection: applied only while the message was never submitted or is
+# certainly not sent (no record yet, or QUEUED), so a message another worker took over in between
+# is never marked rejected (worker/lua/settle.lua).
+POLICY_GUARD = "p:"
+
+
+def policy_rejected(lane: str, entry: Entry, job: dict[str, Any], reason: str, rule: str) -> Outcome:
+    """REJECTED by the traffic policy (worker.policy), never sent: a `rejected` event with its reason
+    and the rule that fired. A message never recorded is recorded here under its campaign, as a
+    `failed` one is (give_up)."""
+    return Outcome(
+        entry.message_id, entry.entry_id, State.REJECTED, ack=True,
+        event=events.build("rejected", entry.message_id, job, lane=lane, reason=reason, rule=rule),
+        fields={"reason": reason, "rule": rule, "lane": lane, "job": entry.job.decode("utf-8", "replace")},
+        guard=POLICY_GUARD, campaign=campaign_spec(entry.job, entry.counted, job),
+    )
 
 
 # --- the store's answers --------------------------------------------------------------------------

@@ -33,12 +33,14 @@ from worker.dispatch.classify import (
 )
 from worker.dispatch.config import LISTEN_SLICE_MS, RUN_BUDGET_S, DispatchConfig
 from worker.dispatch.counts import count_settled, note_verdicts
+from worker.dispatch.guarded import Guard
 from worker.dispatch.jobs import later_than, parse_job
 from worker.errors import ProviderError
 from worker.models import State, lenient_job
 from worker.provider import Provider, wire_message_from_dict, wire_request
 from worker.ratelimit import RateLimiter
 from worker.settings import LaneConfig
+from worker.sms_text import sms_parts
 from worker.store import Claim, ClaimKind, Entry, Outcome, Store
 
 # The logger keeps the name it had when the send path was one module.
@@ -101,6 +103,7 @@ class Dispatcher:
         self._last_recover: dict[str, float] = {}
         self._recovering: dict[str, bool] = {}
         self._auth_checked = -1e9
+        self._guard = Guard(config, store, consumer)
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self, lane: str, budget_s: float = RUN_BUDGET_S) -> int:
@@ -239,7 +242,7 @@ class Dispatcher:
         of absent.lua."""
         started = time.perf_counter()
         batch = _Batch(lane)
-        items = self._held(batch, self._first_owners(batch, self._readable(batch, entries)))
+        items = self._guarded(batch, self._held(batch, self._first_owners(batch, self._readable(batch, entries))))
         fence, opened = secrets.token_hex(8), time.monotonic()
         answers = self.store.submit(
             lane, [item.entry for item in items], consumer=self._checker(), lease_ms=self.config.lease_ms,
@@ -250,6 +253,9 @@ class Dispatcher:
         batch.waiting += plan.waiting
         batch.outcomes += [Outcome.acknowledge(item.message_id, item.entry_id) for item in plan.acknowledge]
         if plan.send:
+            if self.limiter.limits_messages:
+                # Tokens were granted per message before the claim; multi-part texts owe the rest.
+                self.limiter.charge_parts(lane, sum(sms_parts(item.job["text"]) - 1 for item in plan.send))
             self._send_fenced(batch, plan.send, fence, opened)
         if plan.check:
             self._reconcile(batch, plan.check)
@@ -312,6 +318,13 @@ class Dispatcher:
                      if answer in ("SCHEDULED", "DUPLICATE")}
             log.info("scheduled_from_outbox", lane=batch.lane, entries=len(later))
         return [item for item in items if item.message_id not in held] if held else items
+
+    def _guarded(self, batch: _Batch, items: list[Item]) -> list[Item]:
+        """The lane's traffic policy (worker/dispatch/guarded.py) before anything is submitted: its
+        rejections are settled with the batch; the jobs it keeps for later stay pending."""
+        send, rejected = self._guard.check(batch.lane, items)
+        batch.outcomes += rejected
+        return send
 
     def _checker(self) -> str:
         """Who holds a slot or a reconciliation lease: this thread of this process (threads share a consumer)."""

@@ -50,7 +50,7 @@ local out, done, unparked = {0}, {}, {}
 local count = {applied = 0, duplicates = 0, parked = 0, unknown_emitted = 0, unknown_dropped = 0,
   no_report = 0, conflicts = 0, dead_letters = 0}
 local conflict, emitted = false, 0
-local server_ms = ledger_now()  -- the trail's clock, as in the other scripts
+local server_ms = ledger_ms_text(ledger_now())  -- the trail's clock, as in the other scripts
 
 -- Scripts are not rolled back on error: refuse a bad call before writing anything.
 local CODES = {A = true, P = true, R = true, U = true, N = true}
@@ -84,6 +84,10 @@ for i = 8, #KEYS do
             .. ' source=' .. source .. ' event=' .. event_id))
         if reason then redis.call('HDEL', key, 'reason') end
         ledger_move(key, campaign, current, state, false, ttl)
+        -- A report for a message not known accepted yet (its send's answer was lost, is not in yet, or
+        -- it waits to be resent): the provider did accept it, so it counts as sent now. settle.lua
+        -- counts it when it moves it to ACCEPTED, which it no longer does from a final state.
+        if current ~= 'ACCEPTED' and current ~= 'EXPIRED' then ledger_count(key, campaign, 'sent', 1, ttl) end
         local micro, currency = string.match(price, '^(-?%d+) (%S+)$')
         if micro then ledger_count(key, campaign, 'price:' .. currency, tonumber(micro), ttl) end
         emitted = emitted + 1

@@ -9,7 +9,7 @@
 --   the entry only, see below), "1" to acknowledge and delete the entry (outcome final for the
 --   outbox) or "0" to keep it pending, event JSON ("" for none), report deadline in ms ("" for
 --   none), dead-letter JSON ("" for none), guard ("" for none, "f:<fence token>" or
---   "c:<checker>", see below), campaign spec ("" for none, "1<id>"/"0<id>": see ledger.lua; read only
+--   "c:<checker>" or "p:", see below), campaign spec ("" for none, "1<id>"/"0<id>": see ledger.lua; read only
 --   for a message with no record yet, and for an acknowledge-only repeat), the number n of extra
 --   hash fields, and then n field/value pairs.
 -- A state change is applied only where the transition is allowed (see ALLOWED, which
@@ -21,7 +21,9 @@
 -- up), valid only while we still own it: "f:" while its fence is still ours (nobody resent it
 -- since), "c:" while we hold its reconciliation lease. A stale owner's guarded outcome changes
 -- nothing and leaves the entry to its new owner. Unguarded outcomes are the provider's facts
--- (accepted, rejected) and apply whoever learnt them.
+-- (accepted, rejected) and apply whoever learnt them. "p:" is a traffic-policy rejection decided
+-- before any submit: it applies only to a message with no record yet or QUEUED (certainly not sent),
+-- never to one another worker may have submitted meanwhile.
 -- Every applied change is written to the message's trail (with the ids of its event and dead letter)
 -- and moves its campaign's counters. An acknowledge-only entry with a counted campaign spec is a
 -- repeat of a producer id the producer API counted at enqueue: it leaves the campaign (uncounted)
@@ -31,7 +33,7 @@
 local ALLOWED = {
   SUBMITTING = {QUEUED = true},
   ACCEPTED   = {SUBMITTING = true, AMBIGUOUS = true, QUEUED = true},
-  REJECTED   = {SUBMITTING = true, AMBIGUOUS = true, QUEUED = true},
+  REJECTED   = {NONE = true, SUBMITTING = true, AMBIGUOUS = true, QUEUED = true},
   AMBIGUOUS  = {SUBMITTING = true},
   QUEUED     = {SUBMITTING = true, AMBIGUOUS = true},
   FAILED     = {NONE = true, QUEUED = true, SUBMITTING = true, AMBIGUOUS = true},
@@ -41,6 +43,7 @@ local group, now, maxlen, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local acks, out = {}, {}
 local t = redis.call('TIME')
 local server_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)  -- leases are on this clock
+local now_s = ledger_ms_text(server_now)
 local at = 5
 
 for i = 5, #KEYS do
@@ -55,6 +58,8 @@ for i = 5, #KEYS do
     local kind, who = string.sub(guard, 1, 1), string.sub(guard, 3)
     if kind == 'f' then
       owned = h[2] == who
+    elseif kind == 'p' then
+      owned = current == 'NONE' or current == 'QUEUED'
     else
       owned = h[3] == who and tonumber(h[4] or '0') > server_now
     end
@@ -64,7 +69,7 @@ for i = 5, #KEYS do
     ack = '0'
   elseif state ~= '' and ALLOWED[state] and ALLOWED[state][current] then
     applied = 1
-    local line, note = server_now .. ' state to=' .. state, nil
+    local line, note = now_s .. ' state to=' .. state, nil
     if event ~= '' then
       line = line .. ' event=' .. redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'event', event)
     end

@@ -22,12 +22,15 @@
 --   SETTLED       -> any other state (the message was settled already, e.g. a report raced ahead):
 --                    nothing changed; the caller only acknowledges the entry.
 -- (worker.store.SubmitAnswer names these answers; worker.transitions lists the state changes.)
--- Every state change and lease taken is written to the message's trail; campaign counters move with it.
+-- Every state change moves the message's campaign counters. Later submits and leases taken are
+-- written to its trail; the first submit is the record itself (first_ms, first_by, fence, entry), so
+-- the common path builds no text: that cost more Redis time per message than the rest of the ledger.
 --#include ledger
 local ttl, me, lease, token = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local window, margin = tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_s = ledger_ms_text(now)
 local out, fenced = {}, false
 for i = 2, #KEYS do
   local key = KEYS[i]
@@ -39,8 +42,7 @@ for i = 2, #KEYS do
     local campaign, counted = ledger_spec(ARGV[base + 4])
     redis.call('HSET', key, 'state', 'SUBMITTING', 'lane', ARGV[base + 1], 'entry', entry,
       'job', ARGV[base + 3], 'attempts', 1, 'first_ms', now, 'updated_ms', now,
-      'fence', token, 'send_by', now + window,
-      'trail', now .. ' submit attempt=1 by=' .. me .. ' fence=' .. token .. ' entry=' .. entry)
+      'fence', token, 'send_by', now + window, 'first_by', me)
     if campaign then redis.call('HSET', key, 'campaign', campaign) end
     redis.call('EXPIRE', key, ttl)
     ledger_move(key, campaign, nil, 'SUBMITTING', counted, ttl)
@@ -50,7 +52,7 @@ for i = 2, #KEYS do
     attempts = attempts + 1
     redis.call('HSET', key, 'state', 'SUBMITTING', 'entry', entry, 'attempts', attempts,
       'updated_ms', now, 'fence', token, 'send_by', now + window,
-      'trail', ledger_trail(trail, now .. ' submit attempt=' .. attempts .. ' by=' .. me .. ' fence=' .. token
+      'trail', ledger_trail(trail, now_s .. ' submit attempt=' .. attempts .. ' by=' .. me .. ' fence=' .. token
         .. ' entry=' .. entry))
     redis.call('HDEL', key, 'checker', 'check_until', 'absent_checks', 'absent_first')
     redis.call('EXPIRE', key, ttl)
@@ -67,7 +69,7 @@ for i = 2, #KEYS do
       out[i - 1] = {'BUSY', attempts, 0}
     else
       redis.call('HSET', key, 'checker', me, 'check_until', now + lease,
-        'trail', ledger_trail(trail, now .. ' reconcile state=' .. state .. ' by=' .. me))
+        'trail', ledger_trail(trail, now_s .. ' reconcile state=' .. state .. ' by=' .. me))
       out[i - 1] = {state, attempts, 0}
     end
   else

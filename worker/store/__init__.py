@@ -12,7 +12,11 @@
     deadletters.py the dead-letter stream
     schedule.py    the lanes' schedules (send_at), moving due jobs, the atomic cancel
     ops.py         status snapshots, heartbeats, the instance marker
+    policy.py      the lanes' counted traffic guards: velocity, spend caps, campaign caps (policy.lua)
     lookup.py      where one message is (its hash, or its outbox entry): the clients' `status`
+    trace.py       the reads of `sms-worker trace`: a record, the entries its trail names, the --to scans
+    suppression.py the suppression list (opt-outs): one set of numbers in normal form
+    campaigns.py   campaign counters: list, read and prune them; a campaign's cancellable jobs
     aio.py         `AsyncStore`, the asyncio producer client's store (not joined into `Store`)
 
 `Store` joins the domains the way redis-py's `Redis` joins its command groups (one class per group,
@@ -23,6 +27,7 @@ no module outside this package imports redis for commands (tests/unit/test_layou
 from __future__ import annotations
 
 from worker.store.base import SCRIPT_CHUNK, connect, consumer_name
+from worker.store.campaigns import CampaignOps
 from worker.store.deadletters import DeadLetterOps
 from worker.store.lanes import LaneOps
 from worker.store.limiter import LimiterOps
@@ -37,10 +42,13 @@ from worker.store.messages import (
 )
 from worker.store.ops import OperationsOps
 from worker.store.outbox import DISPATCH_GROUP, ENQUEUE_CHUNK, Claim, ClaimKind, Entry, OutboxOps, campaign_spec
+from worker.store.policy import PolicyOps
 from worker.store.reports import ReportOps
 from worker.store.resp import redis_errors
 from worker.store.schedule import CancelAnswer, CancelOutcome, ScheduleOps, cancel_steps
 from worker.store.streams import StreamOps
+from worker.store.suppression import SuppressionOps
+from worker.store.trace import TraceOps
 
 __all__ = [
     "DISPATCH_GROUP", "ENQUEUE_CHUNK", "FENCE_MARGIN_MS", "SCRIPT_CHUNK", "AbsentVerdict", "CancelAnswer",
@@ -50,5 +58,5 @@ __all__ = [
 
 
 class Store(OutboxOps, MessageOps, ScheduleOps, LaneOps, LimiterOps, StreamOps, ReportOps, DeadLetterOps,
-            OperationsOps):
+            OperationsOps, TraceOps, CampaignOps, SuppressionOps, PolicyOps):
     """Typed operations over one Redis database, each one round trip."""

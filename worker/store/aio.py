@@ -29,7 +29,15 @@ import redis.asyncio
 from worker.store import resp
 from worker.store.keys import Keys
 from worker.store.lookup import Located, Steps, T, locate_steps, message_id_steps
-from worker.store.outbox import ENQUEUE_CHUNK, _answers, _ChunkPacker, _Enqueue, _read_chunk, _undo_commands
+from worker.store.outbox import (
+    CAMPAIGN_TTL_S,
+    ENQUEUE_CHUNK,
+    _answers,
+    _ChunkPacker,
+    _Enqueue,
+    _read_chunk,
+    _undo_commands,
+)
 from worker.store.schedule import CancelAnswer, cancel_steps
 
 # The same timeouts as worker.store.base.connect.
@@ -105,16 +113,20 @@ class AsyncStore(Keys):
 
     async def enqueue(
         self, lane: str, jobs: Sequence[tuple[bytes, str | None]], idempotency_ttl_s: int = 172_800,
-        chunk: int = ENQUEUE_CHUNK,
+        chunk: int = ENQUEUE_CHUNK, *, campaigns: Sequence[str | None] | None = None,
+        state_ttl_s: int = CAMPAIGN_TTL_S,
     ) -> list[tuple[str, bool]]:
-        """Store.enqueue, awaited: the same transactions, answers and EnqueueIncomplete."""
-        call = _Enqueue(self.outbox(lane), self.lane_prefix(lane), self.idem(""), jobs)
-        packer = _ChunkPacker(call.outbox, call.idem, idempotency_ttl_s)
+        """Store.enqueue, awaited: the same transactions, campaign counters, answers and EnqueueIncomplete."""
+        call = _Enqueue(self.outbox(lane), self.lane_prefix(lane), self.idem(""), jobs, campaigns=campaigns,
+                        campaign_prefix=self.campaign(""))
+        packer = _ChunkPacker(call.outbox, call.idem, idempotency_ttl_s, self.campaign(""), self.campaigns,
+                              state_ttl_s)
         async with self._connection() as (conn, reader):
             in_flight: list[tuple[int, list[str | None], int]] = []
             for start in range(0, len(jobs), chunk):
                 mid_base = f"{call.prefix}{int(time.time() * 1000)}-p{self._tag}"
-                packed, mids, count = packer.pack(jobs[start : start + chunk], mid_base, self._counter)
+                packed, mids, count = packer.pack(jobs[start : start + chunk], mid_base, self._counter,
+                                                  None if campaigns is None else campaigns[start : start + chunk])
                 await _send(conn, packed)
                 in_flight.append((start, mids, count))
                 # Awaiting a stream that has data (Redis answers fast) never suspends: without

@@ -24,6 +24,11 @@
     {p}:reports:lookup:cursor     the awaiting-set score the overdue scan has reached
     {p}:reports:last_drain        hash, the last drain's time, pages and results
     {p}:heartbeats                hash, consumer name -> last heartbeat (ms)
+    {p}:policy:{lane}:n:{w}       hash, number -> messages counted in velocity window w (TTL: the window's end)
+    {p}:policy:{lane}:p:{w}       hash, number prefix -> messages counted in window w (likewise)
+    {p}:policy:{lane}:c:{d}       hash, campaign id -> messages counted on UTC day d (TTL: past the day's end)
+    {p}:policy:{lane}:day:{d}     hash, UTC day d's spend: messages, parts, extra (resume --extra) (TTL 2 d)
+    {p}:suppressed                set, opted-out numbers in normal form (worker.numbers.normalise), no TTL
     {p}:instance                  the Redis instance marker (a restart that lost data changes it)
 Redis Cluster is not supported: scripts touch keys of several slots in one call.
 """
@@ -71,6 +76,14 @@ class Keys:
 
     def lease_key(self, name: str) -> str:
         return f"{self.p}:lease:{name}"
+
+    def policy_prefix(self, lane: str) -> str:
+        """The prefix of a lane's traffic-policy counters (policy.lua derives each name from it)."""
+        return f"{self.p}:policy:{lane}:"
+
+    def budget_key(self, lane: str, day: int) -> str:
+        """A lane's spend on UTC day `day` (days since the epoch, on the Redis server's clock)."""
+        return f"{self.policy_prefix(lane)}day:{day}"
 
     def lane_prefix(self, lane: str) -> str:
         """The message id prefix of a lane's jobs (`sw-otp-...`)."""
@@ -128,6 +141,10 @@ class Keys:
     @property
     def heartbeats(self) -> str:
         return f"{self.p}:heartbeats"
+
+    @property
+    def suppressed_key(self) -> str:
+        return f"{self.p}:suppressed"
 
     @property
     def instance_marker(self) -> str:

@@ -27,6 +27,10 @@ class LimiterOps(StoreBase):
             args += [rate, kind]
         self.run("ratelimit_refund", keys, args)
 
+    def charge_tokens(self, extra: int, buckets: Sequence[tuple[str, float]]) -> None:
+        """Charge (name, rate/s) message buckets `extra` more tokens (parts beyond one per message)."""
+        self.run("ratelimit_charge", [self.bucket(name) for name, _ in buckets], [extra, *(r for _, r in buckets)])
+
     def penalize(self, pause_ms: int, buckets: Sequence[tuple[str, float, float]]) -> None:
         keys = [self.bucket(name) for name, *_ in buckets]
         args: list[Any] = [pause_ms]

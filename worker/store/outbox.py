@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, cast
@@ -16,11 +16,15 @@ import redis
 
 from worker.errors import EnqueueIncomplete, StoreError
 from worker.store import resp
-from worker.store.base import StoreBase, is_nogroup
+from worker.store.base import StoreBase, is_nogroup, load_script
 
 DISPATCH_GROUP = "dispatch"
 # Jobs per round trip when enqueueing; two chunks are in flight at a time.
 ENQUEUE_CHUNK = 1000
+# How long a campaign's counters are kept at least when a producer counts jobs in them, unless the
+# caller says (the Outbox passes SMS_STATE_TTL_S): the state TTL's default.
+CAMPAIGN_TTL_S = 3 * 86400
+UNCOUNT_LUA = load_script("uncount")
 
 
 class ClaimKind(StrEnum):
@@ -85,6 +89,12 @@ class _Enqueue:
     undo_entries: list[bytes] = field(default_factory=list)  # appended without their claim: deleted, None
     undo_claims: list[tuple[str, str]] = field(default_factory=list)  # (key, mid) claimed without their entry
     failure: hiredis.ReplyError | None = None  # the first error that kept a job from being written
+    # Per job, the campaign its entry is counted in at enqueue (field `c`), or None for a call
+    # without campaign jobs (then nothing below is used and the writes are the plain ones).
+    campaigns: Sequence[str | None] | None = None
+    campaign_prefix: str = ""  # the counter hashes' key prefix ({p}:campaign:)
+    counted: dict[bytes, str] = field(default_factory=dict)  # entry id -> campaign, for jobs `_undo` may delete
+    unwritten: dict[str, int] = field(default_factory=dict)  # campaign -> its jobs counted whose XADD failed
 
     def fail(self, error: hiredis.ReplyError) -> None:
         self.failure = self.failure or error
@@ -107,7 +117,8 @@ class OutboxOps(StoreBase):
     # --- producers -------------------------------------------------------------------------------
     def enqueue(
         self, lane: str, jobs: Sequence[tuple[bytes, str | None]], idempotency_ttl_s: int = 172_800,
-        chunk: int = ENQUEUE_CHUNK,
+        chunk: int = ENQUEUE_CHUNK, *, campaigns: Sequence[str | None] | None = None,
+        state_ttl_s: int = CAMPAIGN_TTL_S,
     ) -> list[tuple[str, bool]]:
         """Append (job JSON, producer id) pairs; returns (message id, newly queued) per job.
 
@@ -132,14 +143,24 @@ class OutboxOps(StoreBase):
         still have been written, and is reported as such). Any other StoreError (the connection was
         lost with a chunk in flight) leaves the outcome unknown: only a retry with producer ids is
         safe then.
+
+        `campaigns` (per job, its campaign_reference_id or None; None for a call without any) makes
+        the entries of campaign jobs carry the field `c` and counts them in their campaign
+        ({p}:campaign:{id}: total and queued) in the chunk's own transaction, so an entry exists
+        exactly when it is counted; repeats and halves undone are uncounted as they are deleted
+        (uncount.lua). The counter hash is kept at least `state_ttl_s`. A call without campaigns
+        writes exactly what it wrote before counters existed.
         """
-        call = _Enqueue(self.outbox(lane), self.lane_prefix(lane), self.idem(""), jobs)
-        packer = _ChunkPacker(call.outbox, call.idem, idempotency_ttl_s)
+        call = _Enqueue(self.outbox(lane), self.lane_prefix(lane), self.idem(""), jobs, campaigns=campaigns,
+                        campaign_prefix=self.campaign(""))
+        packer = _ChunkPacker(call.outbox, call.idem, idempotency_ttl_s, self.campaign(""), self.campaigns,
+                              state_ttl_s)
         with resp.connection(self.r) as (conn, reader):
             in_flight: list[tuple[int, list[str | None], int]] = []
             for start in range(0, len(jobs), chunk):
                 mid_base = f"{call.prefix}{int(time.time() * 1000)}-p{self._tag}"
-                packed, mids, count = packer.pack(jobs[start : start + chunk], mid_base, self._counter)
+                packed, mids, count = packer.pack(jobs[start : start + chunk], mid_base, self._counter,
+                                                  None if campaigns is None else campaigns[start : start + chunk])
                 conn.send_packed_command([packed])
                 in_flight.append((start, mids, count))
                 if len(in_flight) == 2:
@@ -226,18 +247,26 @@ class OutboxOps(StoreBase):
 
 
 class _ChunkPacker:
-    """Packs one enqueue chunk as MULTI, an XADD (and a SET NX GET of its producer id) per job, EXEC."""
+    """Packs one enqueue chunk as MULTI, an XADD (and a SET NX GET of its producer id) per job, EXEC;
+    a chunk holding campaign jobs also gets their field `c` and its campaigns' counter commands."""
 
-    def __init__(self, outbox: str, idem: str, idempotency_ttl_s: int) -> None:
+    def __init__(self, outbox: str, idem: str, idempotency_ttl_s: int, campaign_prefix: str = "",
+                 campaigns_key: str = "", campaign_ttl_s: int = CAMPAIGN_TTL_S) -> None:
         self.xadd = b"".join(resp.bulk(part) for part in (b"XADD", outbox.encode(), b"*", b"job"))
         self.idem = idem
         self.set_head = b"*7\r\n" + resp.bulk(b"SET")
         self.set_options = b"".join(resp.bulk(part) for part in (b"NX", b"GET", b"EX", b"%d" % idempotency_ttl_s))
+        self.campaign_prefix = campaign_prefix
+        self.campaigns_key = campaigns_key
+        self.campaign_ttl_s = campaign_ttl_s
 
     def pack(
-        self, jobs: Sequence[tuple[bytes, str | None]], mid_base: str, counter: itertools.count[int]
+        self, jobs: Sequence[tuple[bytes, str | None]], mid_base: str, counter: itertools.count[int],
+        campaigns: Sequence[str | None] | None = None,
     ) -> tuple[bytes, list[str | None], int]:
         """(the chunk's bytes, each job's message id or None, how many replies it gets)."""
+        if campaigns is not None:
+            return self._pack_counted(jobs, campaigns, mid_base, counter)
         mids: list[str | None] = []
         parts: list[bytes] = [b"*1\r\n$5\r\nMULTI\r\n"]
         for job, producer_id in jobs:
@@ -250,6 +279,47 @@ class _ChunkPacker:
             mid_bulk = resp.bulk(mid.encode())
             parts.append(b"*7\r\n" + self.xadd + resp.bulk(job) + b"$3\r\nmid\r\n" + mid_bulk)
             parts.append(self.set_head + resp.bulk((self.idem + producer_id).encode()) + mid_bulk + self.set_options)
+        parts.append(b"*1\r\n$4\r\nEXEC\r\n")
+        return b"".join(parts), mids, len(parts)
+
+    def _pack_counted(
+        self, jobs: Sequence[tuple[bytes, str | None]], campaigns: Sequence[str | None], mid_base: str,
+        counter: itertools.count[int],
+    ) -> tuple[bytes, list[str | None], int]:
+        """`pack` for a chunk that may hold campaign jobs: their entries carry `c` = the campaign,
+        and per campaign the chunk adds total and queued, stamps first_ms / updated_ms (this
+        host's clock: a transaction cannot read the server's), keeps the hash at least the TTL
+        (EXPIRE NX sets one on a new hash, EXPIRE GT only ever lengthens it) and moves the
+        campaign up in {p}:campaigns (GT: never back, if this clock is behind the scripts')."""
+        mids: list[str | None] = []
+        parts: list[bytes] = [b"*1\r\n$5\r\nMULTI\r\n"]
+        per_campaign: dict[str, int] = {}
+        for (job, producer_id), campaign in zip(jobs, campaigns, strict=True):
+            counted = b""
+            if campaign is not None:
+                per_campaign[campaign] = per_campaign.get(campaign, 0) + 1
+                counted = b"$1\r\nc\r\n" + resp.bulk(campaign.encode())
+            head = b"*7\r\n" if campaign is not None else b"*5\r\n"
+            if producer_id is None:
+                mids.append(None)
+                parts.append(head + self.xadd + resp.bulk(job) + counted)
+                continue
+            mid = f"{mid_base}{next(counter):x}"
+            mids.append(mid)
+            mid_bulk = resp.bulk(mid.encode())
+            head = b"*9\r\n" if campaign is not None else b"*7\r\n"
+            parts.append(head + self.xadd + resp.bulk(job) + b"$3\r\nmid\r\n" + mid_bulk + counted)
+            parts.append(self.set_head + resp.bulk((self.idem + producer_id).encode()) + mid_bulk + self.set_options)
+        now = b"%d" % int(time.time() * 1000)
+        ttl = b"%d" % self.campaign_ttl_s
+        for campaign, n in per_campaign.items():
+            key = (self.campaign_prefix + campaign).encode()
+            commands: list[tuple[Any, ...]] = [
+                (b"HINCRBY", key, b"total", n), (b"HINCRBY", key, b"queued", n), (b"HSETNX", key, b"first_ms", now),
+                (b"HSET", key, b"updated_ms", now), (b"EXPIRE", key, ttl, b"NX"), (b"EXPIRE", key, ttl, b"GT"),
+                (b"ZADD", self.campaigns_key, b"GT", now, campaign.encode()),
+            ]
+            parts += [hiredis.pack_command(command) for command in commands]
         parts.append(b"*1\r\n$4\r\nEXEC\r\n")
         return b"".join(parts), mids, len(parts)
 
@@ -271,6 +341,9 @@ def _read_chunk(call: _Enqueue, replies: list[Any], start: int, mids: list[str |
         reason = next((r for r in replies[1:-1] if isinstance(r, hiredis.ReplyError)), executed)
         call.fail(reason if isinstance(reason, hiredis.ReplyError) else hiredis.ReplyError(f"EXEC: {reason!r}"))
         return
+    if call.campaigns is not None:
+        _read_counted(call, iter(executed), start, mids)
+        return
     answers = iter(executed)
     for i, mid in enumerate(mids):
         entry_id = next(answers)
@@ -278,6 +351,37 @@ def _read_chunk(call: _Enqueue, replies: list[Any], start: int, mids: list[str |
             _plain_answer(call, entry_id)
         else:
             _claimed_answer(call, mid, entry_id, next(answers), str(call.jobs[start + i][1]))
+
+
+def _read_counted(call: _Enqueue, answers: Iterator[Any], start: int, mids: list[str | None]) -> None:
+    """`_read_chunk`'s answers for a chunk packed by `_pack_counted`, noting what `_undo` must
+    uncount: the entries of campaign jobs it may delete (repeats, halves), and per campaign the jobs
+    counted whose XADD failed (only if the chunk's count itself was applied)."""
+    assert call.campaigns is not None
+    campaigns = call.campaigns[start : start + len(mids)]
+    unwritten: dict[str, int] = {}
+    for i, mid in enumerate(mids):
+        entry_id = next(answers)
+        if mid is None:
+            _plain_answer(call, entry_id)
+        else:
+            _claimed_answer(call, mid, entry_id, next(answers), str(call.jobs[start + i][1]))
+        if (campaign := campaigns[i]) is None:
+            continue
+        if type(entry_id) is not bytes:
+            unwritten[campaign] = unwritten.get(campaign, 0) + 1
+        elif mid is not None:
+            call.counted[entry_id] = campaign
+    for campaign in dict.fromkeys(c for c in campaigns if c is not None):  # `_pack_counted`'s order
+        total = next(answers)  # HINCRBY total, then the campaign's other counter commands
+        for _ in range(_COUNTER_COMMANDS - 1):
+            next(answers)
+        if type(total) is int and campaign in unwritten:
+            call.unwritten[campaign] = call.unwritten.get(campaign, 0) + unwritten[campaign]
+
+
+# Commands per campaign and chunk that `_pack_counted` adds.
+_COUNTER_COMMANDS = 7
 
 
 def _plain_answer(call: _Enqueue, entry_id: Any) -> None:
@@ -314,8 +418,9 @@ def _undo(conn: Any, reader: hiredis.Reader, call: _Enqueue) -> None:
     """Delete the entries of repeats and the halves of half-written jobs.
 
     Plain commands (XDEL and DEL are allowed when Redis is out of memory, also inside a failed call;
-    queued in a MULTI they would not be). If this round trip is lost, a plain StoreError says the
-    outcome is unknown."""
+    queued in a MULTI they would not be), and uncount.lua for entries counted in a campaign (it too
+    runs out of memory: see its header). If this round trip is lost, a plain StoreError says the
+    outcome is unknown (the counters stay exact: an entry is uncounted only with its deletion)."""
     commands = _undo_commands(call)
     if commands:
         conn.send_packed_command([resp.pack(commands)])
@@ -323,10 +428,20 @@ def _undo(conn: Any, reader: hiredis.Reader, call: _Enqueue) -> None:
 
 
 def _undo_commands(call: _Enqueue) -> list[tuple[Any, ...]]:
-    """The XDEL and DEL of `_undo` (also sent by worker.store.aio's enqueue)."""
+    """The XDEL and DEL of `_undo` (also sent by worker.store.aio's enqueue); entries counted in a
+    campaign are deleted by uncount.lua instead, which uncounts each only if it deleted it."""
     commands: list[tuple[Any, ...]] = []
-    if call.repeats or call.undo_entries:
-        commands.append((b"XDEL", call.outbox, *call.repeats, *call.undo_entries))
+    deleted = [*call.repeats, *call.undo_entries]
+    counted = [entry for entry in deleted if entry in call.counted] if call.counted else []
+    if counted:
+        deleted = [entry for entry in deleted if entry not in call.counted]
+        keys = [call.campaign_prefix + call.counted[entry] for entry in counted]
+        commands.append((b"EVAL", UNCOUNT_LUA, 1 + len(keys), call.outbox, *keys, *counted))
+    if deleted:
+        commands.append((b"XDEL", call.outbox, *deleted))
+    for campaign, n in call.unwritten.items():
+        key = call.campaign_prefix + campaign
+        commands += [(b"HINCRBY", key, b"total", -n), (b"HINCRBY", key, b"queued", -n)]
     if call.undo_claims:
         commands.append((b"DEL", *(key for key, _ in call.undo_claims)))
     return commands

@@ -14,11 +14,18 @@ local LEDGER_COUNTER = {
   ACCEPTED = 'accepted', REJECTED = 'rejected', DELIVERED = 'delivered', UNDELIVERABLE = 'undeliverable',
   EXPIRED = 'expired', FAILED = 'failed', CANCELLED = 'cancelled',
 }
-local ledger_deltas, ledger_campaigns = {}, {}  -- campaign key -> {field -> delta}; the keys in order
+-- Per campaign id: {field -> delta, '#key' = its hash key, '#ttl'}; the ids in order; the key prefix.
+local ledger_deltas, ledger_campaigns, ledger_prefix = {}, {}, nil
 
 local function ledger_now()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Server time in ms as text, for trail lines: made once per call, because turning a number into
+-- text (Lua's %.14g) for every message cost more than the rest of writing its trail line.
+local function ledger_ms_text(ms)
+  return string.format('%d', ms)
 end
 
 -- `trail` (the hash's current value, or nil) with `line` appended. Past the cap the first line is
@@ -38,12 +45,12 @@ end
 -- Add `n` to a campaign counter (batched: written once per campaign and call by ledger_flush).
 local function ledger_count(msgkey, campaign, field, n, ttl)
   if not campaign or campaign == '' or n == 0 then return end
-  local key = string.match(msgkey, '^(.-):msg:') .. ':campaign:' .. campaign
-  local d = ledger_deltas[key]
+  local d = ledger_deltas[campaign]
   if not d then
-    d = {['#ttl'] = 0, ['#id'] = campaign}
-    ledger_deltas[key] = d
-    ledger_campaigns[#ledger_campaigns + 1] = key
+    ledger_prefix = ledger_prefix or string.match(msgkey, '^(.-):msg:')
+    d = {['#ttl'] = 0, ['#key'] = ledger_prefix .. ':campaign:' .. campaign}
+    ledger_deltas[campaign] = d
+    ledger_campaigns[#ledger_campaigns + 1] = campaign
   end
   d[field] = (d[field] or 0) + n
   if ttl and ttl > d['#ttl'] then d['#ttl'] = ttl end
@@ -72,8 +79,10 @@ end
 local function ledger_flush()
   if #ledger_campaigns == 0 then return end
   local now = ledger_now()
-  for _, key in ipairs(ledger_campaigns) do
-    local d = ledger_deltas[key]
+  local index = ledger_prefix .. ':campaigns'
+  for _, campaign in ipairs(ledger_campaigns) do
+    local d = ledger_deltas[campaign]
+    local key = d['#key']
     for field, n in pairs(d) do
       if string.sub(field, 1, 1) ~= '#' and n ~= 0 then redis.call('HINCRBY', key, field, n) end
     end
@@ -82,7 +91,7 @@ local function ledger_flush()
     local ttl = d['#ttl']
     if ttl <= 0 then ttl = 86400 end
     if redis.call('TTL', key) < ttl then redis.call('EXPIRE', key, ttl) end
-    redis.call('ZADD', string.match(key, '^(.*):campaign:') .. ':campaigns', now, d['#id'])
+    redis.call('ZADD', index, now, campaign)
   end
   ledger_deltas, ledger_campaigns = {}, {}
 end

@@ -1,0 +1,118 @@
+"""The traffic policy's step in the send path: a lane's guards applied to a claimed batch before
+anything of it is submitted (worker/policy.py decides; this runs it against the store).
+
+Rules that need no Redis first (countries, number types, parts, UCS-2), then the suppression list
+(one SMISMEMBER per batch), then policy.lua (velocity and the daily and campaign caps, counted in
+one atomic call). Rejections become REJECTED outcomes the dispatcher settles with the batch (a
+`rejected` event with reason and rule); jobs kept for later (a daily cap, a campaign's cap, guards
+unreadable on a lane that fails closed) stay pending and come back after a delay; the rest is sent.
+A lane without any guard skips all of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+import structlog
+
+from worker import metrics
+from worker.dispatch.classify import Item, PauseReason, policy_rejected
+from worker.dispatch.config import DispatchConfig
+from worker.errors import StoreError
+from worker.policy import (
+    HoldReason,
+    LanePolicy,
+    examine,
+    guard_checks,
+    plan_counted,
+    plan_static,
+    plan_unguarded,
+    suppression_numbers,
+)
+from worker.store import Outcome, Store
+from worker.store.policy import Budget, GuardResult
+
+# The send path's logger: these lines belong with the batch's own.
+log = structlog.get_logger("worker.dispatch")
+
+
+class Guard:
+    """Every lane's policy, built once per dispatcher."""
+
+    def __init__(self, config: DispatchConfig, store: Store, consumer: str) -> None:
+        self.config = config
+        self.store = store
+        self.consumer = consumer
+        self.policies = {lane: LanePolicy.of(lane, cfg) for lane, cfg in config.lanes.items()}
+
+    def check(self, lane: str, items: list[Item]) -> tuple[list[Item], list[Outcome]]:
+        """(the items to send, the rejections to settle); held items are already released."""
+        policy = self.policies.get(lane)
+        if policy is None or not policy.active or not items:
+            return items, []
+        error: StoreError | None = None
+        examined = [examine(policy, item.job) for item in items]
+        suppressed = None
+        if policy.suppression:
+            try:
+                suppressed = self.store.suppressed(suppression_numbers(examined))
+            except StoreError as failed:
+                error = failed
+        plan, rest = plan_static(policy, items, examined, suppressed)
+        if error is None and policy.counted and rest:
+            try:
+                result = self.store.guard(lane, guard_checks(rest, [item.message_id for item, _ in rest]),
+                                          policy.limits())
+            except StoreError as failed:
+                error = failed
+            else:
+                plan_counted(policy, plan, rest, result)
+                self._note_budget(lane, policy, result)
+        if error is not None:
+            plan_unguarded(plan, rest, fail_open=policy.fail_open)
+            # Never silent: the guards did not decide this batch.
+            log.error("policy_guard_unavailable", lane=lane, on_guard_error=policy.mode, messages=len(rest),
+                      error_class=type(error).__name__, error=str(error)[:200])
+            metrics.POLICY_GUARD_ERRORS.labels(lane, policy.mode).inc()
+        elif plan.budget is None:
+            plan.send += [item for item, _ in rest]
+        rejected = [policy_rejected(lane, item.entry, item.job, rejection.reason, rejection.rule)
+                    for item, rejection in plan.rejected]
+        reasons = Counter(rejection.reason for _, rejection in plan.rejected)
+        for reason, n in reasons.items():
+            metrics.POLICY_REJECTED.labels(lane, reason).inc(n)
+        if reasons:
+            log.info("policy_rejected", lane=lane, **{str(r): n for r, n in reasons.items()})
+        if plan.held and plan.hold is not None:
+            self._hold(lane, plan.hold, plan.held)
+        return plan.send, rejected
+
+    def _note_budget(self, lane: str, policy: LanePolicy, result: GuardResult) -> None:
+        """The one loud line when a batch finds (or brings) its lane at a daily cap."""
+        if result.budget == Budget.UNDER:
+            return
+        getattr(log, "error" if result.newly_paused else "info")(
+            "lane_budget_paused", lane=lane, messages_today=result.messages, parts_today=result.parts,
+            cap_messages=policy.cap_messages or None, cap_parts=policy.cap_parts or None,
+            paused_for_s=round(result.pause_ms / 1000), batch_sent=result.budget == Budget.REACHED,
+            resume=f"sms-worker resume --lane {lane} --extra N")
+
+    def _hold(self, lane: str, why: HoldReason, items: list[Item]) -> None:
+        """Keep jobs pending and bring them back later, like a paused lane's (nothing dropped, no event)."""
+        metrics.POLICY_HELD.labels(lane, why).inc(len(items))
+        if why == HoldReason.GUARD_UNAVAILABLE:
+            delay_ms = int(self.config.outage_pause_s * 1000)
+        elif why == HoldReason.BUDGET:
+            # Due at once: no claim takes anything while the lane is paused, so they come back the
+            # moment the pause ends (midnight, or `resume --extra N`).
+            delay_ms = 0
+        else:
+            delay_ms = self.config.lease_ms  # a campaign over its cap: looked at again a lease later
+        if why != HoldReason.BUDGET:
+            log.info("policy_held", lane=lane, reason=why, messages=len(items), delay_ms=delay_ms)
+        with contextlib.suppress(StoreError):  # unreachable Redis: the lease brings them back anyway
+            if why == HoldReason.GUARD_UNAVAILABLE:
+                self.store.pause(lane, PauseReason.GUARD_UNAVAILABLE, self.config.outage_pause_s)
+            self.store.retry_in(lane, self.consumer, [item.entry_id for item in items], delay_ms,
+                                self.config.lease_ms)

@@ -1,0 +1,160 @@
+-- policy.lua: a lane's counted guards for one batch, decided and counted in one atomic step before
+-- its POST (worker.policy says what the answers mean): the daily spend caps, velocity per number and
+-- per number prefix, and the per-campaign daily cap. Redis runs one call at a time, so however many
+-- processes and hosts dispatch, the counts are exact and a cap is overshot by at most one batch.
+-- KEYS[i]  the message hash of the i-th message (read only: is it fresh?)
+-- ARGV[1]  the lane's counter prefix ("{p}:policy:{lane}:"; the names below are derived from it)
+-- ARGV[2]  the lane's pause key
+-- ARGV[3]  per-number limit (0: off)   ARGV[4]  its window in ms
+-- ARGV[5]  per-prefix limit (0: off)   ARGV[6]  its window in ms
+-- ARGV[7]  daily messages cap (0: off) ARGV[8]  daily parts cap (0: off)
+-- ARGV[9]  per-campaign daily messages cap (0: off)
+-- Then per message: number, prefix ("" when the prefix rule is off), parts, campaign ("" none).
+-- Time is the server's (TIME): a UTC day is day = floor(ms / 86400000) on Redis's clock, windows are
+-- fixed (window index = floor(ms / window)), so a number may get up to twice its limit across the
+-- boundary of two windows (documented in worker/policy.py).
+-- Only fresh messages are checked and counted: no record yet, or QUEUED and never attempted (a due
+-- scheduled job). A message attempted before was counted when it was first allowed, so a retry
+-- after an outage is neither counted twice nor refused (answer SEEN).
+-- The counts of one window (or day) are one hash, number -> count (`{p}:policy:{lane}:n:<window>`,
+-- `p:<window>` for prefixes, `c:<day>` for campaigns), expiring a second after its window ends: a
+-- batch reads each hash with one HMGET and writes it with one HSET, where a key per number cost
+-- two commands per message (about three times the Redis CPU).
+-- Every read comes before any write: a key of the wrong type fails the call before it counted
+-- anything (the dispatcher then applies the lane's on_guard_error).
+-- Returns {budget, day, messages today, parts today, pause ms, answers, newly paused (1/0)}:
+--   budget 1: the lane was at or over a cap already: nothing was counted, the lane is now paused
+--             with reason `budget` until the next UTC midnight, answers is empty (hold the batch);
+--   budget 2: this batch was counted and brought the lane to a cap: paused likewise after it;
+--   budget 0: under every cap.
+--   answers, per message: OK (allowed and counted), SEEN (not fresh: allowed, not counted),
+--   NUMBER / PREFIX (over that velocity rule: not counted), CAMPAIGN (its campaign is at its cap
+--   today: not counted, hold it).
+local prefix, pause = ARGV[1], ARGV[2]
+local nlimit, nwin = tonumber(ARGV[3]), tonumber(ARGV[4])
+local plimit, pwin = tonumber(ARGV[5]), tonumber(ARGV[6])
+local mcap, pcap, ccap = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local day = math.floor(now / 86400000)
+local midnight = (day + 1) * 86400000
+local daykey = prefix .. 'day:' .. day
+local d = redis.call('HMGET', daykey, 'messages', 'parts', 'extra')
+local used_m, used_p, extra = tonumber(d[1] or '0'), tonumber(d[2] or '0'), tonumber(d[3] or '0')
+
+local function over()
+  return (mcap > 0 and used_m >= mcap + extra) or (pcap > 0 and used_p >= pcap + extra)
+end
+
+-- Pause the lane until midnight; 1 if this call paused it (the one loud log line), 0 if it was already.
+local function pause_lane()
+  return redis.call('SET', pause, 'budget', 'PX', midnight - now, 'GET') == 'budget' and 0 or 1
+end
+
+if over() then
+  return {1, day, used_m, used_p, midnight - now, {}, pause_lane()}
+end
+
+-- One counter hash per rule: its key, its expiry, and (per field) the count read and the count now.
+local function counter(on, key, ends)
+  if not on then return nil end
+  return {key = key, ends = ends + 1000, fields = {}, order = {}, base = {}, now = {}}
+end
+local nw, pw = 0, 0
+if nlimit > 0 then nw = math.floor(now / nwin) end
+if plimit > 0 then pw = math.floor(now / pwin) end
+local rules = {
+  counter(nlimit > 0, prefix .. 'n:' .. nw, (nw + 1) * nwin),
+  counter(plimit > 0, prefix .. 'p:' .. pw, (pw + 1) * pwin),
+  counter(ccap > 0, prefix .. 'c:' .. day, midnight + 3600000),
+}
+local limits = {nlimit, plimit, ccap}
+local refusal = {'NUMBER', 'PREFIX', 'CAMPAIGN'}
+
+-- Which messages are fresh, and the fields each rule needs for them.
+local fresh, fields = {}, {}
+local at = 10
+for i = 1, #KEYS do
+  local h = redis.call('HMGET', KEYS[i], 'state', 'attempts')
+  fresh[i] = (not h[1]) or (h[1] == 'QUEUED' and (not h[2] or h[2] == '0'))
+  local f = {ARGV[at], ARGV[at + 1], ARGV[at + 3]}  -- number, prefix, campaign
+  fields[i] = f
+  if fresh[i] then
+    for r = 1, 3 do
+      local rule = rules[r]
+      if rule and f[r] ~= '' and not rule.fields[f[r]] then
+        rule.fields[f[r]] = true
+        rule.order[#rule.order + 1] = f[r]
+      end
+    end
+  end
+  at = at + 4
+end
+
+-- The reads: one HMGET per rule (in chunks: unpack() has a stack limit).
+for r = 1, 3 do
+  local rule = rules[r]
+  if rule then
+    for c = 1, #rule.order, 1000 do
+      local chunk = {unpack(rule.order, c, math.min(c + 999, #rule.order))}
+      local got = redis.call('HMGET', rule.key, unpack(chunk))
+      for j, field in ipairs(chunk) do
+        local n = tonumber(got[j] or '0')
+        rule.base[field], rule.now[field] = n, n
+      end
+    end
+  end
+end
+
+-- The decisions, in the batch's order: a refused message moves no count.
+local out, added_m, added_p = {}, 0, 0
+at = 10
+for i = 1, #KEYS do
+  if not fresh[i] then
+    out[i] = 'SEEN'
+  else
+    local answer = 'OK'
+    local f = fields[i]
+    for r = 1, 3 do
+      local rule = rules[r]
+      if answer == 'OK' and rule and f[r] ~= '' and rule.now[f[r]] >= limits[r] then answer = refusal[r] end
+    end
+    if answer == 'OK' then
+      for r = 1, 3 do
+        local rule = rules[r]
+        if rule and f[r] ~= '' then rule.now[f[r]] = rule.now[f[r]] + 1 end
+      end
+      added_m, added_p = added_m + 1, added_p + tonumber(ARGV[at + 2])
+    end
+    out[i] = answer
+  end
+  at = at + 4
+end
+
+-- The writes, after every read: one HSET per rule with the fields this batch moved.
+for r = 1, 3 do
+  local rule = rules[r]
+  if rule then
+    local moved = {}
+    for _, field in ipairs(rule.order) do
+      if rule.now[field] > rule.base[field] then
+        moved[#moved + 1] = field
+        moved[#moved + 1] = rule.now[field]
+      end
+    end
+    for c = 1, #moved, 1000 do
+      redis.call('HSET', rule.key, unpack(moved, c, math.min(c + 999, #moved)))
+    end
+    if #moved > 0 then redis.call('PEXPIREAT', rule.key, rule.ends) end
+  end
+end
+if added_m > 0 then
+  redis.call('HINCRBY', daykey, 'messages', added_m)
+  redis.call('HINCRBY', daykey, 'parts', added_p)
+  redis.call('EXPIRE', daykey, 2 * 86400)
+  used_m, used_p = used_m + added_m, used_p + added_p
+end
+if over() then
+  return {2, day, used_m, used_p, midnight - now, out, pause_lane()}
+end
+return {0, day, used_m, used_p, 0, out, 0}

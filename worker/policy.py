@@ -1,0 +1,310 @@
+"""The traffic policy: a lane's options -> its rules (`LanePolicy`), and the per-batch decision from
+the jobs and the store's answers (pure: no Redis, no clock, no logs).
+
+The dispatcher (worker.dispatch.dispatcher, `_guarded`) runs it for every claimed batch before
+anything is submitted, in this order, each step only for the jobs the one before let through:
+
+1. static rules, from the job alone: `countries` (the region of the number itself, by
+   `phonenumbers`), `block_number_types` (premium-rate, shared-cost... by default on the lane named
+   otp), `max_parts` and `allow_ucs2` (worker.sms_text) -> reasons `country_blocked`,
+   `number_type_blocked`, `too_many_parts`, `ucs2_refused`;
+2. `suppression` (default on for the lane named bulk): one SMISMEMBER per batch -> `suppressed`;
+3. the counted rules, one policy.lua call per batch (worker.store.policy): the daily spend caps
+   (`daily_cap`: messages and parts per UTC day; at a cap the lane pauses with reason `budget`
+   until midnight and the batch waits, nothing is dropped), velocity per number and per prefix
+   (fixed windows keyed by the window's start, so up to twice a limit can pass across one window
+   boundary; a rejected job consumes no quota, an allowed one does even if its POST fails later),
+   and `campaign_daily_cap` (a campaign's jobs over it wait, held for a lease and looked at again;
+   the lane is not paused) -> reason `velocity` with the rule that fired.
+
+A rejection is final: REJECTED, a `rejected` event with `reason` and `rule`, the entry acknowledged.
+When the guards' own state cannot be read (Redis refused the SMISMEMBER or policy.lua), the lane's
+`on_guard_error` decides: "open" sends as if allowed (default on otp: a lost login code costs more
+than one unchecked SMS), "closed" keeps the batch and pauses the lane briefly with reason
+`guard_unavailable` (the default elsewhere). Either way a loud log line and
+`sms_policy_guard_errors_total{lane,mode}`.
+
+Only fresh messages are counted (no record yet, or QUEUED and never attempted): a retry after an
+outage was counted when it was first allowed (policy.lua answers SEEN). Per-account caps wait for
+accounts (#15 part 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Generic, TypeVar
+
+from worker import numbers, sms_text
+from worker.settings import LaneConfig
+from worker.store.policy import Budget, GuardAnswer, GuardCheck, GuardLimits, GuardResult
+
+# The lanes whose name gives them defaults (the shipped configuration's two lanes).
+OTP_LANE, BULK_LANE = "otp", "bulk"
+OTP_BLOCKED_TYPES = ("PREMIUM_RATE", "SHARED_COST")
+
+
+class Reason(StrEnum):
+    """Why the policy rejected a job: the `reason` of its `rejected` event and of
+    `sms_policy_rejected_total{lane,reason}` (a small fixed set: never a number or an id)."""
+
+    VELOCITY = "velocity"
+    COUNTRY_BLOCKED = "country_blocked"
+    NUMBER_TYPE_BLOCKED = "number_type_blocked"
+    SUPPRESSED = "suppressed"
+    TOO_MANY_PARTS = "too_many_parts"
+    UCS2_REFUSED = "ucs2_refused"
+
+
+class HoldReason(StrEnum):
+    """Why the policy kept jobs for later (`sms_policy_held_total{lane,reason}`)."""
+
+    BUDGET = "budget"  # the lane is at a daily cap: paused until midnight
+    CAMPAIGN_CAP = "campaign_cap"  # the job's campaign is at its daily cap on this lane
+    GUARD_UNAVAILABLE = "guard_unavailable"  # the guards' state could not be read (on_guard_error closed)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: Reason
+    rule: str  # the rule that fired, e.g. "velocity.per_number:5/3600s" (the event's `rule`)
+
+
+@dataclass(frozen=True, slots=True)
+class LanePolicy:
+    """A lane's rules with the name-dependent defaults resolved."""
+
+    lane: str
+    number_limit: int = 0  # velocity per number: at most this many per window (0: off)
+    number_window_s: int = 0
+    prefix_limit: int = 0
+    prefix_window_s: int = 0
+    prefix_dropped: int = 0  # digits dropped from the end of the number to make its prefix
+    allow_regions: frozenset[str] | None = None
+    block_regions: frozenset[str] = frozenset()
+    block_types: frozenset[str] = frozenset()
+    suppression: bool = False
+    max_parts: int | None = None
+    allow_ucs2: bool = True
+    fail_open: bool = False
+    cap_messages: int = 0  # per UTC day (0: no cap)
+    cap_parts: int = 0
+    campaign_cap: int = 0
+
+    @classmethod
+    def of(cls, lane: str, cfg: LaneConfig) -> LanePolicy:
+        velocity = cfg.velocity
+        per_number = velocity.per_number if velocity else None
+        per_prefix = velocity.per_prefix if velocity else None
+        countries = cfg.countries
+        types = cfg.block_number_types if cfg.block_number_types is not None else (
+            list(OTP_BLOCKED_TYPES) if lane == OTP_LANE else [])
+        on_error = cfg.on_guard_error or ("open" if lane == OTP_LANE else "closed")
+        return cls(
+            lane=lane,
+            number_limit=per_number.limit if per_number else 0,
+            number_window_s=per_number.window_s if per_number else 0,
+            prefix_limit=per_prefix.limit if per_prefix else 0,
+            prefix_window_s=per_prefix.window_s if per_prefix else 0,
+            prefix_dropped=per_prefix.digits_dropped if per_prefix else 0,
+            allow_regions=frozenset(countries.allow) if countries and countries.allow is not None else None,
+            block_regions=frozenset(countries.block or ()) if countries else frozenset(),
+            block_types=frozenset(types),
+            suppression=cfg.suppression if cfg.suppression is not None else lane == BULK_LANE,
+            max_parts=cfg.max_parts,
+            allow_ucs2=cfg.allow_ucs2,
+            fail_open=on_error == "open",
+            cap_messages=(cfg.daily_cap.messages or 0) if cfg.daily_cap else 0,
+            cap_parts=(cfg.daily_cap.parts or 0) if cfg.daily_cap else 0,
+            campaign_cap=cfg.campaign_daily_cap or 0,
+        )
+
+    @property
+    def needs_number(self) -> bool:
+        return bool(self.allow_regions is not None or self.block_regions or self.block_types)
+
+    @property
+    def needs_text(self) -> bool:
+        return self.max_parts is not None or not self.allow_ucs2 or self.cap_parts > 0
+
+    @property
+    def counted(self) -> bool:
+        """Whether a batch needs policy.lua (velocity or caps)."""
+        return bool(self.number_limit or self.prefix_limit or self.cap_messages or self.cap_parts
+                    or self.campaign_cap)
+
+    @property
+    def active(self) -> bool:
+        """Whether the lane has any guard at all (a lane without one skips the hook entirely)."""
+        return self.needs_number or self.needs_text or self.suppression or self.counted
+
+    @property
+    def mode(self) -> str:
+        return "open" if self.fail_open else "closed"
+
+    def limits(self) -> GuardLimits:
+        return GuardLimits(
+            number_limit=self.number_limit, number_window_ms=self.number_window_s * 1000,
+            prefix_limit=self.prefix_limit, prefix_window_ms=self.prefix_window_s * 1000,
+            cap_messages=self.cap_messages, cap_parts=self.cap_parts, campaign_cap=self.campaign_cap,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The rules in force, for `sms-worker status` (only those that are on)."""
+        rules: dict[str, Any] = {}
+        if self.number_limit:
+            rules["velocity.per_number"] = f"{self.number_limit}/{self.number_window_s}s"
+        if self.prefix_limit:
+            rules["velocity.per_prefix"] = (f"{self.prefix_limit}/{self.prefix_window_s}s"
+                                            f" (-{self.prefix_dropped} digits)")
+        if self.allow_regions is not None:
+            rules["countries.allow"] = sorted(self.allow_regions)
+        if self.block_regions:
+            rules["countries.block"] = sorted(self.block_regions)
+        if self.block_types:
+            rules["block_number_types"] = sorted(self.block_types)
+        if self.suppression:
+            rules["suppression"] = True
+        if self.max_parts is not None:
+            rules["max_parts"] = self.max_parts
+        if not self.allow_ucs2:
+            rules["allow_ucs2"] = False
+        if self.cap_messages or self.cap_parts:
+            rules["daily_cap"] = {k: v for k, v in (("messages", self.cap_messages), ("parts", self.cap_parts)) if v}
+        if self.campaign_cap:
+            rules["campaign_daily_cap"] = self.campaign_cap
+        if rules:
+            rules["on_guard_error"] = self.mode
+        return rules
+
+    # --- rules named in events -------------------------------------------------------------------
+    def number_rule(self) -> str:
+        return f"velocity.per_number:{self.number_limit}/{self.number_window_s}s"
+
+    def prefix_rule(self) -> str:
+        return f"velocity.per_prefix:{self.prefix_limit}/{self.prefix_window_s}s:-{self.prefix_dropped}"
+
+
+@dataclass(frozen=True, slots=True)
+class Examined:
+    """One job as the policy sees it: its number (normalised when it parses), prefix, parts and
+    campaign, and the static rule it breaks (None: none)."""
+
+    number: str
+    prefix: str
+    parts: int
+    campaign: str
+    rejection: Rejection | None = None
+
+
+def examine(policy: LanePolicy, job: dict[str, Any]) -> Examined:
+    """The static rules for one (valid) job: countries, number types, parts, UCS-2."""
+    raw = str(job.get("to") or "")
+    number = numbers.normal_or_raw(raw)
+    prefix = number[: -policy.prefix_dropped] if policy.prefix_limit and len(number) > policy.prefix_dropped else ""
+    if policy.prefix_limit and not prefix:
+        prefix = number  # a number no longer than the digits dropped is its own prefix
+    text = job.get("text")
+    parts = 1
+    rejection: Rejection | None = None
+    if isinstance(text, str) and policy.needs_text:
+        info = sms_text.analyse(text)
+        parts = info.parts
+        if not policy.allow_ucs2 and info.encoding == "UCS-2":
+            rejection = Rejection(Reason.UCS2_REFUSED, "allow_ucs2:false")
+        elif policy.max_parts is not None and info.parts > policy.max_parts:
+            rejection = Rejection(Reason.TOO_MANY_PARTS, f"max_parts:{policy.max_parts}")
+    if rejection is None and policy.needs_number:
+        rejection = _number_rule(policy, number)
+    campaign = job.get("campaign_reference_id")
+    return Examined(number, prefix, parts, campaign if isinstance(campaign, str) else "", rejection)
+
+
+def _number_rule(policy: LanePolicy, number: str) -> Rejection | None:
+    region = numbers.region_of(number)
+    if policy.allow_regions is not None and region not in policy.allow_regions:
+        # A number whose region is unknown is not proven allowed: an allow-list refuses it.
+        return Rejection(Reason.COUNTRY_BLOCKED, "countries.allow")
+    if region is not None and region in policy.block_regions:
+        return Rejection(Reason.COUNTRY_BLOCKED, "countries.block")
+    if policy.block_types:
+        kind = numbers.facts(number).number_type  # the type needs the parse (cached: otp numbers repeat)
+        if kind in policy.block_types:
+            return Rejection(Reason.NUMBER_TYPE_BLOCKED, f"block_number_types:{kind}")
+    return None
+
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class GuardPlan(Generic[T]):
+    """What the policy decided for a batch."""
+
+    send: list[T] = field(default_factory=list)
+    rejected: list[tuple[T, Rejection]] = field(default_factory=list)
+    held: list[T] = field(default_factory=list)  # kept for later: see `hold`
+    hold: HoldReason | None = None
+    budget: GuardResult | None = None  # policy.lua's answer, for the budget log line and status
+
+
+def plan_static(policy: LanePolicy, items: Sequence[T], examined: Sequence[Examined],
+                suppressed: Sequence[bool] | None) -> tuple[GuardPlan[T], list[tuple[T, Examined]]]:
+    """The static rules and the suppression list: the rejected ones in a plan, and the rest (with
+    what was examined) for the counted rules."""
+    plan: GuardPlan[T] = GuardPlan()
+    rest: list[tuple[T, Examined]] = []
+    flags = iter(suppressed) if suppressed is not None else None
+    for item, seen in zip(items, examined, strict=True):
+        if seen.rejection is not None:
+            plan.rejected.append((item, seen.rejection))
+            continue
+        if flags is not None and next(flags):
+            plan.rejected.append((item, Rejection(Reason.SUPPRESSED, "suppression")))
+            continue
+        rest.append((item, seen))
+    return plan, rest
+
+
+def suppression_numbers(examined: Sequence[Examined]) -> list[str]:
+    """The numbers to look up in the suppression list: those of the jobs no static rule rejected,
+    in order (plan_static reads the answers in the same order)."""
+    return [seen.number for seen in examined if seen.rejection is None]
+
+
+def guard_checks(rest: Sequence[tuple[Any, Examined]], message_ids: Sequence[str]) -> list[GuardCheck]:
+    return [GuardCheck(mid, seen.number, seen.prefix, seen.parts, seen.campaign)
+            for (_, seen), mid in zip(rest, message_ids, strict=True)]
+
+
+def plan_counted(policy: LanePolicy, plan: GuardPlan[T], rest: Sequence[tuple[T, Examined]],
+                 result: GuardResult) -> GuardPlan[T]:
+    """Add policy.lua's answers to the plan: at a cap the whole rest waits (budget); else velocity
+    rejections, campaign holds, and the others are sent."""
+    plan.budget = result
+    if result.budget == Budget.REFUSED:
+        plan.held = [item for item, _ in rest]
+        plan.hold = HoldReason.BUDGET
+        return plan
+    for (item, _), answer in zip(rest, result.answers, strict=True):
+        if answer in (GuardAnswer.OK, GuardAnswer.SEEN):
+            plan.send.append(item)
+        elif answer == GuardAnswer.NUMBER:
+            plan.rejected.append((item, Rejection(Reason.VELOCITY, policy.number_rule())))
+        elif answer == GuardAnswer.PREFIX:
+            plan.rejected.append((item, Rejection(Reason.VELOCITY, policy.prefix_rule())))
+        else:
+            plan.held.append(item)
+            plan.hold = HoldReason.CAMPAIGN_CAP
+    return plan
+
+
+def plan_unguarded(plan: GuardPlan[T], rest: Sequence[tuple[T, Examined]], *, fail_open: bool) -> GuardPlan[T]:
+    """The counted rules could not be read: send the rest (open) or keep it (closed)."""
+    if fail_open:
+        plan.send += [item for item, _ in rest]
+    else:
+        plan.held += [item for item, _ in rest]
+        plan.hold = HoldReason.GUARD_UNAVAILABLE
+    return plan

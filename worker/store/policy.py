@@ -1,0 +1,120 @@
+"""A lane's counted traffic-policy guards: velocity, daily spend caps and campaign caps (policy.lua),
+one call per batch; and the reads and the one write (`resume --extra`) of the day's spend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from worker.store import resp
+from worker.store.base import StoreBase
+
+
+class GuardAnswer(StrEnum):
+    """policy.lua's answer for one message (see its header)."""
+
+    OK = "OK"  # allowed, and counted
+    SEEN = "SEEN"  # attempted before (counted then): allowed, not counted again
+    NUMBER = "NUMBER"  # over the per-number velocity rule: not counted
+    PREFIX = "PREFIX"  # over the per-prefix velocity rule: not counted
+    CAMPAIGN = "CAMPAIGN"  # its campaign is at its cap today: not counted, hold it
+
+
+class Budget(StrEnum):
+    UNDER = "under"  # under every cap: the batch was counted
+    REFUSED = "refused"  # at or over a cap already: nothing counted, the lane is paused (budget)
+    REACHED = "reached"  # this batch was counted and reached a cap: the lane is paused after it
+
+
+_BUDGET = {0: Budget.UNDER, 1: Budget.REFUSED, 2: Budget.REACHED}
+
+
+@dataclass(frozen=True, slots=True)
+class GuardCheck:
+    """One message as policy.lua counts it."""
+
+    message_id: str
+    number: str  # normalised
+    prefix: str  # "" when the lane has no prefix rule
+    parts: int
+    campaign: str  # "" for none
+
+
+@dataclass(frozen=True, slots=True)
+class GuardLimits:
+    """A lane's counted rules, 0 for off (windows in ms)."""
+
+    number_limit: int = 0
+    number_window_ms: int = 0
+    prefix_limit: int = 0
+    prefix_window_ms: int = 0
+    cap_messages: int = 0
+    cap_parts: int = 0
+    campaign_cap: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GuardResult:
+    budget: Budget
+    day: int  # UTC days since the epoch, on the Redis server's clock
+    messages: int  # the lane's messages counted today, this batch included
+    parts: int
+    pause_ms: int  # for a budget pause: until the next UTC midnight
+    answers: list[GuardAnswer] = field(default_factory=list)  # empty when REFUSED
+    newly_paused: bool = False  # this call paused the lane (its budget pause's one loud log line)
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """A lane's spend on one UTC day."""
+
+    day: int
+    messages: int
+    parts: int
+    extra: int  # added to each cap by `sms-worker resume --extra N`
+
+
+class PolicyOps(StoreBase):
+    def guard(self, lane: str, checks: Sequence[GuardCheck], limits: GuardLimits) -> GuardResult:
+        """Decide and count a batch's counted guards in one policy.lua call (one round trip)."""
+        args: list[object] = [
+            self.policy_prefix(lane), self.pause_key(lane), limits.number_limit, limits.number_window_ms,
+            limits.prefix_limit, limits.prefix_window_ms, limits.cap_messages, limits.cap_parts, limits.campaign_cap,
+        ]
+        for c in checks:
+            args += [c.number, c.prefix, c.parts, c.campaign]
+        budget, day, messages, parts, pause_ms, answers, newly = self.run(
+            "policy", [self.msg(c.message_id) for c in checks], args)
+        return GuardResult(_BUDGET[int(budget)], int(day), int(messages), int(parts), int(pause_ms),
+                           [GuardAnswer(a.decode()) for a in answers], bool(newly))
+
+    def spend_today(self, lanes: Sequence[str]) -> dict[str, Spend]:
+        """Each lane's spend on the server's current UTC day (for status and the metrics)."""
+        if not lanes:
+            return {}
+        day = self._server_day()
+        with resp.redis_errors():
+            pipe = self.r.pipeline(transaction=False)
+            for lane in lanes:
+                pipe.hmget(self.budget_key(lane, day), "messages", "parts", "extra")
+            replies = pipe.execute()
+        return {lane: Spend(day, *(int(v or 0) for v in reply)) for lane, reply in zip(lanes, replies, strict=True)}
+
+    def raise_budget(self, lane: str, extra: int) -> Spend:
+        """Raise today's caps of `lane` by `extra` (each: messages and parts); the day's spend after it."""
+        day = self._server_day()
+        key = self.budget_key(lane, day)
+        with resp.redis_errors():
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hincrby(key, "extra", extra)
+            pipe.expire(key, 2 * 86400)
+            pipe.hmget(key, "messages", "parts", "extra")
+            reply = pipe.execute()[-1]
+        return Spend(day, *(int(v or 0) for v in reply))
+
+    def _server_day(self) -> int:
+        """Today as policy.lua counts it: UTC days since the epoch on the Redis server's clock."""
+        with resp.redis_errors():
+            seconds, _ = self.r.time()
+        return int(seconds) // 86400
