@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import os
 import statistics
 import sys
@@ -27,9 +28,10 @@ from bench.report import Row, format_table, machine, timestamp, write_json
 from bench.stats import median_run
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL = ("1", "2", "3", "4", "5")
+ALL = ("1", "2", "3", "4", "5", "7")
 NAMES = {"1": "end-to-end throughput vs baseline (+6 peak RSS)", "2": "producer rate", "3": "latency",
-         "4": "slow provider", "5": "delivery reports"}
+         "4": "slow provider", "5": "delivery reports",
+         "7": "traffic policy: every guard on vs off"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,6 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--slow-messages", type=int, default=100_000, help="scenario 4: SMS at +100 ms per POST")
     parser.add_argument("--slow-latency-ms", type=float, default=100.0, help="scenario 4: sandbox latency")
     parser.add_argument("--reports", type=int, default=100_000, help="scenario 5: pending reports")
+    parser.add_argument("--guard-messages", type=int, default=100_000,
+                        help="scenario 7: SMS per run, guards off and on")
+    parser.add_argument("--suppressed", type=int, default=1_000_000,
+                        help="scenario 7: numbers on the suppression list")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (ours and the baseline)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for every process of the stack, e.g. MALLOC_ARENA_MAX=2 or "
@@ -59,6 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.repeat, args.e2e_repeat = 1, 1
         args.messages, args.baseline_messages, args.producer_jobs = 300, 100, 300
         args.latency_bulk, args.otp_rate, args.slow_messages, args.reports = 2_000, 100.0, 2_000, 2_000
+        args.guard_messages, args.suppressed = 2_000, 10_000
     args.e2e_repeat = args.e2e_repeat or args.repeat
     scenarios.CAMPAIGN = args.campaign
     args.extra_env = {}
@@ -120,6 +127,23 @@ def rows_e2e(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Row]:
     rows.append(_row("6", "peak RSS of one worker process (VmHWM, scenario 1)", runs, ("ours", "peak_rss_mb"),
                      "MB", "peak_rss"))
     return rows
+
+
+def rows_guards(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Row]:
+    med = median_run(runs)
+    ok = all(r["on"]["ok"] and r["off"]["ok"] for r in runs)
+    check = "" if ok else "CORRECTNESS CHECK FAILED (missing events, other types or duplicates)"
+    size = f"{args.guard_messages:,} SMS, bulk lane, {args.workers} workers"
+    return [
+        _row("7", f"guards off: {size}", runs, ("off", "rate"), "SMS/s", note=check),
+        _row("7", f"every guard on (velocity, countries, number types, parts, caps, suppression list of "
+                  f"{med['suppressed']:,})", runs, ("on", "rate"), "SMS/s"),
+        _row("7", "ratio on / off (within each run)", runs, ("ratio",), "x", "guards_ratio"),
+        _row("7", f"CPU per SMS, guards off ({_cpu_text(med['off']['cpu_us_per_msg'])})", runs,
+             ("off", "cpu_us_per_msg_total"), "us"),
+        _row("7", f"CPU per SMS, guards on ({_cpu_text(med['on']['cpu_us_per_msg'])})", runs,
+             ("on", "cpu_us_per_msg_total"), "us"),
+    ]
 
 
 def rows_producer(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Row]:
@@ -197,6 +221,7 @@ def plan(args: argparse.Namespace) -> dict[str, tuple[int, Callable[[], dict[str
         return {"unavailable": why} if why else scenarios.reports(args.reports, workers=args.workers, env=env)
 
     env = args.extra_env
+    guard_order = itertools.cycle((False, True))
     return {
         "1": (args.e2e_repeat, lambda: scenarios.e2e(args.messages, args.baseline_messages, args.workers, env),
               rows_e2e),
@@ -208,6 +233,9 @@ def plan(args: argparse.Namespace) -> dict[str, tuple[int, Callable[[], dict[str
         "4": (args.repeat,
               lambda: scenarios.slow_provider(args.slow_messages, args.slow_latency_ms, args.workers, env), rows_slow),
         "5": (args.repeat, reports, rows_reports),
+        # The order alternates between repetitions, so neither side always runs on a warmer stack.
+        "7": (args.repeat, lambda: scenarios.guards(args.guard_messages, args.workers, env, args.suppressed,
+                                                    on_first=next(guard_order)), rows_guards),
     }
 
 

@@ -399,3 +399,53 @@ def drain_reports(stack: BenchStack, n: int, timeout_s: float = 600) -> dict[str
         "event_types": dict(types),
         "ok": fetched == n and sum(types.values()) == n and set(types) <= REPORT_GROUPS,
     }
+
+
+# --- scenario 7: the traffic policy's cost --------------------------------------------------------------
+
+# Scenario 1's lanes without any guard (the bulk lane checks the suppression list by default).
+GUARDS_OFF: dict[str, Any] = {
+    "otp": {"batch_size": 100, "max_wait_ms": 0, "concurrency": 2, "block_number_types": []},
+    "bulk": {"batch_size": 1000, "max_wait_ms": 250, "concurrency": 8, "suppression": False},
+}
+# Every guard on the bulk lane, none of them refusing a job of `jobs()`: each number gets one message
+# (per-number limit 5), each 1000-number range at most 1000 (`jobs` numbers are sequential), all Swiss
+# mobiles (allow-list CH; premium-rate and shared-cost blocked), one part of GSM-7, caps far away, and
+# the suppression list holds numbers none of them has.
+GUARDS_ON: dict[str, Any] = {
+    "otp": GUARDS_OFF["otp"],
+    "bulk": {"batch_size": 1000, "max_wait_ms": 250, "concurrency": 8, "suppression": True,
+             "velocity": {"per_number": {"limit": 5, "window_s": 3600},
+                          "per_prefix": {"digits_dropped": 3, "limit": 1000, "window_s": 3600}},
+             "countries": {"allow": ["CH"]}, "block_number_types": ["PREMIUM_RATE", "SHARED_COST"],
+             "max_parts": 3, "allow_ucs2": False,
+             "daily_cap": {"messages": 1_000_000_000, "parts": 1_000_000_000}},
+}
+SUPPRESS_CHUNK = 10_000
+
+
+def _suppress(stack: BenchStack, n: int) -> float:
+    """Put `n` numbers on the suppression list (none of them a `jobs()` number); seconds taken."""
+    t0 = time.time()
+    for start in range(0, n, SUPPRESS_CHUNK):
+        stack.store.suppress([f"4176{i:07d}" for i in range(start, min(n, start + SUPPRESS_CHUNK))])
+    return time.time() - t0
+
+
+def guards(n: int, workers: int = 2, env: dict[str, str] | None = None, suppressed: int = 1_000_000,
+           on_first: bool = False) -> dict[str, Any]:
+    """Scenario 7: scenario 1's run with every guard off, then on (or on first), on the same Redis
+    (its suppression list of `suppressed` numbers loaded for both) and sandbox; the ratio is within
+    this run."""
+    with BenchStack(env=env) as stack:
+        load_s = _suppress(stack, suppressed)
+        runs: dict[str, Any] = {"suppressed": suppressed, "suppress_load_s": round(load_s, 2)}
+        for name in ("on", "off") if on_first else ("off", "on"):
+            stack.dev.env["SMS_LANES"] = orjson.dumps(GUARDS_ON if name == "on" else GUARDS_OFF).decode()
+            stack.sandbox.reset()
+            stack.start_ours(workers)
+            runs[name] = run_ours(stack, n)
+            stack.stop_workers()
+    runs["ratio"] = round(runs["on"]["rate"] / runs["off"]["rate"], 3)
+    runs["cpu_ratio"] = round(runs["on"]["cpu_us_per_msg_total"] / runs["off"]["cpu_us_per_msg_total"], 3)
+    return runs

@@ -35,6 +35,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import phonenumbers
 from phonenumbers import PhoneMetadata, PhoneNumber, PhoneNumberFormat, PhoneNumberType, ValidationResult
@@ -279,13 +280,22 @@ def _country(code: int) -> tuple[str | None, re.Pattern[str] | None, frozenset[i
 _CODES = {str(code): code for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE}
 
 
-def _country_code(number: str) -> tuple[int, int] | None:
-    """(country code, its digits) of an international number (E.164 codes are prefix-free)."""
-    for digits in (1, 2, 3):
-        code = _CODES.get(number[:digits])
+def _code_of(digits: str) -> tuple[int, int] | None:
+    for size in (1, 2, 3):
+        code = _CODES.get(digits[:size])
         if code is not None:
-            return code, digits
+            return code, size
     return None
+
+
+# Every number's country code is decided by its first three digits (E.164 codes are prefix-free and
+# at most three digits long): one dict lookup a number, where trying 1, 2 and 3 digits was three.
+_BY_FIRST_THREE = {f"{n:03d}": _code_of(f"{n:03d}") for n in range(1000)}
+
+
+def _country_code(number: str) -> tuple[int, int] | None:
+    """(country code, its digits) of an international number."""
+    return _BY_FIRST_THREE[number[:3]] if len(number) >= 3 else _code_of(number)
 
 
 def normal_or_raw(raw: str) -> str:
@@ -311,3 +321,68 @@ def region_of(number: str) -> str | None:
         if region is not None and len(number) - found[1] in lengths:
             return region
     return facts(number).region
+
+
+# phonenumbers' number_type tries a number's special ranges in this order, before fixed line and
+# mobile: the first that matches is its type.
+_SPECIAL_RANGES = (("PREMIUM_RATE", "premium_rate"), ("TOLL_FREE", "toll_free"), ("SHARED_COST", "shared_cost"),
+                   ("VOIP", "voip"), ("PERSONAL_NUMBER", "personal_number"), ("PAGER", "pager"), ("UAN", "uan"),
+                   ("VOICEMAIL", "voicemail"))
+_Range = tuple[frozenset[int], re.Pattern[str]]
+
+
+def _range(desc: Any) -> _Range | None:
+    pattern = getattr(desc, "national_number_pattern", None) if desc is not None else None
+    return (frozenset(desc.possible_length or ()), re.compile(pattern)) if pattern else None
+
+
+def _in_range(national: str, found: _Range | None) -> bool:
+    """phonenumbers' own test of a national number against one of its country's ranges."""
+    if found is None:
+        return False
+    lengths, pattern = found
+    return (not lengths or len(national) in lengths) and pattern.fullmatch(national) is not None
+
+
+@lru_cache(maxsize=1024)
+def _blockable(
+    code: int, region: str, blocked: frozenset[str]
+) -> tuple[_Range | None, tuple[tuple[str, _Range | None], ...]] | None:
+    """The country's general range and its special ranges in number_type's order up to the last type
+    in `blocked`; None when `blocked` names a type that is not a special range (fixed line, mobile,
+    unknown: only number_type itself answers those)."""
+    names = [name for name, _ in _SPECIAL_RANGES]
+    if not blocked or not blocked <= set(names):
+        return None
+    meta = PhoneMetadata.metadata_for_region_or_calling_code(code, region)
+    if meta is None:
+        return None
+    last = max(names.index(name) for name in blocked)
+    return _range(meta.general_desc), tuple((name, _range(getattr(meta, attr)))
+                                            for name, attr in _SPECIAL_RANGES[: last + 1])
+
+
+def blocked_type(number: str, blocked: frozenset[str]) -> str | None:
+    """`facts(number).number_type` when it is one of `blocked` (phonenumbers type names), else None.
+
+    A number in normal form of a country code with one region, and no national prefix or leading
+    zero a parse would treat specially, is matched against its country's special ranges directly,
+    in number_type's order and only as far as the last blocked type (a few regex matches where a
+    parse and number_type cost ~23 us); any other number asks `facts`. tests/unit/test_numbers.py
+    holds the two equal on random numbers of every country code."""
+    found = _country_code(number) if number.isdigit() and number[:1] != "0" else None
+    if found is not None:
+        code, digits = found
+        region, prefix, _ = _country(code)
+        national = number[digits:]
+        ranges = _blockable(code, region, blocked) if region is not None else None
+        if ranges is not None and national[:1] != "0" and (prefix is None or prefix.match(national) is None):
+            general, specials = ranges
+            if not _in_range(national, general):
+                return None  # UNKNOWN: not a special range (and UNKNOWN is never in `blocked` here)
+            for name, special in specials:
+                if _in_range(national, special):
+                    return name if name in blocked else None
+            return None
+    kind = facts(number).number_type
+    return kind if kind in blocked else None

@@ -209,11 +209,10 @@ def examine(policy: LanePolicy, job: dict[str, Any]) -> Examined:
     parts = 1
     rejection: Rejection | None = None
     if isinstance(text, str) and policy.needs_text:
-        info = sms_text.analyse(text)
-        parts = info.parts
-        if not policy.allow_ucs2 and info.encoding == "UCS-2":
+        encoding, parts = sms_text.encoding_and_parts(text)
+        if not policy.allow_ucs2 and encoding == sms_text.UCS2:
             rejection = Rejection(Reason.UCS2_REFUSED, "allow_ucs2:false")
-        elif policy.max_parts is not None and info.parts > policy.max_parts:
+        elif policy.max_parts is not None and parts > policy.max_parts:
             rejection = Rejection(Reason.TOO_MANY_PARTS, f"max_parts:{policy.max_parts}")
     if rejection is None and policy.needs_number:
         rejection = _number_rule(policy, number)
@@ -229,8 +228,8 @@ def _number_rule(policy: LanePolicy, number: str) -> Rejection | None:
     if region is not None and region in policy.block_regions:
         return Rejection(Reason.COUNTRY_BLOCKED, "countries.block")
     if policy.block_types:
-        kind = numbers.facts(number).number_type  # the type needs the parse (cached: otp numbers repeat)
-        if kind in policy.block_types:
+        kind = numbers.blocked_type(number, policy.block_types)
+        if kind is not None:
             return Rejection(Reason.NUMBER_TYPE_BLOCKED, f"block_number_types:{kind}")
     return None
 

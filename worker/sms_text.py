@@ -119,6 +119,13 @@ def sms_parts(text: str) -> int:
     return _parts(text, gsm7, units, pairs)[0]
 
 
+def encoding_and_parts(text: str) -> tuple[Encoding, int]:
+    """`analyse(text)`'s encoding and parts without building a TextInfo, for the traffic policy's
+    per-job check."""
+    gsm7, units, pairs = _measure(text)
+    return GSM7 if gsm7 else UCS2, _parts(text, gsm7, units, pairs)[0]
+
+
 def _measure(text: str) -> tuple[bool, int, bool]:
     """(GSM-7?, size in septets or UTF-16 code units, whether it holds two-unit characters: extension
     characters in GSM-7, surrogate pairs in UCS-2)."""

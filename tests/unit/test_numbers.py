@@ -189,3 +189,37 @@ def test_answers_are_cached() -> None:
     facts("41793026727")
     assert normalise.cache_info().hits == 1
     assert facts.cache_info().hits == 1
+
+
+def _typed_examples(rng: random.Random) -> list[str]:
+    """Numbers of every region and type (the library's examples, and each with its last digits
+    changed), so the special ranges are really hit, plus random digits behind every code."""
+    found = []
+    for region in sorted(phonenumbers.SUPPORTED_REGIONS):
+        for kind in range(12):  # every PhoneNumberType but UNKNOWN (99)
+            example = phonenumbers.example_number_for_type(region, kind)
+            if example is None:
+                continue
+            digits = f"{example.country_code}{phonenumbers.national_significant_number(example)}"
+            found.append(digits)
+            found += [digits[:-2] + f"{rng.randint(0, 99):02d}" for _ in range(3)]
+    return found + _sample(10_000)
+
+
+@pytest.mark.parametrize("blocked", [frozenset({"PREMIUM_RATE", "SHARED_COST"}), frozenset({"TOLL_FREE"}),
+                                     frozenset({"VOIP", "UAN"}), frozenset({"MOBILE"})])
+def test_blocked_type_answers_as_number_type_does(blocked: frozenset[str]) -> None:
+    """The policy's quick check of blocked number types agrees with facts() (number_type) on numbers
+    of every type and region; and it does answer without a parse for most job numbers."""
+    sample = _typed_examples(random.Random(18))
+    hits = 0
+    for number in sample:
+        kind = numbers.facts(number).number_type
+        assert numbers.blocked_type(number, blocked) == (kind if kind in blocked else None), number
+        hits += kind in blocked
+    assert hits > 20  # the sample does hold blocked numbers
+    numbers.cache_clear()
+    swiss = [f"4179{i:07d}" for i in range(1000)]
+    assert all(numbers.blocked_type(n, frozenset({"PREMIUM_RATE"})) is None for n in swiss)
+    assert numbers.facts.cache_info().currsize == 0  # answered from the ranges, no parse
+    assert numbers.blocked_type("41900123456", frozenset({"PREMIUM_RATE"})) == "PREMIUM_RATE"
