@@ -13,7 +13,6 @@ lost, nothing sent twice, one final event per report) hold as well.
 from __future__ import annotations
 
 import random
-import signal
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,7 +21,7 @@ import orjson
 
 from tests.integration.test_campaigns import assert_counts_agree
 from tests.reliability.harness import BATCH, Row, Size, assert_promises, jobs, poll, running, verify, wait_settled
-from tests.reliability.test_worker_crashes import MOMENTS, VALIDITY, _calm, _victims, _wait_for_moment
+from tests.reliability.test_worker_crashes import MOMENTS, VALIDITY, kill_at_moments
 from worker.devtools.devstack import Proc
 
 CAMPAIGN = "reliability"
@@ -66,23 +65,7 @@ def test_campaign_counters_equal_the_recount_after_sigkilled_workers(size: Size,
                 *(("bulk", store.lane_prefix("bulk") + entry.decode()) for entry in raw)]
         assert len(mids) == n
 
-        for i, moment in enumerate(_moments(size, rng)):
-            if i:
-                time.sleep(rng.uniform(0.2, 1.0))  # the scenario: a random moment, not a wait for a condition
-            hit = _wait_for_moment(system, moment)
-            victims = _victims(system, moment, rng)
-            for proc in victims:
-                proc.signal(signal.SIGKILL)
-            for proc in victims:
-                proc.wait(10)
-            _calm(system)
-            killed += victims
-            if hit:
-                record.fault(f"SIGKILL@{moment}", len(victims))
-            else:
-                missed.append(moment)
-            for _ in victims:
-                system.start_worker()
+        kill_at_moments(system, _moments(size, rng), rng, record, killed, missed)
 
         took = wait_settled(system, size.wait_s(n, rate) + SCHEDULED_LEAD_S)
         complete = poll(lambda: (c := store.campaign_counts(CAMPAIGN)) is not None and c.complete, 30, 0.1)

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.reliability.harness import (
@@ -84,6 +85,29 @@ def _victims(system: System, moment: str, rng: random.Random) -> list[Proc]:
     return rng.sample(workers, rng.randint(1, len(workers)))
 
 
+def kill_at_moments(system: System, moments: Sequence[str], rng: random.Random, record: Row,
+                    killed: list[Proc], missed: list[str]) -> None:
+    """At each moment (a random pause between them), SIGKILL its victims and start as many new
+    workers; the killed go to `killed`, the moments the run never reached to `missed`."""
+    for i, moment in enumerate(moments):
+        if i:
+            time.sleep(rng.uniform(0.2, 1.0))  # the scenario: a random moment, not a wait for a condition
+        hit = _wait_for_moment(system, moment)
+        victims = _victims(system, moment, rng)
+        for proc in victims:
+            proc.signal(signal.SIGKILL)
+        for proc in victims:
+            proc.wait(10)
+        _calm(system)
+        killed += victims
+        if hit:
+            record.fault(f"SIGKILL@{moment}", len(victims))
+        else:
+            missed.append(moment)
+        for _ in victims:
+            system.start_worker()
+
+
 def test_sigkilled_workers_lose_nothing_and_send_nothing_twice(
     size: Size, record: Row, trial: int, tmp_path: Path
 ) -> None:
@@ -101,23 +125,7 @@ def test_sigkilled_workers_lose_nothing_and_send_nothing_twice(
         otp = n // 10
         batch = [{**job, "validity_period": VALIDITY} for job in jobs(n, prefix=f"t{trial}")]
         queued = system.outbox.enqueue_many(batch[:otp], "otp") + system.outbox.enqueue_many(batch[otp:], "bulk")
-        for i, moment in enumerate(_schedule(size, trial, rng)):
-            if i:
-                time.sleep(rng.uniform(0.2, 1.0))  # the scenario: a random moment, not a wait for a condition
-            hit = _wait_for_moment(system, moment)
-            victims = _victims(system, moment, rng)
-            for proc in victims:
-                proc.signal(signal.SIGKILL)
-            for proc in victims:
-                proc.wait(10)
-            _calm(system)
-            killed += victims
-            if hit:
-                record.fault(f"SIGKILL@{moment}", len(victims))
-            else:
-                missed.append(moment)
-            for _ in victims:
-                system.start_worker()
+        kill_at_moments(system, _schedule(size, trial, rng), rng, record, killed, missed)
         took = wait_settled(system, size.wait_s(n, rate))
         verdict = verify(system, [r.message_id for r in queued])
         crashed = system.dead_processes(killed)

@@ -341,24 +341,14 @@ def _read_chunk(call: _Enqueue, replies: list[Any], start: int, mids: list[str |
         reason = next((r for r in replies[1:-1] if isinstance(r, hiredis.ReplyError)), executed)
         call.fail(reason if isinstance(reason, hiredis.ReplyError) else hiredis.ReplyError(f"EXEC: {reason!r}"))
         return
-    if call.campaigns is not None:
-        _read_counted(call, iter(executed), start, mids)
-        return
-    answers = iter(executed)
-    for i, mid in enumerate(mids):
-        entry_id = next(answers)
-        if mid is None:
-            _plain_answer(call, entry_id)
-        else:
-            _claimed_answer(call, mid, entry_id, next(answers), str(call.jobs[start + i][1]))
+    _read_answers(call, iter(executed), start, mids)
 
 
-def _read_counted(call: _Enqueue, answers: Iterator[Any], start: int, mids: list[str | None]) -> None:
-    """`_read_chunk`'s answers for a chunk packed by `_pack_counted`, noting what `_undo` must
-    uncount: the entries of campaign jobs it may delete (repeats, halves), and per campaign the jobs
-    counted whose XADD failed (only if the chunk's count itself was applied)."""
-    assert call.campaigns is not None
-    campaigns = call.campaigns[start : start + len(mids)]
+def _read_answers(call: _Enqueue, answers: Iterator[Any], start: int, mids: list[str | None]) -> None:
+    """Each job's answer from an executed chunk, noting for a chunk packed by `_pack_counted` what
+    `_undo` must uncount: the entries of campaign jobs it may delete (repeats, halves), and per
+    campaign the jobs counted whose XADD failed (only if the chunk's count itself was applied)."""
+    campaigns = call.campaigns[start : start + len(mids)] if call.campaigns is not None else [None] * len(mids)
     unwritten: dict[str, int] = {}
     for i, mid in enumerate(mids):
         entry_id = next(answers)
