@@ -18,6 +18,8 @@ from tests.support.sandbox import API_KEY
 from worker import metrics
 from worker.devtools.sandbox.process import SandboxProcess
 from worker.dispatch import DispatchConfig, Dispatcher
+from worker.dispatch.classify import Item
+from worker.dispatch.jobs import parse_job
 from worker.outbox import Outbox, OutboxConfig
 from worker.provider import Provider, ProviderConfig
 from worker.ratelimit import RateLimiter, RateLimiterConfig
@@ -284,6 +286,23 @@ def test_a_retry_after_an_outage_is_not_counted_twice(make_rig: Any, sbx: Sandbo
     rig.dispatcher.config = replace(rig.config, lease_ms=0)
     rig.dispatcher.run("otp")
     assert rig.accepted() == {code.message_id} and rig.rejected() == {}
+
+
+def test_a_job_whose_worker_died_after_the_guards_is_not_counted_again(make_rig: Any, sbx: SandboxProcess) -> None:
+    """A worker that dies after policy.lua allowed (and counted) a batch but before submit.lua leaves
+    its jobs without a record; the worker that takes them over after the lease must not count them a
+    second time, nor refuse them for it."""
+    rig = make_rig(_otp(velocity={"per_number": {"limit": 1, "window_s": 3600}}))
+    code = rig.outbox.enqueue({"to": SWISS.format(1), "text": "your only code"}, "otp")
+    claim = rig.store.claim("otp", "doomed", 10, lease_ms=10_000, max_wait_ms=0, recover=False)
+    items = [Item(e, parse_job(e.job, max_text_parts=10, metadata_max_bytes=4096)[0]) for e in claim.entries]
+    send, rejected = rig.dispatcher._guard.check("otp", items)  # the doomed worker's guards: allowed, counted
+    assert [item.message_id for item in send] == [code.message_id] and not rejected
+    assert "state" not in rig.store.message(code.message_id)  # ... and it dies before submit.lua
+    rig.dispatcher.config = replace(rig.config, lease_ms=0)  # the takeover, once the lease is over
+    rig.dispatcher.run("otp")
+    assert rig.accepted() == {code.message_id} and rig.rejected() == {}
+    assert sbx.stats()["messages_accepted"] == 1
 
 
 def test_two_worker_processes_together_never_exceed_a_velocity_rule() -> None:

@@ -14,8 +14,11 @@
 -- fixed (window index = floor(ms / window)), so a number may get up to twice its limit across the
 -- boundary of two windows (documented in worker/policy.py).
 -- Only fresh messages are checked and counted: no record yet, or QUEUED and never attempted (a due
--- scheduled job). A message attempted before was counted when it was first allowed, so a retry
--- after an outage is neither counted twice nor refused (answer SEEN).
+-- scheduled job), and not counted by an earlier call. A message attempted before was counted when it
+-- was first allowed, so a retry after an outage is neither counted twice nor refused (answer SEEN);
+-- and so is one whose worker died between this call and its submit (taken over after the lease, it
+-- still has no record): every message this call allows is remembered in the day's `m:<day>` hash
+-- (message hash key -> 1, kept two days; today's and yesterday's are read).
 -- The counts of one window (or day) are one hash, number -> count (`{p}:policy:{lane}:n:<window>`,
 -- `p:<window>` for prefixes, `c:<day>` for campaigns), expiring a second after its window ends: a
 -- batch reads each hash with one HMGET and writes it with one HSET, where a key per number cost
@@ -71,12 +74,21 @@ local rules = {
 local limits = {nlimit, plimit, ccap}
 local refusal = {'NUMBER', 'PREFIX', 'CAMPAIGN'}
 
+-- Which messages were counted by an earlier call (allowed, then their worker died before submit).
+local seen_today, seen_before = prefix .. 'm:' .. day, prefix .. 'm:' .. (day - 1)
+local counted = {}
+for c = 1, #KEYS, 1000 do
+  local chunk = {unpack(KEYS, c, math.min(c + 999, #KEYS))}
+  local today, before = redis.call('HMGET', seen_today, unpack(chunk)), redis.call('HMGET', seen_before, unpack(chunk))
+  for j = 1, #chunk do counted[c + j - 1] = today[j] or before[j] end
+end
+
 -- Which messages are fresh, and the fields each rule needs for them.
 local fresh, fields = {}, {}
 local at = 10
 for i = 1, #KEYS do
   local h = redis.call('HMGET', KEYS[i], 'state', 'attempts')
-  fresh[i] = (not h[1]) or (h[1] == 'QUEUED' and (not h[2] or h[2] == '0'))
+  fresh[i] = not counted[i] and ((not h[1]) or (h[1] == 'QUEUED' and (not h[2] or h[2] == '0')))
   local f = {ARGV[at], ARGV[at + 1], ARGV[at + 3]}  -- number, prefix, campaign
   fields[i] = f
   if fresh[i] then
@@ -148,6 +160,17 @@ for r = 1, 3 do
     if #moved > 0 then redis.call('PEXPIREAT', rule.key, rule.ends) end
   end
 end
+local allowed = {}
+for i = 1, #KEYS do
+  if out[i] == 'OK' then
+    allowed[#allowed + 1] = KEYS[i]
+    allowed[#allowed + 1] = 1
+  end
+end
+for c = 1, #allowed, 1000 do
+  redis.call('HSET', seen_today, unpack(allowed, c, math.min(c + 999, #allowed)))
+end
+if #allowed > 0 then redis.call('EXPIRE', seen_today, 2 * 86400) end
 if added_m > 0 then
   redis.call('HINCRBY', daykey, 'messages', added_m)
   redis.call('HINCRBY', daykey, 'parts', added_p)
