@@ -37,9 +37,13 @@ def reconcile(lane: str, entry_ids: list[str]) -> None:
 
 
 @dramatiq.actor(queue_name=triggers.QUEUE, actor_name=triggers.DRAIN_REPORTS, max_retries=0)
-def drain_reports() -> None:
+def drain_reports(account: str | None = None) -> None:
+    # No argument: the default account's drain (the clock's message for it is unchanged).
+    drainer = runtime().drainer_of(account)
+    if drainer is None:  # an account no longer configured
+        return
     with redis_outage_is_one_line("drain_reports"):
-        runtime().drainer.drain()
+        drainer.drain()
 
 
 @dramatiq.actor(queue_name=triggers.QUEUE, actor_name=triggers.PROCESS_REPORTS, max_retries=0)

@@ -18,7 +18,7 @@ import structlog
 
 from worker import triggers as names
 from worker.errors import StoreError
-from worker.settings import Settings
+from worker.settings import DEFAULT_ACCOUNT, Settings
 from worker.store import Store
 from worker.store.schedule import MOVE_CHUNK
 from worker.triggers import Wakes
@@ -45,6 +45,7 @@ class ClockConfig:
     sweep_interval_s: float
     relay_events: bool  # SMS_EVENTS_DRAMATIQ_QUEUE is set: the event relay runs every second
     state_ttl_s: int = 3 * 86400  # SMS_STATE_TTL_S: a moved job's record is kept this long
+    accounts: tuple[str, ...] = (DEFAULT_ACCOUNT,)  # Settings.account_names(): each has its report drain
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClockConfig:
@@ -55,6 +56,7 @@ class ClockConfig:
             sweep_interval_s=sweep_interval_s(settings),
             relay_events=bool(settings.sms_events_dramatiq_queue),
             state_ttl_s=settings.sms_state_ttl_s,
+            accounts=tuple(settings.account_names()),
         )
 
 
@@ -71,7 +73,7 @@ class Clock:
         self.tick_s = config.tick_ms / 1000
         # name -> (interval in s, what to send); the lanes are woken every tick.
         self.periodic: dict[str, tuple[float, Callable[[], None]]] = {
-            names.DRAIN_REPORTS: (config.drain_interval_s, lambda: self.triggers.send(names.DRAIN_REPORTS)),
+            names.DRAIN_REPORTS: (config.drain_interval_s, self._drain_every_account),
             names.PROCESS_REPORTS: (1.0, self.triggers.process_reports),
             names.SWEEP: (config.sweep_interval_s, lambda: self.triggers.send(names.SWEEP)),
             # Outbox streams of lanes nobody configured (a plain XADD to a misspelt lane): SCAN is
@@ -81,6 +83,11 @@ class Clock:
         if config.relay_events:
             self.periodic[names.RELAY_EVENTS] = (1.0, lambda: self.triggers.send(names.RELAY_EVENTS))
         self._last: dict[str, float] = {}
+
+    def _drain_every_account(self) -> None:
+        """One drain per account (worker.accounts): the default account's message has no argument, as before."""
+        for account in self.config.accounts:
+            self.triggers.send(names.DRAIN_REPORTS, *([] if account == DEFAULT_ACCOUNT else [account]))
 
     def tick(self) -> bool:
         """One round; returns whether this clock is the leader."""

@@ -139,7 +139,7 @@ def configure(*, fmt: str = "json", level: str = "INFO", secrets: Iterable[str] 
 
 
 def configure_from(settings: Any, *, warn_unknown: bool = True, cache: bool = True) -> None:
-    """Configure from Settings, registering the API key and webhook secret for redaction.
+    """Configure from Settings, registering the API keys and webhook secrets for redaction.
 
     Every process calls this once at start-up (worker.broker in each worker process, the clock, the
     web, every CLI command), so it is also where a misspelt variable is reported: one warning per
@@ -148,6 +148,7 @@ def configure_from(settings: Any, *, warn_unknown: bool = True, cache: bool = Tr
     secrets = [settings.icomm_api_key.get_secret_value()]
     if settings.sms_webhook_secret is not None:
         secrets.append(settings.sms_webhook_secret.get_secret_value())
+    secrets += settings.account_secrets()  # the keys and webhook secrets of SMS_ACCOUNTS (worker.accounts)
     configure(fmt=settings.log_format, level=settings.log_level, secrets=secrets, cache=cache)
     if warn_unknown:
         warn_unknown_variables()

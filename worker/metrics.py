@@ -96,6 +96,7 @@ class RedisStateCollector(Collector):
                 spent.add_metric([lane.lane, unit], used)
                 cap.add_metric([lane.lane, unit], limit)
         yield from (spent, cap)
+        yield from _account_gauges(status.accounts)
         for name, doc, value in (
             ("sms_ambiguous_messages", "Messages awaiting a reconciliation verdict", status.ambiguous),
             ("sms_awaiting_reports", "Accepted messages without a final report yet", status.awaiting_reports),
@@ -105,6 +106,22 @@ class RedisStateCollector(Collector):
             gauge = GaugeMetricFamily(name, doc)
             gauge.add_metric([], value)
             yield gauge
+
+
+def _account_gauges(accounts: list[dict[str, Any]]) -> Iterator[GaugeMetricFamily]:
+    """Per icomm account (worker.accounts; the label takes only configured account names)."""
+    lanes = GaugeMetricFamily("sms_account_lanes", "Lanes that send through the account", labels=["account"])
+    paused = GaugeMetricFamily("sms_account_lanes_paused", "The account's lanes paused now, by reason (auth: "
+                               "its key was refused)", labels=["account", "reason"])
+    booked = GaugeMetricFamily("sms_account_limiter_booked_ahead_seconds", "How far ahead of now the account's "
+                               "messages/s bucket is booked", labels=["account"])
+    for account in accounts:
+        name = account["account"]
+        lanes.add_metric([name], len(account["lanes"]))
+        booked.add_metric([name], float(account["booked_ahead_ms"]) / 1000)
+        for reason in sorted(set(account["paused"].values())):
+            paused.add_metric([name, reason], sum(1 for r in account["paused"].values() if r == reason))
+    yield from (lanes, paused, booked)
 
 
 def registries(settings: Settings, store: Store) -> list[CollectorRegistry]:

@@ -11,7 +11,9 @@ The operator's lever when something looks stuck:
   applies like any report (idempotent: a report that also arrives gives no second event). One the
   logs show not final yet stays as it is, for its report or the no-report sweep.
 
-Both share the `logs` rate limit with the running workers.
+Both share the `logs` rate limit with the running workers. With several icomm accounts
+(worker.accounts) a message is checked in the logs of its lane's account (the message records its
+lane, not its account), and a bulk id is looked for in every account's logs.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
+from worker.accounts import wire
 from worker.dispatch import DispatchConfig, Dispatcher
 from worker.errors import ProviderError
 from worker.models import State
 from worker.producer import connect_triggers
-from worker.provider import Provider, ProviderConfig
-from worker.ratelimit import RateLimiter, RateLimiterConfig
+from worker.provider import Provider
 from worker.reports import NO_REPORT, ProcessConfig, Processor, SweepConfig, Sweeper
 from worker.settings import Settings
 from worker.store import Store, consumer_name
@@ -43,16 +45,16 @@ def force_reconcile(
     settings: Settings, store: Store, *, message_ids: list[str], bulk_ids: list[str]
 ) -> dict[str, Any]:
     """Settle the given messages (and those of the given bulks) now; returns the summary the CLI prints."""
-    settings.require_api_key()
     recovered: set[str] = set()
     lookup_error = None
-    with Provider(ProviderConfig.from_settings(settings)) as provider:
-        ids = _message_ids(provider, message_ids, bulk_ids)
+    wired = wire(settings, store)
+    try:
+        provider, limiter = wired.providers[wired.main], wired.limiters[wired.main]
+        ids = _message_ids(list(wired.providers.values()), message_ids, bulk_ids)
         before = {mid: store.message(mid) for mid in ids}
         triggers = connect_triggers(settings, store)
-        limiter = RateLimiter(RateLimiterConfig.from_settings(settings), store)
         dispatcher = Dispatcher(DispatchConfig.from_settings(settings), store, provider, limiter, triggers,
-                                f"reconcile-{consumer_name()}")
+                                f"reconcile-{consumer_name()}", routes=wired.routes)
         for lane, entry_ids in _in_flight_by_lane(before).items():
             dispatcher.reconcile(lane, entry_ids)
         # Accepted before or just now: their report may be lost (a webhook the provider gave up on).
@@ -60,8 +62,10 @@ def force_reconcile(
         if looked_up:
             processor = Processor(ProcessConfig.from_settings(settings), store, triggers)
             sweeper = Sweeper(SweepConfig.from_settings(settings), store, processor, provider=provider,
-                              before_logs_call=limiter.wait_for_logs_call)
+                              before_logs_call=limiter.wait_for_logs_call, lane_logs=wired.lane_logs)
             recovered, lookup_error = _recover_reports(sweeper, processor, looked_up)
+    finally:
+        wired.close()
     after = {mid: store.message(mid).get("state") for mid in ids}
     result = _summary(ids, before, after, looked_up, recovered)
     if lookup_error is not None:
@@ -69,11 +73,13 @@ def force_reconcile(
     return result
 
 
-def _message_ids(provider: Provider, message_ids: list[str], bulk_ids: list[str]) -> list[str]:
-    """The chosen message ids, then those the provider's logs list for the chosen bulks; each once."""
+def _message_ids(providers: list[Provider], message_ids: list[str], bulk_ids: list[str]) -> list[str]:
+    """The chosen message ids, then those the providers' logs (one per account) list for the chosen
+    bulks; each once."""
     ids = list(dict.fromkeys(message_ids))
     for bulk_id in bulk_ids:
-        ids += [e.message_id for e in provider.logs(bulk_id=[bulk_id], limit=1000) if e.message_id]
+        for provider in providers:
+            ids += [e.message_id for e in provider.logs(bulk_id=[bulk_id], limit=1000) if e.message_id]
     return list(dict.fromkeys(ids))
 
 

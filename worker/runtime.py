@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dramatiq
@@ -22,14 +22,14 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
 
 from worker import metrics, redis_health
+from worker.accounts import Accounts, wire
 from worker.dispatch import DispatchConfig, Dispatcher
 from worker.errors import StoreError, StoreUnavailable
 from worker.events import EventRelay
 from worker.producer import connect_store
-from worker.provider import Provider, ProviderConfig
-from worker.ratelimit import RateLimiter, RateLimiterConfig
+from worker.provider import Provider
 from worker.reports import DrainConfig, Drainer, ProcessConfig, Processor, SweepConfig, Sweeper
-from worker.settings import Settings
+from worker.settings import DEFAULT_ACCOUNT, Settings
 from worker.store import Store, consumer_name
 from worker.triggers import Triggers, lane_queue
 
@@ -52,9 +52,21 @@ class Runtime:
     processor: Processor
     sweeper: Sweeper
     relay: EventRelay | None = None
+    # worker.accounts: one Provider and one Drainer per account (`provider`, `drainer`: the default
+    # account's, or the first one's when no lane sends through `default`).
+    accounts: Accounts | None = None
+    providers: dict[str, Provider] = field(default_factory=dict)
+    drainers: dict[str, Drainer] = field(default_factory=dict)
+
+    def drainer_of(self, account: str | None) -> Drainer | None:
+        """The drain of `account` (None: the default account's, as the clock's plain message names it)."""
+        if account is None:
+            return self.drainers.get(DEFAULT_ACCOUNT) or (self.drainer if not self.drainers else None)
+        return self.drainers.get(account)
 
     def close(self) -> None:
-        self.provider.close()
+        for provider in {id(p): p for p in [self.provider, *self.providers.values()]}.values():
+            provider.close()
         self.store.close()
 
 
@@ -70,23 +82,31 @@ def redis_outage_is_one_line(actor: str) -> Iterator[None]:
 
 def build_runtime(settings: Settings, broker: dramatiq.Broker) -> Runtime:
     store = connect_store(settings)
-    provider = Provider(ProviderConfig.from_settings(settings))
+    # Per account (worker.accounts): its Provider (pool, key), RateLimiter (buckets), Drainer (lease).
+    wired = wire(settings, store)
+    accounts, providers, limiters, main = wired.accounts, wired.providers, wired.limiters, wired.main
+    provider = providers[main]
     triggers = Triggers(store, broker)
     stopping = threading.Event()
     dispatcher = Dispatcher(
-        DispatchConfig.from_settings(settings), store, provider,
-        RateLimiter(RateLimiterConfig.from_settings(settings), store), triggers, consumer_name(),
-        stopping=stopping.is_set,
+        DispatchConfig.from_settings(settings), store, provider, limiters[main], triggers, consumer_name(),
+        stopping=stopping.is_set, routes=wired.routes,
     )
     processor = Processor(ProcessConfig.from_settings(settings), store, triggers)
+    drainers = {
+        name: Drainer(DrainConfig.from_settings(settings, None if a.is_default else a), store, providers[name],
+                      triggers, stopping=stopping.is_set)
+        for name, a in accounts.accounts.items()
+    }
     return Runtime(
         settings, store, provider, triggers, dispatcher, stopping,
-        drainer=Drainer(DrainConfig.from_settings(settings), store, provider, triggers, stopping=stopping.is_set),
+        drainer=drainers[main],
         processor=processor,
         sweeper=Sweeper(SweepConfig.from_settings(settings), store, processor, provider=provider,
-                        before_logs_call=dispatcher.limiter.wait_for_logs_call),
+                        before_logs_call=limiters[main].wait_for_logs_call, lane_logs=wired.lane_logs),
         relay=EventRelay(store, broker, settings.sms_events_dramatiq_queue, settings.sms_events_dramatiq_actor)
         if settings.sms_events_dramatiq_queue and settings.sms_events_dramatiq_actor else None,
+        accounts=accounts, providers=providers, drainers=drainers,
     )
 
 
@@ -116,7 +136,7 @@ class Resources(dramatiq.Middleware):
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         # Before the worker threads start, so no message ever runs without its resources.
-        self.settings.require_api_key()
+        Accounts.from_settings(self.settings).require_keys()  # every account's key (ICOMM_API_KEY for `default`)
         self.runtime = build_runtime(self.settings, broker)
         redis_health.watch(self.settings, self.runtime.store).tick(force=True)  # never raises
 

@@ -17,6 +17,7 @@ its own built from these settings (`OutboxConfig.from_settings(settings)`, ...).
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +29,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -51,12 +53,19 @@ from worker.settings_problems import EXAMPLES, format_problems
 # What other modules and the tests import from here (the env-file and problem helpers live in
 # worker.settings_env and worker.settings_problems).
 __all__ = [
-    "DEFAULT_ENV_FILE", "ENV_FILE_VARIABLE", "EXAMPLES", "NOT_SETTINGS", "NOT_SETTINGS_PREFIXES", "SETTING_NAMES",
-    "Countries", "DailyCap", "LaneConfig", "NumberVelocity", "PrefixVelocity", "Settings", "UnknownVariable",
-    "Velocity", "env_file_path", "load_settings", "settings_from_env", "unknown_variables",
+    "DEFAULT_ACCOUNT", "DEFAULT_ENV_FILE", "ENV_FILE_VARIABLE", "EXAMPLES", "NOT_SETTINGS", "NOT_SETTINGS_PREFIXES",
+    "SETTING_NAMES", "AccountConfig", "Countries", "DailyCap", "LaneConfig", "NumberVelocity", "PrefixVelocity",
+    "Settings", "UnknownVariable", "Velocity", "env_file_path", "load_settings", "settings_from_env",
+    "unknown_variables",
 ]
 
 _LANE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# The account of today's variables (ICOMM_BASE_URL, ICOMM_API_KEY, SMS_RATE_LIMIT_*, SMS_REPORTS_*_ID,
+# SMS_WEBHOOK_SECRET): every lane that names no account sends through it.
+DEFAULT_ACCOUNT = "default"
+# Account names follow the lane names' rule: they go into Redis key names, metric labels and page sources.
+_ACCOUNT_NAME = _LANE_NAME
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 # Dramatiq's own rule for queue names (dramatiq.actor._queue_name_re); actor names follow it too.
 _DRAMATIQ_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9._-]*$")
 
@@ -119,6 +128,26 @@ class DailyCap(_Strict):
         return self
 
 
+class AccountConfig(_Strict):
+    """One more icomm account (SMS_ACCOUNTS): where its API is, the NAME of the variable holding its
+    key (a key never goes into the JSON, which is shown in errors and config dumps), its own rate
+    limits (0 = none), its reports' entityId/applicationId, and optionally the NAME of the variable
+    holding its webhook secret."""
+
+    base_url: str
+    api_key_env: Annotated[str, Field(pattern=_ENV_NAME)]
+    rate_limit_mps: Annotated[float, Field(ge=0), BeforeValidator(_no_boolean)] = 0.0
+    rate_limit_rps: Annotated[float, Field(ge=0), BeforeValidator(_no_boolean)] = 0.0
+    entity_id: Annotated[str, Field(max_length=255)] | None = None
+    application_id: Annotated[str, Field(max_length=255)] | None = None
+    webhook_secret_env: Annotated[str, Field(pattern=_ENV_NAME)] | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return _check_http_url(value)  # the ICOMM_BASE_URL rule
+
+
 class LaneConfig(BaseModel):
     """How one lane batches: `otp` waits ~0 ms for company, `bulk` waits to fill big batches; and its
     traffic policy (worker.policy), every guard off unless set, except the defaults that depend on
@@ -131,6 +160,8 @@ class LaneConfig(BaseModel):
     concurrency: Annotated[int, Field(ge=1, le=64)] = 4
     # Share of the global messages/s limit this lane may use (1.0 = all of it).
     rate_share: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # The icomm account it sends through: `default` (today's ICOMM_* variables) or one of SMS_ACCOUNTS.
+    account: Annotated[str, Field(pattern=_ACCOUNT_NAME.pattern)] = DEFAULT_ACCOUNT
     # --- traffic policy (worker.policy; config/example.env documents each) ---
     velocity: Velocity | None = None
     countries: Countries | None = None
@@ -208,6 +239,8 @@ class Settings(BaseSettings):
     sms_message_id_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")] = "sw"
     # NoDecode: the JSON is parsed by _lanes_json below, so a broken one is a named mistake, not a crash.
     sms_lanes: Annotated[dict[str, LaneConfig], NoDecode] = Field(default_factory=_default_lanes)
+    # More icomm accounts besides `default`: name -> AccountConfig (JSON, parsed like SMS_LANES).
+    sms_accounts: Annotated[dict[str, AccountConfig], NoDecode] = Field(default_factory=dict)
     sms_default_lane: str = "bulk"
     sms_default_sender: str | None = None
     sms_rate_limit_mps: Annotated[float, Field(ge=0)] = 0.0  # 0 = no limit
@@ -270,6 +303,11 @@ class Settings(BaseSettings):
     sms_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0 = no metrics server in workers
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # The values of the variables SMS_ACCOUNTS names (api_key_env, webhook_secret_env), read by
+    # load_settings / settings_from_env from the same sources as the settings; no field, so never
+    # shown by repr or a config dump. A Settings built directly reads them from os.environ.
+    _named_secrets: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("icomm_base_url")
     @classmethod
@@ -350,7 +388,7 @@ class Settings(BaseSettings):
     def _format_any_case(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("sms_lanes", mode="before")
+    @field_validator("sms_lanes", "sms_accounts", mode="before")
     @classmethod
     def _lanes_json(cls, value: Any) -> Any:
         # From the environment or an env file the lanes arrive as a JSON text.
@@ -371,6 +409,17 @@ class Settings(BaseSettings):
                 raise ValueError(f"lane name {name!r} must match {_LANE_NAME.pattern}")
         return value
 
+    @field_validator("sms_accounts")
+    @classmethod
+    def _account_names(cls, value: dict[str, AccountConfig]) -> dict[str, AccountConfig]:
+        for name in value:
+            if name == DEFAULT_ACCOUNT:
+                raise ValueError(f"{DEFAULT_ACCOUNT!r} is the account of ICOMM_BASE_URL and ICOMM_API_KEY; "
+                                 "give the other accounts other names")
+            if not _ACCOUNT_NAME.match(name):
+                raise ValueError(f"account name {name!r} must match {_ACCOUNT_NAME.pattern}")
+        return value
+
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
         # In this order: the first rule broken is the one named.
@@ -385,6 +434,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"SMS_DEFAULT_LANE={self.sms_default_lane!r} is not one of SMS_LANES ({', '.join(self.sms_lanes)})"
             )
+        known = [DEFAULT_ACCOUNT, *self.sms_accounts]
+        for lane, cfg in self.sms_lanes.items():
+            if cfg.account not in known:
+                raise ValueError(f"SMS_LANES: lane {lane!r} names account {cfg.account!r}, which SMS_ACCOUNTS does "
+                                 f"not define (the accounts: {', '.join(known)})")
 
     def _timeouts_coherent(self) -> None:
         # A claimed batch must not be recovered by another worker while its POST may still run.
@@ -442,12 +496,32 @@ class Settings(BaseSettings):
     def webhook_secret(self) -> str | None:
         return self.sms_webhook_secret.get_secret_value() if self.sms_webhook_secret else None
 
-    def webhook_delivery_url(self) -> str | None:
-        """The URL dispatched messages carry in `webhooks.delivery.url`, secret included as configured."""
+    def account_names(self) -> list[str]:
+        """The accounts in use: `default` when a lane sends through it (or no other account is
+        configured), then every account of SMS_ACCOUNTS (drained even with no lane left on it)."""
+        uses_default = not self.sms_accounts or any(
+            cfg.account == DEFAULT_ACCOUNT for cfg in self.sms_lanes.values())
+        return ([DEFAULT_ACCOUNT] if uses_default else []) + list(self.sms_accounts)
+
+    def named_secret(self, variable: str) -> str | None:
+        """The value of a variable SMS_ACCOUNTS names (None when unset or empty)."""
+        value = self._named_secrets.get(variable)
+        if value is None:
+            value = os.environ.get(variable)
+        return value or None
+
+    def account_secrets(self) -> list[str]:
+        """The values of every key and webhook secret SMS_ACCOUNTS names that is set (for redaction)."""
+        named = [v for spec in self.sms_accounts.values() for v in (spec.api_key_env, spec.webhook_secret_env) if v]
+        return [value for variable in named if (value := self.named_secret(variable))]
+
+    def webhook_delivery_url(self, secret: str | None = None) -> str | None:
+        """The URL dispatched messages carry in `webhooks.delivery.url`, secret included as configured
+        (`secret`: an account's own webhook secret instead of SMS_WEBHOOK_SECRET)."""
         if not self.sms_webhook_public_url:
             return None
         base = self.sms_webhook_public_url.rstrip("/")
-        secret = self.webhook_secret() or ""
+        secret = secret or self.webhook_secret() or ""
         if self.sms_webhook_auth == "path":
             return f"{base}{self.sms_webhook_path}/{secret}"
         if self.sms_webhook_auth == "basic":
@@ -469,15 +543,59 @@ def _check_http_url(value: str) -> str:
     return value.rstrip("/")
 
 
-def _validated(env_file: Path | None, values: Mapping[str, Any]) -> Settings:
-    if env_file is not None:
-        read_env_file(env_file)  # unreadable or not UTF-8: one clear line, before pydantic-settings reads it
+def _validated(env_file: Path | None, values: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    file_values = read_env_file(env_file) if env_file is not None else {}  # unreadable: one clear line
     try:
-        return Settings(_env_file=env_file, **values)  # type: ignore[call-arg]
+        settings = Settings(_env_file=env_file, **values)  # type: ignore[call-arg]
     except ValidationError as error:
         raise ConfigError(format_problems(error, _LANE_KEYS)) from None
     except SettingsError as error:  # a source could not be parsed at all
         raise ConfigError(str(error)) from None
+    _read_named_secrets(settings, os.environ if environ is None else environ, file_values)
+    return settings
+
+
+def _read_named_secrets(settings: Settings, environ: Mapping[str, str], file_values: Mapping[str, str | None]) -> None:
+    """Read the variables SMS_ACCOUNTS names, the environment winning over the env file as for the
+    settings; one line per value that could never be sent (never showing it). An unset key is
+    refused only where it is needed (worker.accounts, like ICOMM_API_KEY), so producers need no key."""
+    found: dict[str, str] = {}
+    problems: list[str] = []
+    for name, account in settings.sms_accounts.items():
+        named = (("api_key_env", account.api_key_env, api_key_problem),
+                 ("webhook_secret_env", account.webhook_secret_env, webhook_secret_problem))
+        for what, variable, check in named:
+            if variable is None:
+                continue
+            value = environ.get(variable) or file_values.get(variable) or ""
+            if not value:
+                continue
+            problem = check(value)
+            in_url = check is webhook_secret_problem and settings.sms_webhook_auth != "header"
+            if not problem and in_url and not re.fullmatch(r"[A-Za-z0-9._~-]+", value):
+                problem = (f"SMS_WEBHOOK_AUTH={settings.sms_webhook_auth} puts it in the webhook URL, so it may only "
+                           "contain letters, digits and . _ ~ -")
+            if problem:
+                problems.append(f"{variable} (the {what} of account {name!r} in SMS_ACCOUNTS): {problem}")
+            found[variable] = value
+    if problems:
+        raise ConfigError("\n".join(problems))
+    settings._named_secrets.update(found)
+
+
+def api_key_problem(key: str) -> str | None:
+    if any(c.isspace() or not c.isprintable() for c in key):
+        return "must not contain spaces or control characters (it is sent in a header)"
+    return None
+
+
+def webhook_secret_problem(secret: str) -> str | None:
+    # Long enough to be no guess (and to be redacted from logs, worker.logs.Redactor); sent in a header.
+    if len(secret) < 16:
+        return "must be at least 16 characters (e.g. `openssl rand -hex 32`)"
+    if any(c.isspace() or not c.isprintable() or not c.isascii() for c in secret):
+        return "must be printable ASCII without spaces (it is sent in a header)"
+    return None
 
 
 def settings_from_env(env: Mapping[str, str]) -> Settings:
@@ -491,7 +609,7 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         field = name.lower()
         if field in Settings.model_fields and value != "":  # empty means unset, as in the environment
             values[field] = value  # SMS_LANES's JSON is parsed by its validator
-    return _validated(env_file_path(env), values)
+    return _validated(env_file_path(env), values, env)
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -506,5 +624,31 @@ _LANE_KEYS = tuple(LaneConfig.model_fields)
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[UnknownVariable]:
     """Every SMS_*/ICOMM_* variable of the environment and the env file that is no setting (and, in
-    the env file, a near miss of REDIS_URL or LOG_*), with the setting it most likely meant."""
-    return settings_env.unknown_variables(SETTING_NAMES, environ)
+    the env file, a near miss of REDIS_URL or LOG_*), with the setting it most likely meant. The
+    variables SMS_ACCOUNTS names (its accounts' keys and webhook secrets) are no mistake."""
+    found = settings_env.unknown_variables(SETTING_NAMES, environ)
+    named = _variables_accounts_name(environ)
+    return [u for u in found if u.name.upper() not in named]
+
+
+def _variables_accounts_name(environ: Mapping[str, str] | None) -> set[str]:
+    """The api_key_env and webhook_secret_env names of SMS_ACCOUNTS, read leniently (a broken
+    SMS_ACCOUNTS is load_settings's to name)."""
+    environ = os.environ if environ is None else environ
+    text = environ.get("SMS_ACCOUNTS")
+    if not text:
+        try:
+            env_file = env_file_path(environ)
+            text = (read_env_file(env_file).get("SMS_ACCOUNTS") if env_file is not None else None) or ""
+        except ConfigError:
+            return set()
+    try:
+        accounts = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return set()
+    named: set[str] = set()
+    for account in accounts.values() if isinstance(accounts, dict) else ():
+        if isinstance(account, dict):
+            named |= {str(account[k]).upper() for k in ("api_key_env", "webhook_secret_env")
+                      if isinstance(account.get(k), str)}
+    return named

@@ -32,6 +32,8 @@ EXAMPLES: dict[str, str] = {
     "SMS_REDIS_ALLOW_VOLATILE": "false",
     "SMS_MESSAGE_ID_PREFIX": "sw",
     "SMS_LANES": '{"otp":{"batch_size":100,"max_wait_ms":0},"bulk":{"batch_size":1000,"max_wait_ms":250}}',
+    "SMS_ACCOUNTS": ('{"marketing":{"base_url":"https://apisms.trx.icommarketing.com",'
+                     '"api_key_env":"MARKETING_ICOMM_API_KEY","rate_limit_mps":100}}'),
     "SMS_DEFAULT_LANE": "bulk",
     "SMS_DEFAULT_SENDER": "ACME",
     "SMS_RATE_LIMIT_MPS": "500",
@@ -127,6 +129,10 @@ def problem_line(item: ErrorDetails, lane_keys: Sequence[str]) -> str:
         line = _lanes_line(item, loc[1:], message, lane_keys)
         if line is not None:
             return line
+    if variable == "SMS_ACCOUNTS":
+        line = _accounts_line(item, loc[1:], message)
+        if line is not None:
+            return line
     return f"{variable}{_shown(variable, item.get('input'))}: {message}{_hint(variable)}"
 
 
@@ -148,3 +154,40 @@ def _lanes_line(item: ErrorDetails, where: list[str], message: str, lane_keys: S
     if inner and inner[0] in LANE_POLICY_EXAMPLES:
         hint = f" (example: \"{inner[0]}\":{LANE_POLICY_EXAMPLES[inner[0]]})"
     return f"SMS_LANES: lane {lane!r}: {'.'.join(inner)}={item.get('input')!r}: {message}{hint}"
+
+
+_ACCOUNT_KEYS = ("base_url", "api_key_env", "rate_limit_mps", "rate_limit_rps", "entity_id", "application_id",
+                 "webhook_secret_env")
+
+
+def _accounts_line(item: ErrorDetails, where: list[str], message: str) -> str | None:
+    """The line for a mistake inside SMS_ACCOUNTS (`where` is the path below it), or None for the
+    general form. The value of a key that is not an account's is never shown: it may be a key
+    someone put into the JSON."""
+    hint = _hint("SMS_ACCOUNTS")
+    if not where:
+        if item["type"] == "dict_type":
+            return f"SMS_ACCOUNTS: must be a JSON object of accounts, account name to its settings{hint}"
+        return None
+    account, inner = where[0], where[1:]
+    if item["type"] == "extra_forbidden" and len(inner) == 1:
+        if "key" in inner[0].lower() or "secret" in inner[0].lower():
+            return (f"SMS_ACCOUNTS: account {account!r} has a key {inner[0]!r}: secrets never go into SMS_ACCOUNTS; "
+                    "put the key in a variable of its own and name that variable in api_key_env "
+                    "(webhook secret: webhook_secret_env)")
+        close = difflib.get_close_matches(inner[0], _ACCOUNT_KEYS, n=1)
+        guess = f"did you mean {close[0]}? " if close else ""
+        return (f"SMS_ACCOUNTS: account {account!r} has an unknown key {inner[0]!r} "
+                f"({guess}an account has {', '.join(_ACCOUNT_KEYS)})")
+    if not inner and item["type"] in _NOT_AN_OBJECT:
+        return f"SMS_ACCOUNTS: account {account!r} must be a JSON object of {', '.join(_ACCOUNT_KEYS)}{hint}"
+    if item["type"] == "missing" and inner:
+        return f"SMS_ACCOUNTS: account {account!r}: {'.'.join(inner)} is required{hint}"
+    return f"SMS_ACCOUNTS: account {account!r}: {'.'.join(inner)}={_short(item.get('input'))}: {message}{hint}"
+
+
+def _short(raw: Any) -> str:
+    """A value as given, a URL's password hidden."""
+    if isinstance(raw, str):
+        raw = re.sub(r"(://[^/@:\s]*:)[^/@\s]*@", r"\1***@", raw)
+    return repr(raw)

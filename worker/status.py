@@ -10,7 +10,7 @@ from typing import Any
 
 from worker import redis_health
 from worker.policy import LanePolicy
-from worker.settings import Settings
+from worker.settings import DEFAULT_ACCOUNT, Settings
 from worker.store import Store
 from worker.store.ops import LaneSnapshot
 
@@ -49,6 +49,9 @@ class SystemStatus:
     # What the server will do with our data (worker.redis_health): its configuration, the findings
     # (eviction, no persistence, replica, unknown) and since when it holds this data set (marker).
     redis: dict[str, Any] = field(default_factory=dict)
+    # Per icomm account (worker.accounts): its lanes, limits, booked-ahead time, last drain and the
+    # lanes it has paused; never its key. The default account's limiter and drain are also above.
+    accounts: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,12 +70,32 @@ class StatusConfig:
     rate_limit_mps: float  # 0: no limit
     rate_limit_rps: float
     policies: tuple[LanePolicy, ...] = ()  # the configured lanes' traffic policies
+    accounts: tuple[AccountView, ...] = ()  # the accounts in use (Settings.account_names())
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StatusConfig:
+        views = []
+        for name in settings.account_names():
+            lanes = tuple(lane for lane, cfg in settings.sms_lanes.items() if cfg.account == name)
+            if name == DEFAULT_ACCOUNT:
+                views.append(AccountView(name, lanes, settings.sms_rate_limit_mps, settings.sms_rate_limit_rps))
+            else:
+                spec = settings.sms_accounts[name]
+                views.append(AccountView(name, lanes, spec.rate_limit_mps, spec.rate_limit_rps))
         return cls(lanes=tuple(settings.sms_lanes), allow_volatile=settings.sms_redis_allow_volatile,
                    rate_limit_mps=settings.sms_rate_limit_mps, rate_limit_rps=settings.sms_rate_limit_rps,
-                   policies=tuple(LanePolicy.of(lane, cfg) for lane, cfg in settings.sms_lanes.items()))
+                   policies=tuple(LanePolicy.of(lane, cfg) for lane, cfg in settings.sms_lanes.items()),
+                   accounts=tuple(views))
+
+
+@dataclass(frozen=True)
+class AccountView:
+    """What status shows of an account: no URL credentials, no key."""
+
+    name: str
+    lanes: tuple[str, ...]
+    rate_limit_mps: float
+    rate_limit_rps: float
 
 
 def collect(config: StatusConfig, store: Store, *, all_outboxes: bool = False) -> SystemStatus:
@@ -103,8 +126,29 @@ def collect(config: StatusConfig, store: Store, *, all_outboxes: bool = False) -
         # How far ahead of now the shared bucket is booked (0 = tokens available now).
         "booked_ahead_ms": max(0.0, round((tat / 1e6 - now) * 1000, 1)) if tat is not None else 0.0,
     }
+    accounts = _accounts(config, store, statuses, limiter, snap.last_drain or None, now)
     return SystemStatus(statuses, ambiguous, snap.awaiting, snap.dead_letters, snap.parked, snap.events, limiter,
-                        snap.last_drain or None, workers, redis=redis_info)
+                        snap.last_drain or None, workers, redis=redis_info, accounts=accounts)
+
+
+def _accounts(config: StatusConfig, store: Store, lanes: list[LaneStatus], limiter: dict[str, Any],
+              last_drain: dict[str, Any] | None, now: float) -> list[dict[str, Any]]:
+    """One entry per account; the default account's limiter and drain are the ones read above, an
+    other account's cost one round trip each (only configurations with SMS_ACCOUNTS pay it)."""
+    paused = {lane.lane: lane.paused for lane in lanes if lane.paused}
+    out = []
+    for view in config.accounts:
+        if view.name == DEFAULT_ACCOUNT:
+            booked, drain = limiter["booked_ahead_ms"], last_drain
+        else:
+            tat, record = store.account_state(f"acct:{view.name}:mps", view.name)
+            booked = max(0.0, round((tat / 1e6 - now) * 1000, 1)) if tat is not None else 0.0
+            drain = record or None
+        out.append({"account": view.name, "lanes": list(view.lanes),
+                    "messages_per_s": view.rate_limit_mps or None, "requests_per_s": view.rate_limit_rps or None,
+                    "booked_ahead_ms": booked, "last_drain": drain,
+                    "paused": {lane: paused[lane] for lane in view.lanes if lane in paused}})
+    return out
 
 
 def _add_policies(config: StatusConfig, store: Store, statuses: list[LaneStatus]) -> None:
@@ -189,6 +233,7 @@ def render(status: SystemStatus) -> str:
         ("events stream length", [f"{status.events:,}"]),
         ("rate limiter", [f"{rates}; booked ahead {booked}"]),
         ("last drain", [_render_drain(status.last_drain)]),
+        *_render_accounts(status.accounts),
         ("workers", _render_workers(status.workers)),
         *_render_policies(status.lanes),
         *_render_redis(status.redis),
@@ -218,6 +263,22 @@ def _render_drain(drain: dict[str, Any] | None) -> str:
     when = f"{at} ({duration(ago)} ago)" if ago >= 0 else at
     return (f"{when}: {drain.get('outcome') or '?'}, {_plural(drain.get('pages', '?'), 'page')}, "
             f"{_plural(drain.get('reports', '?'), 'report')}")
+
+
+def _render_accounts(accounts: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """One line per account, once there is more than the default one (a configuration without
+    SMS_ACCOUNTS reads as before)."""
+    if not accounts or [a["account"] for a in accounts] == [DEFAULT_ACCOUNT]:
+        return []
+    lines = []
+    for a in accounts:
+        rates = ", ".join(f"{unit} {'no limit' if a[key] is None else f'{a[key]:g}'}"
+                          for key, unit in (("messages_per_s", "messages/s"), ("requests_per_s", "requests/s")))
+        paused = ", ".join(f"{lane} {reason}" for lane, reason in a["paused"].items())
+        lines.append(f"{a['account']}: lanes {', '.join(a['lanes']) or 'none'}; {rates}; booked ahead "
+                     f"{duration(float(a['booked_ahead_ms']) / 1000)}; last drain {_render_drain(a['last_drain'])}"
+                     + (f"; PAUSED {paused}" if paused else ""))
+    return [("accounts", lines)]
 
 
 def _render_workers(workers: list[dict[str, Any]]) -> list[str]:

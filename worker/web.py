@@ -25,7 +25,7 @@ import hmac
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import structlog
@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from worker import metrics, redis_health
-from worker.errors import SmsWorkerError, StoreError
+from worker.errors import ConfigError, SmsWorkerError, StoreError
 from worker.producer import connect_store, connect_triggers
 from worker.reports import WebhookBodyError, ingest_webhook
 from worker.settings import Settings
@@ -55,19 +55,41 @@ class WebConfig:
 
     path: str
     auth: Literal["header", "basic", "path"]
-    secret: str | None
+    secret: str | None = field(repr=False)
     max_body_bytes: int
     lanes: tuple[str, ...]
+    # (page source, secret) per account with a webhook secret of its own (SMS_ACCOUNTS'
+    # webhook_secret_env); a call authenticated by one is stored as `webhook:{account}`.
+    account_secrets: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WebConfig:
+        """Raises ConfigError when a webhook_secret_env of SMS_ACCOUNTS names an unset variable."""
+        account_secrets, missing = [], []
+        for name, spec in settings.sms_accounts.items():
+            if spec.webhook_secret_env is None:
+                continue
+            value = settings.named_secret(spec.webhook_secret_env)
+            if value is None:
+                missing.append(f"{spec.webhook_secret_env} is not set: it holds the webhook secret of account "
+                               f"{name!r} (its webhook_secret_env in SMS_ACCOUNTS)")
+            else:
+                account_secrets.append((f"webhook:{name}", value))
+        if missing:
+            raise ConfigError("\n".join(missing))
         return cls(
             path=settings.sms_webhook_path,
             auth=settings.sms_webhook_auth,
             secret=settings.webhook_secret(),
             max_body_bytes=settings.sms_webhook_max_body_bytes,
             lanes=tuple(settings.sms_lanes),
+            account_secrets=tuple(account_secrets),
         )
+
+    def secrets(self) -> list[tuple[str, str]]:
+        """(page source, secret) of every secret a webhook call may carry: SMS_WEBHOOK_SECRET's
+        calls keep the source `webhook`."""
+        return ([("webhook", self.secret)] if self.secret else []) + list(self.account_secrets)
 
 
 @dataclass
@@ -104,10 +126,10 @@ def create_app(
     """The ASGI app; without `store`, the lifespan connects to Redis and a Dramatiq broker."""
     state = WebState(store, wake)
     web = WebConfig.from_settings(settings)
-    secret = web.secret
+    secrets = web.secrets()
     mode = web.auth
     max_body = web.max_body_bytes
-    if not secret:
+    if not secrets:
         log.warning("webhook_disabled", reason="SMS_WEBHOOK_SECRET is not set; the webhook answers 503",
                     path=web.path)
 
@@ -119,7 +141,7 @@ def create_app(
             triggers = connect_triggers(settings, state.store)
             state.wake = triggers.process_reports
         log.info("web_started", webhook_path=web.path, webhook_auth=mode,
-                 webhook_enabled=bool(secret), max_body_bytes=max_body)
+                 webhook_enabled=bool(secrets), max_body_bytes=max_body)
         try:
             yield
         finally:
@@ -127,12 +149,18 @@ def create_app(
                 state.store.close()
                 triggers.broker.close()
 
-    def authenticated(request: Request, secret: str) -> bool:
+    def authenticated(request: Request) -> str | None:
+        """The page source of the secret the call carries (`webhook` for SMS_WEBHOOK_SECRET,
+        `webhook:{account}` for an account's own), or None. Every secret is compared, in constant
+        time, whichever matches: the time taken says nothing about which one is close."""
         if mode == "header":
-            return _same(request.headers.get(SECRET_HEADER), secret)
-        if mode == "basic":
-            return _same(_basic_password(request.headers.get("authorization")), secret)
-        return _same(request.path_params.get("token"), secret)
+            given = request.headers.get(SECRET_HEADER)
+        elif mode == "basic":
+            given = _basic_password(request.headers.get("authorization"))
+        else:
+            given = request.path_params.get("token")
+        matched = [source for source, secret in secrets if _same(given, secret)]
+        return matched[0] if matched else None
 
     async def read_body(request: Request) -> bytes | None:
         """The body, or None once it exceeds the cap (counted as it streams, whatever it claims)."""
@@ -153,9 +181,10 @@ def create_app(
                         duration_ms=round((time.perf_counter() - started) * 1000, 1))
             return _error(status, message, headers)
 
-        if not secret:
+        if not secrets:
             return refuse(503, "the webhook is not configured (no shared secret)")
-        if not authenticated(request, secret):
+        source = authenticated(request)
+        if source is None:
             challenge = {"WWW-Authenticate": 'Basic realm="icomm-webhook"'} if mode == "basic" else None
             return refuse(401, "unauthenticated", challenge)
         media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -174,7 +203,7 @@ def create_app(
         if store is None:
             return refuse(503, "not ready")
         try:
-            ingested = await run_in_threadpool(ingest_webhook, store, body)
+            ingested = await run_in_threadpool(ingest_webhook, store, body, source)
         except WebhookBodyError as error:
             return refuse(400, str(error))
         except StoreError as error:

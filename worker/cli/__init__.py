@@ -204,6 +204,7 @@ def _add_operations(sub: Any) -> None:
     p.add_argument("--general-status", choices=["ACCEPTED", "PENDING", "UNDELIVERABLE", "DELIVERED", "EXPIRED",
                                                 "REJECTED"])
     p.add_argument("--limit", type=int)
+    p.add_argument("--account", help="the icomm account whose logs to read (SMS_ACCOUNTS; default: default)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_logs)
 

@@ -109,11 +109,14 @@ def _when(value: str | None) -> datetime | None:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    from worker.accounts import Accounts
     from worker.provider import Provider, ProviderConfig
 
     settings = common.settings()
-    settings.require_api_key()
-    with Provider(ProviderConfig.from_settings(settings)) as provider:
+    accounts = Accounts.from_settings(settings)
+    account = accounts.get(args.account) if getattr(args, "account", None) else accounts.default
+    Accounts({account.name: account}, {}).require_keys()
+    with Provider(ProviderConfig.from_settings(settings, account)) as provider:
         try:
             entries = provider.logs(
                 message_id=args.message_id, bulk_id=args.bulk_id, campaign_reference_id=args.campaign_reference_id,
@@ -150,6 +153,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from worker.accounts import Accounts
     from worker.provider import Provider, ProviderConfig
     from worker.redis_health import inspect
     from worker.settings import unknown_variables
@@ -157,7 +161,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     # The configuration first, whole: a wrong or missing setting stops the check before anything is
     # reached (ConfigError, exit 2). Variables that are no setting (misspelt ones) are warnings.
     settings = common.settings()
-    settings.require_api_key()
+    accounts = Accounts.from_settings(settings).require_keys()  # every account's key
     print("configuration: ok")
     for unknown in unknown_variables():
         print(f"configuration warning: {unknown.line()}")
@@ -174,8 +178,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"redis {'accepted' if finding.acknowledged else finding.level}: {finding.line()}")
     for finding in problems:
         print(f"sms-worker: {finding.line()}", file=sys.stderr)
-    with Provider(ProviderConfig.from_settings(settings)) as provider:
-        # GET /sms/3/logs is read-only and re-readable; GET /sms/3/reports would consume reports.
-        provider.logs(limit=1)
-    print(f"icomm API: ok ({settings.icomm_base_url})")
+    for account in accounts.accounts.values():
+        with Provider(ProviderConfig.from_settings(settings, account)) as provider:
+            # GET /sms/3/logs is read-only and re-readable; GET /sms/3/reports would consume reports.
+            provider.logs(limit=1)
+        which = "" if account.is_default else f" (account {account.name})"
+        print(f"icomm API{which}: ok ({account.base_url})")
     return 1 if problems else 0

@@ -57,8 +57,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.accounts import Accounts
+
     settings = common.settings()  # fail here, with the clear message, before dramatiq forks
-    settings.require_api_key()
+    Accounts.from_settings(settings).require_keys()  # every account's key (ICOMM_API_KEY for `default`)
     if settings.sms_metrics_port:
         # Counters of all forked worker processes are summed from files here (prometheus_client's
         # multiprocess mode); it must be set before any process imports prometheus_client.

@@ -205,20 +205,24 @@ def _trace_number(settings: Settings, store: Store, args: argparse.Namespace, nu
 def _add_provider(settings: Settings, traces: list[Trace]) -> bool:
     """Attach the provider's log entry to each trace (GET /sms/3/logs, as many ids per request as its
     2048-character filter holds); False when the provider could not be asked (each trace says why)."""
+    from worker.accounts import Accounts
     from worker.provider import Provider, ProviderConfig, chunk_message_ids
     from worker.trace import provider_view
 
-    config = ProviderConfig.from_settings(settings)  # ConfigError (exit 2) without ICOMM_API_KEY
-    loggable = []
+    # Each message is looked up in the logs of its lane's account (worker.accounts).
+    accounts = Accounts.from_settings(settings).require_keys()  # ConfigError (exit 2) without a key
+    loggable: dict[str, list[str]] = {}
     for trace in traces:
         try:
             chunk_message_ids([trace.message_id])
-            loggable.append(trace.message_id)
+            loggable.setdefault(accounts.of_lane(trace.lane or "").name, []).append(trace.message_id)
         except ValueError as error:
             trace.provider = provider_view(None, str(error))
+    entries = {}
     try:
-        with Provider(config) as provider:
-            entries = provider.logs_for_message_ids(loggable) if loggable else {}
+        for name, ids in loggable.items():
+            with Provider(ProviderConfig.from_settings(settings, accounts.get(name))) as provider:
+                entries.update(provider.logs_for_message_ids(ids))
     except ProviderError as error:
         for trace in traces:
             trace.provider = trace.provider or provider_view(None, str(error))

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from worker.settings import LaneConfig, Settings
+from worker.settings import DEFAULT_ACCOUNT, LaneConfig, Settings
 from worker.store import FENCE_MARGIN_MS
+
+if TYPE_CHECKING:  # a Route carries them; this module only describes where a lane's batches go
+    from worker.provider import Provider
+    from worker.ratelimit import RateLimiter
 
 # How long one Dramatiq message keeps dispatching before it hands over to a fresh message, so a
 # long backlog never holds a worker thread past the actor's time limit or a shutdown.
@@ -71,3 +76,16 @@ class DispatchConfig:
             webhook_url=settings.webhook_delivery_url(),
             schedule_horizon_s=settings.sms_schedule_horizon_s,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a lane's batches go (worker.accounts): its account's Provider and RateLimiter, the
+    lanes that share its key (an accepted request lifts their auth pauses, and only theirs), and the
+    webhook URL its messages carry (its own webhook secret)."""
+
+    provider: Provider
+    limiter: RateLimiter
+    account: str = DEFAULT_ACCOUNT
+    lanes: tuple[str, ...] = ()
+    webhook_url: str | None = None

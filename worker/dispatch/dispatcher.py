@@ -12,7 +12,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,7 +31,7 @@ from worker.dispatch.classify import (
     plan_absent,
     plan_submitted,
 )
-from worker.dispatch.config import LISTEN_SLICE_MS, RUN_BUDGET_S, DispatchConfig
+from worker.dispatch.config import LISTEN_SLICE_MS, RUN_BUDGET_S, DispatchConfig, Route
 from worker.dispatch.counts import count_settled, note_verdicts
 from worker.dispatch.guarded import Guard
 from worker.dispatch.jobs import later_than, parse_job
@@ -39,7 +39,7 @@ from worker.errors import ProviderError
 from worker.models import State, lenient_job
 from worker.provider import Provider, wire_message_from_dict, wire_request
 from worker.ratelimit import RateLimiter
-from worker.settings import LaneConfig
+from worker.settings import DEFAULT_ACCOUNT, LaneConfig
 from worker.sms_text import sms_parts
 from worker.store import Claim, ClaimKind, Entry, Outcome, Store
 
@@ -92,17 +92,23 @@ class Dispatcher:
         wake: Wake,
         consumer: str,
         stopping: Callable[[], bool] = lambda: False,
+        routes: Mapping[str, Route] | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        # The default account's; a lane of another account has its own in `routes` (lane -> Route).
         self.provider = provider
         self.limiter = limiter
+        self._default_route = Route(provider, limiter, DEFAULT_ACCOUNT,
+                                    tuple(lane for lane in config.lanes if routes is None or lane not in routes),
+                                    config.webhook_url)
+        self.routes: dict[str, Route] = dict(routes or {})
         self.wake = wake
         self.consumer = consumer
         self.stopping = stopping
         self._last_recover: dict[str, float] = {}
         self._recovering: dict[str, bool] = {}
-        self._auth_checked = -1e9
+        self._auth_checked: dict[str, float] = {}
         self._guard = Guard(config, store, consumer)
 
     # --- the loop ------------------------------------------------------------------------------
@@ -149,7 +155,8 @@ class Dispatcher:
 
     def _next_batch(self, lane: str, cfg: LaneConfig, deadline: float) -> _Step:
         """Tokens from the limiter, then a claim of as many entries."""
-        granted, wait_ms = self.limiter.acquire(lane, cfg.batch_size)
+        limiter = self.route(lane).limiter
+        granted, wait_ms = limiter.acquire(lane, cfg.batch_size)
         if not granted:
             if time.monotonic() + wait_ms / 1000 < deadline:
                 metrics.LIMITER_WAIT.observe(wait_ms / 1000)
@@ -165,7 +172,7 @@ class Dispatcher:
             # A backlog of stale entries (every batch tried during a provider outage comes back
             # this way): keep taking it at full speed, not one batch per recover_every_s.
             self._recovering[lane] = True
-        self.limiter.refund(lane, granted - len(claim.entries), request_unused=not claim.entries)
+        limiter.refund(lane, granted - len(claim.entries), request_unused=not claim.entries)
         if claim.entries:
             return _Step(claim.entries)
         return self._nothing_claimed(lane, cfg, claim, deadline)
@@ -191,6 +198,10 @@ class Dispatcher:
             if self.store.wait_for_new(lane, after_id, min(left_ms, LISTEN_SLICE_MS)):
                 return True
         return False
+
+    def route(self, lane: str) -> Route:
+        """The provider, limiter and account of `lane` (the default account's for a lane not routed)."""
+        return self.routes.get(lane) or self._default_route
 
     def _recover_due(self, lane: str) -> bool:
         now = time.monotonic()
@@ -253,9 +264,10 @@ class Dispatcher:
         batch.waiting += plan.waiting
         batch.outcomes += [Outcome.acknowledge(item.message_id, item.entry_id) for item in plan.acknowledge]
         if plan.send:
-            if self.limiter.limits_messages:
+            limiter = self.route(lane).limiter
+            if limiter.limits_messages:
                 # Tokens were granted per message before the claim; multi-part texts owe the rest.
-                self.limiter.charge_parts(lane, sum(sms_parts(item.job["text"]) - 1 for item in plan.send))
+                limiter.charge_parts(lane, sum(sms_parts(item.job["text"]) - 1 for item in plan.send))
             self._send_fenced(batch, plan.send, fence, opened)
         if plan.check:
             self._reconcile(batch, plan.check)
@@ -401,19 +413,20 @@ class Dispatcher:
         """One bulk request, and the decision on its answer performed at once (our own decisions
         guarded by `guard`); a 400 for several messages is split in halves, each sent on its own,
         until the bad message is alone."""
+        route = self.route(batch.lane)
         messages = [
             wire_message_from_dict(item.job, item.message_id, default_sender=self.config.default_sender,
-                                   webhook_url=self.config.webhook_url)
+                                   webhook_url=route.webhook_url)
             for item in items
         ]
         batch.requests += 1
         metrics.BATCH_SIZE.observe(len(messages))
         try:
-            response = self.provider.send(wire_request(messages), on_rate_limited=self.limiter.penalize, fence=alive)
+            response = route.provider.send(wire_request(messages), on_rate_limited=route.limiter.penalize, fence=alive)
         except ProviderError as error:
             decision = classify_error(self.config, batch.lane, items, error, now_ms=events.now_ms())
         else:
-            self._lift_auth_pauses()
+            self._lift_auth_pauses(route)
             decision = classify_response(self.config, batch.lane, items, response, resend=resend,
                                          now_ms=events.now_ms())
         if decision.split:
@@ -426,17 +439,19 @@ class Dispatcher:
                 o.guard = guard
         self._perform(batch, decision)
 
-    def _lift_auth_pauses(self) -> None:
-        """The provider just took a request with our key: a lane paused for a 401/403 (by any
-        process, e.g. before the key was fixed) need not wait out SMS_AUTH_PAUSE_S. Looked at
-        once a second at most."""
+    def _lift_auth_pauses(self, route: Route) -> None:
+        """The provider just took a request with the key of `route`'s account: a lane of that account
+        paused for a 401/403 (by any process, e.g. before the key was fixed) need not wait out
+        SMS_AUTH_PAUSE_S. Another account's lanes keep theirs: their key is another one. Looked at
+        once a second per account at most."""
         now = time.monotonic()
-        if now - self._auth_checked < 1.0:
+        if now - self._auth_checked.get(route.account, -1e9) < 1.0 or not route.lanes:
             return
-        self._auth_checked = now
-        for lane in self.store.paused_lanes(list(self.config.lanes), reason="auth"):
+        self._auth_checked[route.account] = now
+        for lane in self.store.paused_lanes(list(route.lanes), reason="auth"):
             self.store.resume(lane)
-            log.info("auth_pause_lifted", lane=lane, why="a request with the same key was accepted")
+            log.info("auth_pause_lifted", lane=lane, account=route.account,
+                     why="a request with the same key was accepted")
 
     # --- reconciliation ------------------------------------------------------------------------
     def _reconcile(self, batch: _Batch, items: list[Item]) -> None:
@@ -467,15 +482,17 @@ class Dispatcher:
         missing ones (none when the logs could not be read: a later reconcile asks again)."""
         by_id = {item.message_id: item for item in items}
         checker = self._checker()
+        # The logs of the account that sent them: the lane's (module docstring of worker.accounts).
+        route = self.route(batch.lane)
 
         def before_logs_call() -> None:
             # The logs endpoint allows ~2 calls/s: a big check can outlast the lease, so keep it alive.
-            self.limiter.wait_for_logs_call()
+            route.limiter.wait_for_logs_call()
             self.store.renew_checks(list(by_id), checker, self.config.lease_ms)
 
         try:
-            found = self.provider.logs_for_message_ids(
-                list(by_id), before_request=before_logs_call, on_rate_limited=self.limiter.penalize
+            found = route.provider.logs_for_message_ids(
+                list(by_id), before_request=before_logs_call, on_rate_limited=route.limiter.penalize
             )
         except ProviderError as error:
             # No verdict: leave them pending; a later reconcile (or recovery) asks again.

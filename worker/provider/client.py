@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httpx
 import orjson
@@ -51,6 +51,9 @@ from worker.provider.responses import LogEntry, SendResponse, is_duplicate, pars
 from worker.provider.retries import RetryPolicy, log_retry
 from worker.provider.wire import SEND_PATH, WireRequest
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.accounts import Account
 
 # One logger name for the whole package, as when it was one module: log filters keep working.
 log = structlog.get_logger("worker.provider")
@@ -77,11 +80,12 @@ class ProviderConfig:
     retry_backoff_max_s: float
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ProviderConfig:
-        """Raises ConfigError when ICOMM_API_KEY is unset: no Provider without a key."""
+    def from_settings(cls, settings: Settings, account: Account | None = None) -> ProviderConfig:
+        """Raises ConfigError when ICOMM_API_KEY is unset: no Provider without a key. With `account`
+        (worker.accounts), that account's URL and key (checked by Accounts.require_keys)."""
         return cls(
-            api_key=settings.require_api_key(),
-            base_url=settings.icomm_base_url,
+            api_key=account.api_key if account is not None else settings.require_api_key(),
+            base_url=account.base_url if account is not None else settings.icomm_base_url,
             connect_timeout_s=settings.icomm_connect_timeout_s,
             read_timeout_s=settings.icomm_read_timeout_s,
             write_timeout_s=settings.icomm_write_timeout_s,

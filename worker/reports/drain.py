@@ -17,15 +17,18 @@ import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import structlog
 
 from worker import events, metrics
 from worker.errors import ProviderAuthError, ProviderError, StoreError
-from worker.settings import Settings
+from worker.settings import DEFAULT_ACCOUNT, Settings
 from worker.store import Store, consumer_name
 from worker.triggers import DRAIN_REPORTS
+
+if TYPE_CHECKING:
+    from worker.accounts import Account
 
 log = structlog.get_logger("worker.reports")
 
@@ -74,14 +77,26 @@ class DrainConfig:
     entity_id: str | None = None
     application_id: str | None = None
     campaign_reference_id: str | None = None
+    # Whose reports (worker.accounts): the default account's keep today's lease and page source.
+    account: str = DEFAULT_ACCOUNT
+    lease: str = DRAIN_LEASE
+    source: str = "drain"
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> DrainConfig:
+    def from_settings(cls, settings: Settings, account: Account | None = None) -> DrainConfig:
+        """The default account's drain, or `account`'s (its entityId/applicationId filters)."""
+        if account is None:
+            return cls(
+                lease_ms=int(settings.sms_lease_s * 1000),
+                entity_id=settings.sms_reports_entity_id,
+                application_id=settings.sms_reports_application_id,
+                campaign_reference_id=settings.sms_reports_campaign_reference_id,
+            )
         return cls(
-            lease_ms=int(settings.sms_lease_s * 1000),
-            entity_id=settings.sms_reports_entity_id,
-            application_id=settings.sms_reports_application_id,
+            lease_ms=int(settings.sms_lease_s * 1000), entity_id=account.entity_id,
+            application_id=account.application_id,
             campaign_reference_id=settings.sms_reports_campaign_reference_id,
+            account=account.name, lease=account.drain_lease, source=account.drain_source,
         )
 
     def filters(self) -> dict[str, str | None]:
@@ -170,7 +185,11 @@ class Drainer:
         processing is idempotent, so a page fetched by a drainer that lost its lease during the GET
         is applied like any other (it used to be dead-lettered as drain_fenced, where nothing read
         it). A stale token only tells this drainer to stop fetching."""
-        return self.store.append_report_page(page, token, DRAIN_LEASE)
+        return self.store.append_report_page(page, token, self.config.lease, source=self.config.source)
+
+    def _account_arg(self) -> str | None:
+        """The account as the drain actor and the last-drain record name it: None for the default one."""
+        return None if self.config.account == DEFAULT_ACCOUNT else self.config.account
 
     # --- storing a fetched page ------------------------------------------------------------------
     def _store(self, held: _Held) -> bool:
@@ -215,7 +234,7 @@ class Drainer:
                     error=str(error), detail="kept in memory; no page is fetched until it is stored")
         time.sleep(min(STORE_BACKOFF_MAX_S, STORE_BACKOFF_S * 2 ** min(attempt, 10)))
         with contextlib.suppress(StoreError):
-            token = self.store.lease(DRAIN_LEASE, held.holder, self.lease_ms)
+            token = self.store.lease(self.config.lease, held.holder, self.lease_ms)
             held.token = token or held.token
 
     # --- a drain ---------------------------------------------------------------------------------
@@ -232,7 +251,7 @@ class Drainer:
         started = time.perf_counter()
         held = self._held
         run = _Run(held.holder if held else f"{consumer_name()}:{uuid.uuid4().hex[:12]}")
-        token = self.store.lease(DRAIN_LEASE, run.holder, self.lease_ms)
+        token = self.store.lease(self.config.lease, run.holder, self.lease_ms)
         if not token and held is None:
             log.debug("reports_drain_skipped", reason="another drainer holds the lease")
             return DrainResult("busy")
@@ -246,7 +265,7 @@ class Drainer:
         if run.outcome in ("drained", "page_limit"):
             with contextlib.suppress(StoreError):
                 self.store.record_last_drain({"at": events.now_iso(), "pages": run.pages, "reports": run.reports,
-                                              "outcome": run.outcome})
+                                              "outcome": run.outcome}, account=self._account_arg())
         return DrainResult(run.outcome, run.pages, run.reports)
 
     def _store_held_first(self, run: _Run, held: _Held, token: int) -> None:
@@ -262,7 +281,7 @@ class Drainer:
 
     def _next_page(self, run: _Run) -> None:
         """Renew the lease, fetch one page and store it; sets run.outcome when the drain ends."""
-        token = self.store.lease(DRAIN_LEASE, run.holder, self.lease_ms)
+        token = self.store.lease(self.config.lease, run.holder, self.lease_ms)
         if not token:
             run.outcome = "lease_lost"
             return
@@ -294,12 +313,13 @@ class Drainer:
             return self.provider.reports_raw(limit=PAGE_SIZE, **self.filters)
         except ProviderAuthError as error:
             run.outcome = "auth_error"
-            log.error("reports_drain_auth_failed", status=error.status_code, error=str(error))
+            log.error("reports_drain_auth_failed", account=self.config.account, status=error.status_code,
+                      error=str(error))
         except ProviderError as error:
             # An ambiguous GET may have handed out a page we never saw: nothing can bring it back
             # (the logs endpoint can, per message, for 48 h).
             run.outcome = "provider_error"
-            log.warning("reports_drain_failed", error_class=type(error).__name__,
+            log.warning("reports_drain_failed", account=self.config.account, error_class=type(error).__name__,
                         status=error.status_code, error=str(error))
         return None
 
@@ -308,8 +328,9 @@ class Drainer:
         if self._held is None:
             # (With a page still held the lease is kept until it expires: nobody fetches meanwhile.)
             with contextlib.suppress(StoreError):
-                self.store.release_lease(DRAIN_LEASE, run.holder)
+                self.store.release_lease(self.config.lease, run.holder)
         if self.wake is not None and run.outcome == "page_limit":
-            self.wake.send(DRAIN_REPORTS)  # more may be waiting: a fresh message carries on
-        log.info("reports_drained", pages=run.pages, reports=run.reports, outcome=run.outcome,
-                 duration_ms=round((time.perf_counter() - started) * 1000, 1))
+            # More may be waiting: a fresh message carries on (the default account's takes no argument).
+            self.wake.send(DRAIN_REPORTS, *([] if self._account_arg() is None else [self.config.account]))
+        log.info("reports_drained", account=self.config.account, pages=run.pages, reports=run.reports,
+                 outcome=run.outcome, duration_ms=round((time.perf_counter() - started) * 1000, 1))

@@ -12,7 +12,7 @@ from worker.store import Store
 log = structlog.get_logger("worker.reports")
 
 
-def ingest_webhook(store: Store, body: bytes) -> WebhookBody:
+def ingest_webhook(store: Store, body: bytes, source: str = "webhook") -> WebhookBody:
     """Validate a webhook body and store it: its good reports in the raw stream (the body verbatim
     when all are good), its malformed ones in the dead letters, in one MULTI/EXEC.
 
@@ -24,7 +24,7 @@ def ingest_webhook(store: Store, body: bytes) -> WebhookBody:
     sorted_out = sort_webhook_body(body)
     if sorted_out.page is None and not sorted_out.dead:
         return sorted_out  # `{results: []}`: nothing to keep
-    store.store_webhook_reports(sorted_out.page, sorted_out.dead)
+    store.store_webhook_reports(sorted_out.page, sorted_out.dead, source)
     if sorted_out.dead:
         problems = [orjson.loads(entry)["detail"] for _, entry in sorted_out.dead]
         log.warning("webhook_reports_dead_lettered", reason="report_malformed", reports=len(problems),

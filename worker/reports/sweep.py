@@ -11,7 +11,7 @@ schedule), reports_lookup_tries, reports_lookup_cursor (the pass over the awaiti
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -132,6 +132,7 @@ class Sweeper:
     def __init__(
         self, config: SweepConfig, store: Store, processor: Processor, provider: Any = None,
         before_logs_call: Callable[[], None] | None = None,
+        lane_logs: Mapping[str, tuple[Any, Callable[[], None] | None]] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -139,6 +140,10 @@ class Sweeper:
         self.state = processor.state
         self.provider = provider
         self.before_logs_call = before_logs_call
+        # With several accounts (worker.accounts): lane -> (its account's provider, its logs limiter's
+        # wait); a message is looked up in the logs of its lane's account. Lanes not named here (and
+        # every message without this) go to `provider`.
+        self.lane_logs = dict(lane_logs or {})
 
     def recover_from_logs(self, message_ids: Sequence[str], *, raise_errors: bool = False) -> set[str]:
         """Append the final statuses the provider's logs hold for these messages; returns their ids.
@@ -150,13 +155,16 @@ class Sweeper:
                         detail="messageIds a logs filter cannot carry (a comma, or too long)")
         if self.provider is None or not wanted:
             return set()
-        try:
-            found = self.provider.logs_for_message_ids(wanted, before_request=self.before_logs_call)
-        except ProviderError as error:
-            log.warning("reports_recovery_failed", messages=len(wanted), error_class=type(error).__name__)
-            if raise_errors:
-                raise
-            return set()
+        found: dict[str, Any] = {}
+        failed: ProviderError | None = None
+        for provider, before, group in self._by_account(wanted):
+            try:
+                found.update(provider.logs_for_message_ids(group, before_request=before))
+            except ProviderError as error:
+                log.warning("reports_recovery_failed", messages=len(group), error_class=type(error).__name__)
+                failed = error
+        if failed is not None and raise_errors:
+            raise failed
         items = [item for mid, entry in found.items() if (item := _as_report(mid, entry.raw)) is not None]
         if items:
             self.store.add_report_page(orjson.dumps({"results": items}), "logs")
@@ -164,6 +172,17 @@ class Sweeper:
                         detail="final statuses that never arrived as reports (a webhook the provider gave up "
                                "on, a drain killed before storing its page)")
         return {item["messageId"] for item in items}
+
+    def _by_account(self, message_ids: list[str]) -> list[tuple[Any, Callable[[], None] | None, list[str]]]:
+        """(provider, before each logs call, message ids) per account the messages were sent
+        through: their lane's (one more round trip, only with several accounts)."""
+        if not self.lane_logs:
+            return [(self.provider, self.before_logs_call, message_ids)]
+        groups: dict[int, tuple[Any, Callable[[], None] | None, list[str]]] = {}
+        for mid, row in self.state.fetch(message_ids).items():
+            provider, before = self.lane_logs.get(row.lane or "", (self.provider, self.before_logs_call))
+            groups.setdefault(id(provider), (provider, before, []))[2].append(mid)
+        return list(groups.values())
 
     # --- the early lookup ------------------------------------------------------------------------
     def lookup_calls_per_sweep(self) -> int:

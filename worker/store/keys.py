@@ -9,12 +9,13 @@
     {p}:campaigns                 sorted set, campaign ids by last update (ms)
     {p}:dlq                       stream, dead letters (`message_id`, `entry` JSON)
     {p}:awaiting                  sorted set, accepted message ids by report deadline (ms)
-    {p}:rl:{bucket}               GCRA bucket (TAT, microseconds)
+    {p}:rl:{bucket}               GCRA bucket (TAT, microseconds); another account's are rl:acct:{account}:mps...
     {p}:dispatchers:{lane}        sorted set, dispatcher slots by lease expiry (ms)
     {p}:kick:{lane}               de-duplicates dispatch kicks
     {p}:pause:{lane}              set while a lane is paused (value: the reason); expires by itself
     {p}:fence:{token}             lives while a batch may still write its request (TTL: the send window)
     {p}:lease:{name}              a named lease's holder (the reports drain); {p}:fence:{name} its token
+                                  (another account's drain: lease:reports-drain:{account})
     {p}:reports:raw               stream, report pages as fetched or pushed, group `reports`
     {p}:reports:parked            hash, reports that arrived before their message's acceptance
     {p}:reports:parked:since      sorted set, parked message ids by first arrival (ms)
@@ -23,11 +24,13 @@
     {p}:reports:lookup:tries      hash, logs lookups made per message id
     {p}:reports:lookup:cursor     the awaiting-set score the overdue scan has reached
     {p}:reports:last_drain        hash, the last drain's time, pages and results
+    {p}:reports:last_drain:{acct} the same for an account of SMS_ACCOUNTS (worker.accounts; `default` has the above)
     {p}:heartbeats                hash, consumer name -> last heartbeat (ms)
     {p}:policy:{lane}:n:{w}       hash, number -> messages counted in velocity window w (TTL: the window's end)
     {p}:policy:{lane}:p:{w}       hash, number prefix -> messages counted in window w (likewise)
     {p}:policy:{lane}:c:{d}       hash, campaign id -> messages counted on UTC day d (TTL: past the day's end)
     {p}:policy:{lane}:day:{d}     hash, UTC day d's spend: messages, parts, extra (resume --extra) (TTL 2 d)
+    {p}:policy:{lane}:m:{d}       hash, message hash key -> 1: the messages counted on UTC day d (TTL 2 d)
     {p}:suppressed                set, opted-out numbers in normal form (worker.numbers.normalise), no TTL
     {p}:instance                  the Redis instance marker (a restart that lost data changes it)
 Redis Cluster is not supported: scripts touch keys of several slots in one call.
@@ -137,6 +140,10 @@ class Keys:
     @property
     def last_drain(self) -> str:
         return f"{self.p}:reports:last_drain"
+
+    def last_drain_of(self, account: str | None) -> str:
+        """The last drain's record of `account` (None: the default account's, `last_drain`)."""
+        return self.last_drain if account is None else f"{self.last_drain}:{account}"
 
     @property
     def heartbeats(self) -> str:

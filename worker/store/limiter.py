@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from worker.store import resp
 from worker.store.base import StoreBase
 
 
@@ -37,3 +38,13 @@ class LimiterOps(StoreBase):
         for _, rate, burst in buckets:
             args += [rate, burst]
         self.run("ratelimit_penalize", keys, args)
+
+    def account_state(self, bucket: str, account: str) -> tuple[int | None, dict[str, str]]:
+        """An account's `mps` bucket TAT (microseconds, None: never charged) and its last drain's
+        record (worker.accounts; for `sms-worker status`), in one round trip."""
+        with resp.redis_errors():
+            pipe = self.r.pipeline(transaction=False)
+            pipe.get(self.bucket(bucket))
+            pipe.hgetall(self.last_drain_of(account))
+            tat, record = pipe.execute()
+        return (int(tat) if tat else None), {k.decode(): v.decode() for k, v in record.items()}

@@ -65,10 +65,11 @@ def _text(value: bytes | None) -> str | None:
 
 class ReportOps(StoreBase):
     # --- writing pages ------------------------------------------------------------------------------
-    def append_report_page(self, page: bytes, token: int, lease: str) -> bool:
-        """Append a drained page (src `drain`, its fencing token); returns whether `token` is still
-        lease `lease`'s current one. The page is appended either way (see report_append.lua)."""
-        current, _ = self.run("report_append", [self.reports_raw, self.fence_key(lease)], [token, page])
+    def append_report_page(self, page: bytes, token: int, lease: str, source: str = "drain") -> bool:
+        """Append a drained page (src `source`: `drain`, or `drain:{account}` for another account's
+        drain; its fencing token); returns whether `token` is still lease `lease`'s current one. The
+        page is appended either way (see report_append.lua)."""
+        current, _ = self.run("report_append", [self.reports_raw, self.fence_key(lease)], [token, page, source])
         return bool(current)
 
     def add_report_page(self, page: bytes, source: str) -> None:
@@ -76,23 +77,33 @@ class ReportOps(StoreBase):
         with resp.redis_errors():
             self.r.xadd(self.reports_raw, {"page": page, "src": source})
 
-    def store_webhook_reports(self, page: bytes | None, dead: Sequence[tuple[str, bytes]]) -> None:
-        """A webhook body's good reports as one raw page (src `webhook`) and its malformed ones as
-        dead letters, in one MULTI/EXEC (a Redis refusing writes discards the whole transaction)."""
+    def store_webhook_reports(
+        self, page: bytes | None, dead: Sequence[tuple[str, bytes]], source: str = "webhook"
+    ) -> None:
+        """A webhook body's good reports as one raw page (src `webhook`, or `webhook:{account}` when
+        another account's secret authenticated it) and its malformed ones as dead letters, in one
+        MULTI/EXEC (a Redis refusing writes discards the whole transaction)."""
         with resp.redis_errors():
             pipe = self.r.pipeline(transaction=True)
             if page is not None:
-                pipe.xadd(self.reports_raw, {"page": page, "src": "webhook"})
+                pipe.xadd(self.reports_raw, {"page": page, "src": source})
             for message_id, entry in dead:
                 pipe.xadd(self.dlq, {"message_id": message_id, "entry": entry})
             if dead:
                 pipe.hincrby(self.reports_stats, "dead_letters", len(dead))
             pipe.execute()
 
-    def record_last_drain(self, fields: Mapping[str, str | int]) -> None:
-        """For `sms-worker status`: when the reports endpoint last answered, and what it gave."""
+    def record_last_drain(self, fields: Mapping[str, str | int], account: str | None = None) -> None:
+        """For `sms-worker status`: when the reports endpoint last answered, and what it gave (for
+        `account`, an account of SMS_ACCOUNTS; None: the default account)."""
         with resp.redis_errors():
-            self.r.hset(self.last_drain, mapping=dict(fields))
+            self.r.hset(self.last_drain_of(account), mapping=dict(fields))
+
+    def last_drain_record(self, account: str | None = None) -> dict[str, str]:
+        """What record_last_drain wrote for `account` (empty before its first drain)."""
+        with resp.redis_errors():
+            raw = self.r.hgetall(self.last_drain_of(account))
+        return {k.decode(): v.decode() for k, v in raw.items()}
 
     # --- reading pages (consumer group) --------------------------------------------------------------
     def create_report_group(self, group: str) -> None:
