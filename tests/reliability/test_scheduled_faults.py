@@ -34,15 +34,24 @@ from worker.cancel import CancelConfig, cancel
 from worker.devtools.devstack import Proc, wait_until
 from worker.outbox import Enqueued
 
-LEAD_S = 3.0  # the first job is due this long after it is queued
+LEAD_S = 3.0  # the first job is due this long after its cancels are done (they take _cancel_s)
 SPREAD_S = 3.0  # the others over the following seconds
+# Cancels one at a time (several round trips each) on a loaded 2-core machine: 2,000 of them took
+# more than 3 s in a full-size run, and the last ones found their jobs already sent.
+CANCELS_PER_S = 250
+
+
+def _lead_s(n: int) -> float:
+    """How far ahead the first of `n` jobs is due: after the cancels of a fifth of them, plus LEAD_S."""
+    return LEAD_S + n / 5 / CANCELS_PER_S
 
 
 def _schedule(system: System, n: int, rng: random.Random, prefix: str) -> tuple[list[Enqueued], list[str]]:
-    """Queue `n` jobs due between LEAD_S and LEAD_S + SPREAD_S from now; cancel a fifth of them by
-    producer id. (queued, message ids cancelled)."""
+    """Queue `n` jobs due between _lead_s(n) and _lead_s(n) + SPREAD_S from now; cancel a fifth of them
+    by producer id. (queued, message ids cancelled)."""
     start = datetime.now(UTC)
-    batch = [{**job, "send_at": (start + timedelta(seconds=LEAD_S + rng.uniform(0, SPREAD_S))).isoformat()}
+    lead = _lead_s(n)
+    batch = [{**job, "send_at": (start + timedelta(seconds=lead + rng.uniform(0, SPREAD_S))).isoformat()}
              for job in jobs(n, prefix=prefix)]
     queued = system.outbox.enqueue_many(batch, "bulk")
     config = CancelConfig.from_settings(system.settings)
@@ -98,7 +107,7 @@ def test_scheduled_jobs_survive_killed_clocks_and_workers(size: Size, record: Ro
     with running(env, seed=size.seed, log_dir=tmp_path) as system:
         queued, dropped = _schedule(system, n, rng, "sc")
         first_due = min(int(system.store.message(r.message_id)["due_ms"]) for r in queued)
-        wait_until(lambda: time.time() * 1000 >= first_due, LEAD_S + 5, "the first job to be due", interval_s=0.01)
+        wait_until(lambda: time.time() * 1000 >= first_due, _lead_s(n) + 5, "the first job to be due", interval_s=0.01)
         clocks = [p for p in system.stack.procs if p.name.startswith("clock") and p.alive()]
         _restart(system, clocks, clock=False)  # the clock dies as it starts moving jobs ...
         record.fault("SIGKILL clock@due", len(clocks))
@@ -108,7 +117,7 @@ def test_scheduled_jobs_survive_killed_clocks_and_workers(size: Size, record: Ro
         victims = system.workers()
         _restart(system, victims, clock=True)
         record.fault("SIGKILL workers@claim of due jobs" if hit else "SIGKILL workers (claim not seen)", len(victims))
-        _check(system, record, queued, dropped, size.wait_s(n, rate) + LEAD_S + SPREAD_S)
+        _check(system, record, queued, dropped, size.wait_s(n, rate) + _lead_s(n) + SPREAD_S)
         crashed = system.dead_processes([*clocks, *victims])
     record.note = f"{len(dropped)} of {n} scheduled jobs cancelled before they were due"
     assert not crashed, f"processes died that nobody killed: {crashed}"
@@ -126,7 +135,7 @@ def test_scheduled_jobs_survive_redis_restarts(size: Size, record: Row, tmp_path
         queued, dropped = _schedule(system, n, rng, "sr")
         first_due = min(int(system.store.message(r.message_id)["due_ms"]) for r in queued)
         for moment_ms in (first_due - 1500, first_due + 300):
-            wait_until(lambda m=moment_ms: time.time() * 1000 >= m, LEAD_S + 30, "the moment", interval_s=0.01)
+            wait_until(lambda m=moment_ms: time.time() * 1000 >= m, _lead_s(n) + 30, "the moment", interval_s=0.01)
             [server] = [p for p in stack.procs if p.name == "redis" and p.alive()]
             server.kill()
             killed.append(server)
@@ -135,7 +144,7 @@ def test_scheduled_jobs_survive_redis_restarts(size: Size, record: Row, tmp_path
                 time.sleep(0.05)
             stack.start_redis(appendonly=True, port=stack.redis_port)
             record.fault("redis SIGKILL + restart, scheduled jobs held")
-        _check(system, record, queued, dropped, size.wait_s(n, rate) + LEAD_S + SPREAD_S)
+        _check(system, record, queued, dropped, size.wait_s(n, rate) + _lead_s(n) + SPREAD_S)
         crashed = system.dead_processes(killed)
     record.note = f"Redis down {size.restart_down_s:g} s each time; {len(dropped)} of {n} jobs cancelled"
     assert not crashed, f"processes died and did not come back by themselves: {crashed}"
