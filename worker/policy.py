@@ -135,6 +135,11 @@ class LanePolicy:
                     or self.campaign_cap)
 
     @property
+    def suppression_only(self) -> bool:
+        """The bulk lane's default: only the suppression list (the hook then reads nothing else of a job)."""
+        return self.suppression and not (self.needs_number or self.needs_text or self.counted)
+
+    @property
     def active(self) -> bool:
         """Whether the lane has any guard at all (a lane without one skips the hook entirely)."""
         return self.needs_number or self.needs_text or self.suppression or self.counted

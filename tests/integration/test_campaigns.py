@@ -6,7 +6,6 @@ messages' states agrees), its prices summed, and a cancelled campaign never POST
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -18,10 +17,10 @@ import orjson
 import pytest
 import redis
 
+from tests.support.cli import run_cli
 from tests.support.redis_server import RedisServer
 from tests.support.system import SANDBOX_FLAGS, System, running
 from worker.campaigns import STATE_FIELD, STATE_FIELDS, Campaign
-from worker.cli import main
 from worker.client import AsyncClient, Client
 from worker.devtools.devstack import wait_until
 from worker.errors import EnqueueIncomplete
@@ -260,16 +259,7 @@ def test_cancel_each_cancels_every_job_by_the_per_message_script(store: Store) -
 # --- the CLI -------------------------------------------------------------------------------------------------
 def _run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], redis_url: str,
          *args: str) -> tuple[int, str, str]:
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    monkeypatch.setenv("SMS_REDIS_ALLOW_VOLATILE", "true")
-    monkeypatch.setenv("CI", "true")
-    monkeypatch.setattr("sys.stdin", io.StringIO(""))
-    try:
-        code = main(list(args))
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(monkeypatch, capsys, redis_url, *args, ci=True)
 
 
 def test_cli_lists_shows_watches_and_cancels_a_campaign(monkeypatch: pytest.MonkeyPatch,

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import re
 from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
 
-from worker.cli import main
+from tests.support.cli import run_cli
 from worker.store import Store
 
 
 def _run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], redis_url: str,
          *args: str) -> tuple[int, str, str]:
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    monkeypatch.setenv("SMS_REDIS_ALLOW_VOLATILE", "true")
-    monkeypatch.setattr("sys.stdin", io.StringIO(""))
-    try:
-        code = main(list(args))
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(monkeypatch, capsys, redis_url, *args)
 
 
 def _in(seconds: float) -> str:

@@ -3,7 +3,6 @@ clients' is_suppressed, with numbers normalised on the way in and on the way out
 
 from __future__ import annotations
 
-import io
 import random
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import orjson
 import pytest
 import redis
 
-from worker.cli import main
+from tests.support.cli import run_cli
 from worker.client import AsyncClient, Client
 from worker.store import Store
 from worker.store.suppression import SUPPRESS_CHUNK
@@ -29,14 +28,7 @@ def _calls(client: redis.Redis, command: str) -> int:
 
 def _run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], redis_url: str,
          *args: str) -> tuple[int, str, str]:
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    monkeypatch.setattr("sys.stdin", io.StringIO(""))
-    try:
-        code = main(["suppress", *args])
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(monkeypatch, capsys, redis_url, "suppress", *args)
 
 
 def _members(client: redis.Redis, key: str = "sms:suppressed") -> set[str]:

@@ -16,13 +16,14 @@ from collections import Counter
 
 import structlog
 
-from worker import metrics
+from worker import metrics, numbers
 from worker.dispatch.classify import Item, PauseReason, policy_rejected
 from worker.dispatch.config import DispatchConfig
 from worker.errors import StoreError
 from worker.policy import (
     HoldReason,
     LanePolicy,
+    Reason,
     examine,
     guard_checks,
     plan_counted,
@@ -51,6 +52,10 @@ class Guard:
         policy = self.policies.get(lane)
         if policy is None or not policy.active or not items:
             return items, []
+        if policy.suppression_only:
+            checked = self._suppressed_only(lane, items)
+            if checked is not None:
+                return checked
         error: StoreError | None = None
         examined = [examine(policy, item.job) for item in items]
         suppressed = None
@@ -87,6 +92,23 @@ class Guard:
         if plan.held and plan.hold is not None:
             self._hold(lane, plan.hold, plan.held)
         return plan.send, rejected
+
+    def _suppressed_only(self, lane: str, items: list[Item]) -> tuple[list[Item], list[Outcome]] | None:
+        """A lane whose only guard is the suppression list (bulk's default): one SMISMEMBER of the
+        batch's numbers and nothing built per job unless one is on the list; None when the list
+        cannot be read (the general path then applies the lane's on_guard_error)."""
+        try:
+            flags = self.store.suppressed([numbers.normal_or_raw(str(item.job.get("to") or "")) for item in items])
+        except StoreError:
+            return None
+        if not any(flags):
+            return items, []
+        send = [item for item, flag in zip(items, flags, strict=True) if not flag]
+        rejected = [policy_rejected(lane, item.entry, item.job, Reason.SUPPRESSED, "suppression")
+                    for item, flag in zip(items, flags, strict=True) if flag]
+        metrics.POLICY_REJECTED.labels(lane, Reason.SUPPRESSED).inc(len(rejected))
+        log.info("policy_rejected", lane=lane, **{str(Reason.SUPPRESSED): len(rejected)})
+        return send, rejected
 
     def _note_budget(self, lane: str, policy: LanePolicy, result: GuardResult) -> None:
         """The one loud line when a batch finds (or brings) its lane at a daily cap."""

@@ -16,8 +16,8 @@ calls small enough that Redis never stalls an otp send behind one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from enum import IntEnum, StrEnum
 from typing import Any, Final, NamedTuple
 
@@ -89,13 +89,15 @@ def price_spec(item: dict[str, Any]) -> str:
     if not isinstance(price, dict):
         return ""
     amount, currency = price.get("pricePerMessage"), price.get("currency")
-    if type(amount) not in (int, float) or not isinstance(currency, str) or not currency.isalnum():
+    if not isinstance(currency, str) or not currency.isalnum():
         return ""
-    try:
-        micro = int((Decimal(str(amount)) * 1_000_000).to_integral_value(ROUND_HALF_EVEN))
-    except (InvalidOperation, ValueError):  # inf, nan
+    if type(amount) is int:
+        return f"{amount * 1_000_000} {currency[:16]}"
+    if type(amount) is not float or not math.isfinite(amount):
         return ""
-    return f"{micro} {currency[:16]}"
+    # round(), not Decimal: a price has at most a few decimals, so the float's error (~1e-16 of it)
+    # is far below half a millionth, and this runs for every report (Decimal cost ~3 us each).
+    return f"{round(amount * 1_000_000)} {currency[:16]}"
 
 
 def job_of(raw: bytes | None) -> dict[str, Any] | None:
