@@ -63,6 +63,18 @@ class PolicyRig:
         limiter = RateLimiter(RateLimiterConfig.from_settings(self.settings), store)
         return Dispatcher(self.config, store, provider, limiter, Wake(), consumer)
 
+    def race(self, lane: str, twins: int = 2) -> None:
+        """Run `twins` dispatchers of the lane at once, each with its own Store, as that many processes."""
+        dispatchers = [self.twin(f"w{i}") for i in range(twins)]
+        threads = [threading.Thread(target=d.run, args=(lane,)) for d in dispatchers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+        for d in dispatchers:
+            d.provider.close()
+            d.store.close()
+
     def events(self) -> list[dict[str, Any]]:
         return [orjson.loads(f[b"event"]) for _, f in self.store.r.xrange(self.store.events)]
 
@@ -211,20 +223,12 @@ def test_two_dispatchers_together_never_exceed_a_velocity_rule(make_rig: Any, sb
     at once in small batches: exactly 5 per number get through."""
     rig = make_rig(_otp(batch_size=4, concurrency=4, velocity={"per_number": {"limit": 5, "window_s": 3600}}))
     rig.outbox.enqueue_many([{"to": SWISS.format(i % 3), "text": f"code {i}"} for i in range(60)], "otp")
-    twins = [rig.twin(f"w{i}") for i in range(2)]
-    threads = [threading.Thread(target=d.run, args=("otp",)) for d in twins]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=20)
+    rig.race("otp")
     rig.dispatcher.run("otp")  # whatever the two left
     assert sbx.stats()["messages_accepted"] == 15
     sent = Counter(e["to"] for e in rig.events() if e["type"] == "accepted")
     assert sent == {SWISS.format(i): 5 for i in range(3)}
     assert len(rig.rejected()) == 45
-    for d in twins:
-        d.provider.close()
-        d.store.close()
 
 
 def _plant_wrong_type(rig: PolicyRig, lane: str) -> None:

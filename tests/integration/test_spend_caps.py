@@ -6,7 +6,6 @@ resume --extra N` lifts it only when confirmed; a campaign over its cap waits wi
 from __future__ import annotations
 
 import io
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -85,20 +84,12 @@ def test_two_dispatchers_together_overshoot_a_cap_by_less_than_one_batch(make_ri
     batches of 7: at least 50 and fewer than 57 are sent, and the rest wait."""
     rig = make_rig(_bulk(batch_size=7, concurrency=4, daily_cap={"messages": 50}))
     rig.outbox.enqueue_many(_jobs(300), "bulk")
-    twins = [rig.twin(f"w{i}") for i in range(2)]
-    threads = [threading.Thread(target=d.run, args=("bulk",)) for d in twins]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=20)
+    rig.race("bulk")
     sent = sbx.stats()["messages_accepted"]
     assert 50 <= sent < 57, sent
     assert rig.store.spend_today(["bulk"])["bulk"].messages == sent
     assert rig.store.r.xlen(rig.store.outbox("bulk")) == 300 - sent
     assert rig.store.paused("bulk") == "budget"
-    for d in twins:
-        d.provider.close()
-        d.store.close()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from worker.store import resp
 from worker.store.base import StoreBase
 from worker.store.keys import Keys
-from worker.store.schedule import _locate
+from worker.store.schedule import locate_unrecorded
 
 Command = tuple[Any, ...]
 T = TypeVar("T")
@@ -60,7 +60,7 @@ def locate_steps(keys: Keys, message_id: str) -> Steps[Located]:
     fields = hash_fields((yield ("HGETALL", keys.msg(message_id))))
     if fields:
         return Located(message_id, fields.get("lane"), fields, False)
-    located = yield from _locate(keys, message_id)
+    located = yield from locate_unrecorded(keys, message_id)
     if located is not None:
         return Located(message_id, located[0], {}, True)
     fields = hash_fields((yield ("HGETALL", keys.msg(message_id))))

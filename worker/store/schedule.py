@@ -119,7 +119,7 @@ def cancel_steps(keys: Keys, *, message_id: str | None = None, producer_id: str 
         state = None if raw_state is None else State(_text(raw_state))
         entry = ""
         if state is None:
-            located = yield from _locate(keys, message_id)
+            located = yield from locate_unrecorded(keys, message_id)
             if located is None:
                 # A dispatcher may have submitted and settled it (deleting its entry) during the
                 # search: submit.lua writes the hash before settle.lua deletes the entry, so a
@@ -147,7 +147,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _locate(keys: Keys, message_id: str) -> Generator[Command, Any, tuple[str, str, bytes] | None]:
+def locate_unrecorded(keys: Keys, message_id: str) -> Generator[Command, Any, tuple[str, str, bytes] | None]:
     """(lane, entry id, job) of a message with no record yet, from its lane's outbox, or None."""
     prefix = re.escape(f"{keys.mid_prefix}-")
     # fullmatch, not `$`: "sw-bulk-1-1\n" must not find entry 1-1 and cancel a key that is not its message's.
@@ -155,7 +155,7 @@ def _locate(keys: Keys, message_id: str) -> Generator[Command, Any, tuple[str, s
     if derived is not None:
         lane, entry = derived["lane"], derived["entry"]
         rows = yield ("XRANGE", keys.outbox(lane), entry, entry)
-        for _, fields in _rows(rows):
+        for _, fields in stream_rows(rows):
             if b"mid" not in fields and b"job" in fields:  # an entry with its own `mid` is another message
                 return lane, entry, fields[b"job"]
         return None
@@ -165,7 +165,7 @@ def _locate(keys: Keys, message_id: str) -> Generator[Command, Any, tuple[str, s
     lane, ms = given["lane"], int(given["ms"])
     start, end, read = f"{max(0, ms - LOOKUP_BEFORE_MS)}-0", f"{ms + LOOKUP_AFTER_MS}-18446744073709551615", 0
     while read < LOOKUP_MAX_ENTRIES:
-        rows = _rows((yield ("XRANGE", keys.outbox(lane), start, end, "COUNT", _LOOKUP_PAGE)))
+        rows = stream_rows((yield ("XRANGE", keys.outbox(lane), start, end, "COUNT", _LOOKUP_PAGE)))
         for entry_id, fields in rows:
             if fields.get(b"mid") == message_id.encode() and b"job" in fields:
                 return lane, entry_id, fields[b"job"]
@@ -176,7 +176,7 @@ def _locate(keys: Keys, message_id: str) -> Generator[Command, Any, tuple[str, s
     return None
 
 
-def _rows(reply: Any) -> list[tuple[str, dict[bytes, bytes]]]:
+def stream_rows(reply: Any) -> list[tuple[str, dict[bytes, bytes]]]:
     """XRANGE's reply as (entry id, fields), whether a client parsed it already or not."""
     rows = []
     for entry_id, fields in reply or []:

@@ -14,7 +14,7 @@ from typing import Any
 from worker.store import resp
 from worker.store.base import StoreBase
 from worker.store.lookup import drive, message_id_steps
-from worker.store.schedule import _locate, _rows
+from worker.store.schedule import locate_unrecorded, stream_rows
 
 # Entries per XRANGE page (and ids per pipelined lookup) in the scans.
 SCAN_PAGE = 1000
@@ -37,7 +37,7 @@ class TraceOps(StoreBase):
     def trace_outbox_entry(self, message_id: str) -> tuple[str, str, bytes] | None:
         """(lane, outbox entry id, job) of a message with no record yet, found the way cancel finds it
         (one XRANGE for a derived id, a bounded search around the time in an id given at enqueue)."""
-        return drive(self.r, _locate(self, message_id))
+        return drive(self.r, locate_unrecorded(self, message_id))
 
     def trace_message_id_of(self, producer_id: str) -> str | None:
         """The message id a producer id was queued as ({p}:idem:{id}), while its claim lives."""
@@ -60,7 +60,7 @@ class TraceOps(StoreBase):
             chunk = ids[start : start + SCAN_PAGE]
             replies = self.pipeline([(b"XRANGE", stream, i, i) for i in chunk])
             for entry_id, reply in zip(chunk, replies, strict=True):
-                rows = _rows(reply)
+                rows = stream_rows(reply)
                 found[entry_id] = rows[0][1] if rows else None
         return found
 
@@ -88,7 +88,7 @@ class TraceOps(StoreBase):
         while read < max_entries:
             count = min(SCAN_PAGE, max_entries - read)
             (reply,) = self.pipeline([(b"XRANGE", stream, start, b"+", b"COUNT", count)])
-            rows = _rows(reply)
+            rows = stream_rows(reply)
             if rows:
                 yield rows
             if len(rows) < count:
