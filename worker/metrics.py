@@ -115,13 +115,20 @@ def _account_gauges(accounts: list[dict[str, Any]]) -> Iterator[GaugeMetricFamil
                                "its key was refused)", labels=["account", "reason"])
     booked = GaugeMetricFamily("sms_account_limiter_booked_ahead_seconds", "How far ahead of now the account's "
                                "messages/s bucket is booked", labels=["account"])
+    spent = GaugeMetricFamily("sms_account_spend_today", "Messages and SMS parts the traffic policy counted today "
+                              "(UTC) over all lanes of an account with a daily cap", labels=["account", "unit"])
+    cap = GaugeMetricFamily("sms_account_daily_cap", "An account's daily cap today (the configured cap plus any "
+                            "`resume --account --extra`)", labels=["account", "unit"])
     for account in accounts:
         name = account["account"]
         lanes.add_metric([name], len(account["lanes"]))
         booked.add_metric([name], float(account["booked_ahead_ms"]) / 1000)
         for reason in sorted(set(account["paused"].values())):
             paused.add_metric([name, reason], sum(1 for r in account["paused"].values() if r == reason))
-    yield from (lanes, paused, booked)
+        for unit, (used, limit) in (account.get("budget") or {}).items():
+            spent.add_metric([name, unit], used)
+            cap.add_metric([name, unit], limit)
+    yield from (lanes, paused, booked, spent, cap)
 
 
 def registries(settings: Settings, store: Store) -> list[CollectorRegistry]:

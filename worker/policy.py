@@ -16,6 +16,16 @@ anything is submitted, in this order, each step only for the jobs the one before
    boundary; a rejected job consumes no quota, an allowed one does even if its POST fails later),
    and `campaign_daily_cap` (a campaign's jobs over it wait, held for a lease and looked at again;
    the lane is not paused) -> reason `velocity` with the rule that fired.
+   An account may carry a `daily_cap` too (SMS_ACCOUNTS' `daily_cap`, SMS_ACCOUNT_DAILY_CAP for
+   `default`): counted in the same policy.lua call over every lane of the account (each of them then
+   runs policy.lua), so it holds across lanes, processes and hosts with the same one-batch overshoot.
+   At the account's cap the lane whose batch found or reached it pauses `budget`; each other lane of
+   the account pauses when its own next batch reaches policy.lua (it is refused there at once, its
+   jobs held). Pausing only the caller keeps the atomic call to the keys of one lane and one account,
+   never pauses a lane that has nothing to send, never replaces another lane's pause of another
+   reason (auth, outage), and holds even while hosts briefly disagree about which lanes an account
+   has; a lane with jobs is stopped by its next batch all the same. `sms-worker resume --account A
+   --extra N` raises the account's caps for today and lifts the budget pauses of its lanes.
 
 A rejection is final: REJECTED, a `rejected` event with `reason` and `rule`, the entry acknowledged.
 When the guards' own state cannot be read (Redis refused the SMISMEMBER or policy.lua), the lane's
@@ -25,8 +35,7 @@ than one unchecked SMS), "closed" keeps the batch and pauses the lane briefly wi
 `sms_policy_guard_errors_total{lane,mode}`.
 
 Only fresh messages are counted (no record yet, or QUEUED and never attempted): a retry after an
-outage was counted when it was first allowed (policy.lua answers SEEN). Per-account caps wait for
-accounts (#15 part 1).
+outage was counted when it was first allowed (policy.lua answers SEEN).
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
 from worker import numbers, sms_text
-from worker.settings import LaneConfig
+from worker.settings import DEFAULT_ACCOUNT, LaneConfig
 from worker.store.policy import Budget, GuardAnswer, GuardCheck, GuardLimits, GuardResult
 
 # The lanes whose name gives them defaults (the shipped configuration's two lanes).
@@ -91,6 +100,9 @@ class LanePolicy:
     cap_messages: int = 0  # per UTC day (0: no cap)
     cap_parts: int = 0
     campaign_cap: int = 0
+    account: str = DEFAULT_ACCOUNT  # the account it sends through, and that account's caps over all its lanes
+    account_cap_messages: int = 0
+    account_cap_parts: int = 0
 
     @classmethod
     def of(cls, lane: str, cfg: LaneConfig) -> LanePolicy:
@@ -118,6 +130,9 @@ class LanePolicy:
             cap_messages=(cfg.daily_cap.messages or 0) if cfg.daily_cap else 0,
             cap_parts=(cfg.daily_cap.parts or 0) if cfg.daily_cap else 0,
             campaign_cap=cfg.campaign_daily_cap or 0,
+            account=cfg.account,
+            account_cap_messages=(cfg.account_cap.messages or 0) if cfg.account_cap else 0,
+            account_cap_parts=(cfg.account_cap.parts or 0) if cfg.account_cap else 0,
         )
 
     @property
@@ -126,13 +141,18 @@ class LanePolicy:
 
     @property
     def needs_text(self) -> bool:
-        return self.max_parts is not None or not self.allow_ucs2 or self.cap_parts > 0
+        return self.max_parts is not None or not self.allow_ucs2 or self.cap_parts > 0 or self.account_cap_parts > 0
+
+    @property
+    def account_capped(self) -> bool:
+        """Whether the lane's account has a daily cap (every lane of it is then counted)."""
+        return bool(self.account_cap_messages or self.account_cap_parts)
 
     @property
     def counted(self) -> bool:
-        """Whether a batch needs policy.lua (velocity or caps)."""
+        """Whether a batch needs policy.lua (velocity or caps, the lane's or its account's)."""
         return bool(self.number_limit or self.prefix_limit or self.cap_messages or self.cap_parts
-                    or self.campaign_cap)
+                    or self.campaign_cap or self.account_capped)
 
     @property
     def suppression_only(self) -> bool:
@@ -153,6 +173,8 @@ class LanePolicy:
             number_limit=self.number_limit, number_window_ms=self.number_window_s * 1000,
             prefix_limit=self.prefix_limit, prefix_window_ms=self.prefix_window_s * 1000,
             cap_messages=self.cap_messages, cap_parts=self.cap_parts, campaign_cap=self.campaign_cap,
+            account=self.account if self.account_capped else "",
+            account_cap_messages=self.account_cap_messages, account_cap_parts=self.account_cap_parts,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -179,6 +201,10 @@ class LanePolicy:
             rules["daily_cap"] = {k: v for k, v in (("messages", self.cap_messages), ("parts", self.cap_parts)) if v}
         if self.campaign_cap:
             rules["campaign_daily_cap"] = self.campaign_cap
+        if self.account_capped:
+            caps = ", ".join(f"{n:,} {unit}" for unit, n in (("messages", self.account_cap_messages),
+                                                                ("parts", self.account_cap_parts)) if n)
+            rules["account_daily_cap"] = f"{self.account}: {caps}"
         if rules:
             rules["on_guard_error"] = self.mode
         return rules

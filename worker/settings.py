@@ -116,7 +116,7 @@ class Countries(_Strict):
 
 
 class DailyCap(_Strict):
-    """Messages and SMS parts a lane may send per UTC day (either or both)."""
+    """Messages and SMS parts a lane (or an account, over all its lanes) may send per UTC day (either or both)."""
 
     messages: Annotated[_Count, Field(ge=1)] | None = None
     parts: Annotated[_Count, Field(ge=1)] | None = None
@@ -141,6 +141,8 @@ class AccountConfig(_Strict):
     entity_id: Annotated[str, Field(max_length=255)] | None = None
     application_id: Annotated[str, Field(max_length=255)] | None = None
     webhook_secret_env: Annotated[str, Field(pattern=_ENV_NAME)] | None = None
+    # Messages and parts per UTC day over every lane of the account (worker.policy; None: no cap).
+    daily_cap: DailyCap | None = None
 
     @field_validator("base_url")
     @classmethod
@@ -176,6 +178,14 @@ class LaneConfig(BaseModel):
     daily_cap: DailyCap | None = None
     # Messages per campaign_reference_id per UTC day on this lane; the rest wait for the next day.
     campaign_daily_cap: Annotated[_Count, Field(ge=1)] | None = None
+    # The daily cap of the account the lane sends through: not a key of the lane's JSON but resolved
+    # by Settings at start-up (SMS_ACCOUNTS' daily_cap, SMS_ACCOUNT_DAILY_CAP for `default`), so
+    # every component that has the lane's config (the dispatcher's guard, status) sees it.
+    _account_cap: DailyCap | None = PrivateAttr(default=None)
+
+    @property
+    def account_cap(self) -> DailyCap | None:
+        return self._account_cap
 
     @field_validator("batch_size", "max_wait_ms", "concurrency", "rate_share", mode="before")
     @classmethod
@@ -241,6 +251,9 @@ class Settings(BaseSettings):
     sms_lanes: Annotated[dict[str, LaneConfig], NoDecode] = Field(default_factory=_default_lanes)
     # More icomm accounts besides `default`: name -> AccountConfig (JSON, parsed like SMS_LANES).
     sms_accounts: Annotated[dict[str, AccountConfig], NoDecode] = Field(default_factory=dict)
+    # The `default` account's daily cap over all its lanes, JSON {"messages": N, "parts": M} (either
+    # or both; parsed like SMS_LANES); another account's is `daily_cap` in SMS_ACCOUNTS. None: no cap.
+    sms_account_daily_cap: Annotated[DailyCap | None, NoDecode] = None
     sms_default_lane: str = "bulk"
     sms_default_sender: str | None = None
     sms_rate_limit_mps: Annotated[float, Field(ge=0)] = 0.0  # 0 = no limit
@@ -388,10 +401,10 @@ class Settings(BaseSettings):
     def _format_any_case(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("sms_lanes", "sms_accounts", mode="before")
+    @field_validator("sms_lanes", "sms_accounts", "sms_account_daily_cap", mode="before")
     @classmethod
     def _lanes_json(cls, value: Any) -> Any:
-        # From the environment or an env file the lanes arrive as a JSON text.
+        # From the environment or an env file the lanes (accounts, cap) arrive as a JSON text.
         if isinstance(value, bytes | str):
             try:
                 return json.loads(value)
@@ -439,6 +452,11 @@ class Settings(BaseSettings):
             if cfg.account not in known:
                 raise ValueError(f"SMS_LANES: lane {lane!r} names account {cfg.account!r}, which SMS_ACCOUNTS does "
                                  f"not define (the accounts: {', '.join(known)})")
+            cap = self.account_daily_cap(cfg.account)
+            if cap is not None:  # on a copy: a LaneConfig given to Settings may be shared with other Settings
+                resolved = cfg.model_copy()
+                resolved._account_cap = cap
+                self.sms_lanes[lane] = resolved
 
     def _timeouts_coherent(self) -> None:
         # A claimed batch must not be recovered by another worker while its POST may still run.
@@ -502,6 +520,13 @@ class Settings(BaseSettings):
         uses_default = not self.sms_accounts or any(
             cfg.account == DEFAULT_ACCOUNT for cfg in self.sms_lanes.values())
         return ([DEFAULT_ACCOUNT] if uses_default else []) + list(self.sms_accounts)
+
+    def account_daily_cap(self, account: str) -> DailyCap | None:
+        """An account's daily cap over all its lanes (None: none)."""
+        if account == DEFAULT_ACCOUNT:
+            return self.sms_account_daily_cap
+        spec = self.sms_accounts.get(account)
+        return spec.daily_cap if spec is not None else None
 
     def named_secret(self, variable: str) -> str | None:
         """The value of a variable SMS_ACCOUNTS names (None when unset or empty)."""

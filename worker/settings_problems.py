@@ -34,6 +34,7 @@ EXAMPLES: dict[str, str] = {
     "SMS_LANES": '{"otp":{"batch_size":100,"max_wait_ms":0},"bulk":{"batch_size":1000,"max_wait_ms":250}}',
     "SMS_ACCOUNTS": ('{"marketing":{"base_url":"https://apisms.trx.icommarketing.com",'
                      '"api_key_env":"MARKETING_ICOMM_API_KEY","rate_limit_mps":100}}'),
+    "SMS_ACCOUNT_DAILY_CAP": '{"messages":100000,"parts":150000}',
     "SMS_DEFAULT_LANE": "bulk",
     "SMS_DEFAULT_SENDER": "ACME",
     "SMS_RATE_LIMIT_MPS": "500",
@@ -133,6 +134,10 @@ def problem_line(item: ErrorDetails, lane_keys: Sequence[str]) -> str:
         line = _accounts_line(item, loc[1:], message)
         if line is not None:
             return line
+    if variable == "SMS_ACCOUNT_DAILY_CAP":
+        line = _cap_line(item, loc[1:], message)
+        if line is not None:
+            return line
     return f"{variable}{_shown(variable, item.get('input'))}: {message}{_hint(variable)}"
 
 
@@ -157,7 +162,29 @@ def _lanes_line(item: ErrorDetails, where: list[str], message: str, lane_keys: S
 
 
 _ACCOUNT_KEYS = ("base_url", "api_key_env", "rate_limit_mps", "rate_limit_rps", "entity_id", "application_id",
-                 "webhook_secret_env")
+                 "webhook_secret_env", "daily_cap")
+# The keys of a daily cap (worker.settings.DailyCap), lane's or account's.
+_CAP_KEYS = ("messages", "parts")
+
+
+def _cap_line(item: ErrorDetails, where: list[str], message: str) -> str | None:
+    """The line for a mistake inside SMS_ACCOUNT_DAILY_CAP (`where` is the path below it), or None
+    for the general form (not JSON, neither key given)."""
+    hint = _hint("SMS_ACCOUNT_DAILY_CAP")
+    if not where:
+        if item["type"] in _NOT_AN_OBJECT:
+            return (f"SMS_ACCOUNT_DAILY_CAP={item.get('input')!r}: must be a JSON object with "
+                    f"{' and/or '.join(_CAP_KEYS)}{hint}")
+        return None
+    if item["type"] == "extra_forbidden":
+        return f"SMS_ACCOUNT_DAILY_CAP: {_unknown_cap_key(where[0])}{hint}"
+    return f"SMS_ACCOUNT_DAILY_CAP: {'.'.join(where)}={item.get('input')!r}: {message}{hint}"
+
+
+def _unknown_cap_key(key: str) -> str:
+    close = difflib.get_close_matches(key, _CAP_KEYS, n=1)
+    guess = f"did you mean {close[0]}? " if close else ""
+    return f"unknown key {key!r} ({guess}a daily cap has {', '.join(_CAP_KEYS)})"
 
 
 def _accounts_line(item: ErrorDetails, where: list[str], message: str) -> str | None:
@@ -183,6 +210,13 @@ def _accounts_line(item: ErrorDetails, where: list[str], message: str) -> str | 
         return f"SMS_ACCOUNTS: account {account!r} must be a JSON object of {', '.join(_ACCOUNT_KEYS)}{hint}"
     if item["type"] == "missing" and inner:
         return f"SMS_ACCOUNTS: account {account!r}: {'.'.join(inner)} is required{hint}"
+    if inner[:1] == ["daily_cap"]:
+        hint = f" (example: \"daily_cap\":{LANE_POLICY_EXAMPLES['daily_cap']})"
+        if item["type"] == "extra_forbidden" and len(inner) == 2:  # its value is never shown (see above)
+            return f"SMS_ACCOUNTS: account {account!r}: daily_cap has an {_unknown_cap_key(inner[1])}{hint}"
+        if len(inner) == 1 and item["type"] in _NOT_AN_OBJECT:
+            return (f"SMS_ACCOUNTS: account {account!r}: daily_cap={_short(item.get('input'))}: must be a JSON "
+                    f"object with {' and/or '.join(_CAP_KEYS)}{hint}")
     return f"SMS_ACCOUNTS: account {account!r}: {'.'.join(inner)}={_short(item.get('input'))}: {message}{hint}"
 
 

@@ -33,6 +33,9 @@ class LaneStatus:
     # daily cap today's spend: unit ("messages", "parts") -> [counted today, today's cap].
     policy: dict[str, Any] = field(default_factory=dict)
     budget: dict[str, list[int]] | None = None
+    # The lane's account when that account is at its daily cap today (a budget pause is then lifted
+    # with `resume --account`), else None.
+    account_at_cap: str | None = None
 
 
 @dataclass
@@ -49,8 +52,9 @@ class SystemStatus:
     # What the server will do with our data (worker.redis_health): its configuration, the findings
     # (eviction, no persistence, replica, unknown) and since when it holds this data set (marker).
     redis: dict[str, Any] = field(default_factory=dict)
-    # Per icomm account (worker.accounts): its lanes, limits, booked-ahead time, last drain and the
-    # lanes it has paused; never its key. The default account's limiter and drain are also above.
+    # Per icomm account (worker.accounts): its lanes, limits, booked-ahead time, last drain, the
+    # lanes it has paused and, with a daily cap, today's spend (`budget`, like a lane's); never its
+    # key. The default account's limiter and drain are also above.
     accounts: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -77,11 +81,13 @@ class StatusConfig:
         views = []
         for name in settings.account_names():
             lanes = tuple(lane for lane, cfg in settings.sms_lanes.items() if cfg.account == name)
+            cap = settings.account_daily_cap(name)
+            caps = ((cap.messages or 0), (cap.parts or 0)) if cap else (0, 0)
             if name == DEFAULT_ACCOUNT:
-                views.append(AccountView(name, lanes, settings.sms_rate_limit_mps, settings.sms_rate_limit_rps))
+                views.append(AccountView(name, lanes, settings.sms_rate_limit_mps, settings.sms_rate_limit_rps, *caps))
             else:
                 spec = settings.sms_accounts[name]
-                views.append(AccountView(name, lanes, spec.rate_limit_mps, spec.rate_limit_rps))
+                views.append(AccountView(name, lanes, spec.rate_limit_mps, spec.rate_limit_rps, *caps))
         return cls(lanes=tuple(settings.sms_lanes), allow_volatile=settings.sms_redis_allow_volatile,
                    rate_limit_mps=settings.sms_rate_limit_mps, rate_limit_rps=settings.sms_rate_limit_rps,
                    policies=tuple(LanePolicy.of(lane, cfg) for lane, cfg in settings.sms_lanes.items()),
@@ -96,6 +102,8 @@ class AccountView:
     lanes: tuple[str, ...]
     rate_limit_mps: float
     rate_limit_rps: float
+    cap_messages: int = 0  # its daily caps over all its lanes (0: none)
+    cap_parts: int = 0
 
 
 def collect(config: StatusConfig, store: Store, *, all_outboxes: bool = False) -> SystemStatus:
@@ -134,8 +142,11 @@ def collect(config: StatusConfig, store: Store, *, all_outboxes: bool = False) -
 def _accounts(config: StatusConfig, store: Store, lanes: list[LaneStatus], limiter: dict[str, Any],
               last_drain: dict[str, Any] | None, now: float) -> list[dict[str, Any]]:
     """One entry per account; the default account's limiter and drain are the ones read above, an
-    other account's cost one round trip each (only configurations with SMS_ACCOUNTS pay it)."""
+    other account's cost one round trip each (only configurations with SMS_ACCOUNTS pay it), and the
+    capped accounts' spend one more."""
     paused = {lane.lane: lane.paused for lane in lanes if lane.paused}
+    capped = [v.name for v in config.accounts if v.cap_messages or v.cap_parts]
+    spend = store.account_spend_today(capped) if capped else {}
     out = []
     for view in config.accounts:
         if view.name == DEFAULT_ACCOUNT:
@@ -144,10 +155,19 @@ def _accounts(config: StatusConfig, store: Store, lanes: list[LaneStatus], limit
             tat, record = store.account_state(f"acct:{view.name}:mps", view.name)
             booked = max(0.0, round((tat / 1e6 - now) * 1000, 1)) if tat is not None else 0.0
             drain = record or None
+        budget = None
+        today = spend.get(view.name)
+        if today is not None:
+            budget = {unit: [used, cap + today.extra] for unit, used, cap in (
+                ("messages", today.messages, view.cap_messages), ("parts", today.parts, view.cap_parts)) if cap}
+            if today.at_cap(view.cap_messages, view.cap_parts):
+                for lane in lanes:
+                    if lane.lane in view.lanes:
+                        lane.account_at_cap = view.name
         out.append({"account": view.name, "lanes": list(view.lanes),
                     "messages_per_s": view.rate_limit_mps or None, "requests_per_s": view.rate_limit_rps or None,
                     "booked_ahead_ms": booked, "last_drain": drain,
-                    "paused": {lane: paused[lane] for lane in view.lanes if lane in paused}})
+                    "paused": {lane: paused[lane] for lane in view.lanes if lane in paused}, "budget": budget})
     return out
 
 
@@ -213,8 +233,12 @@ def render(status: SystemStatus) -> str:
         paused = "no"
         if lane.paused:
             left = f", lifts in {duration(lane.paused_for_s)}" if lane.paused_for_s is not None else ""
-            extra = " --extra N" if lane.paused == "budget" else ""  # a budget pause is lifted by raising the cap
-            paused = f"{lane.paused}{left} (sms-worker resume --lane {lane.lane}{extra})"
+            # A budget pause is lifted by raising the cap: the account's when the account is at its cap.
+            if lane.paused == "budget" and lane.account_at_cap:
+                how = f"--account {lane.account_at_cap} --extra N"
+            else:
+                how = f"--lane {lane.lane}" + (" --extra N" if lane.paused == "budget" else "")
+            paused = f"{lane.paused}{left} (sms-worker resume {how})"
         rows.append([lane.lane, f"{lane.depth:,}", f"{lane.waiting:,}", f"{lane.in_flight:,}",
                      "-" if lane.oldest_age_s is None else duration(lane.oldest_age_s),
                      f"{lane.scheduled:,}", _due(lane.next_due_in_s),
@@ -266,18 +290,21 @@ def _render_drain(drain: dict[str, Any] | None) -> str:
 
 
 def _render_accounts(accounts: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
-    """One line per account, once there is more than the default one (a configuration without
-    SMS_ACCOUNTS reads as before)."""
-    if not accounts or [a["account"] for a in accounts] == [DEFAULT_ACCOUNT]:
+    """One line per account, once there is more than the default one or an account has a daily cap
+    (a configuration without either reads as before)."""
+    only_default = [a["account"] for a in accounts] == [DEFAULT_ACCOUNT]
+    if not accounts or (only_default and not any(a.get("budget") for a in accounts)):
         return []
     lines = []
     for a in accounts:
         rates = ", ".join(f"{unit} {'no limit' if a[key] is None else f'{a[key]:g}'}"
                           for key, unit in (("messages_per_s", "messages/s"), ("requests_per_s", "requests/s")))
         paused = ", ".join(f"{lane} {reason}" for lane, reason in a["paused"].items())
+        spend = "; ".join(f"{used:,}/{cap:,} {unit} today" + (" (AT CAP)" if used >= cap else "")
+                          for unit, (used, cap) in (a.get("budget") or {}).items())
         lines.append(f"{a['account']}: lanes {', '.join(a['lanes']) or 'none'}; {rates}; booked ahead "
                      f"{duration(float(a['booked_ahead_ms']) / 1000)}; last drain {_render_drain(a['last_drain'])}"
-                     + (f"; PAUSED {paused}" if paused else ""))
+                     + (f"; daily cap {spend}" if spend else "") + (f"; PAUSED {paused}" if paused else ""))
     return [("accounts", lines)]
 
 

@@ -17,7 +17,7 @@ import pytest
 from tests.support.sandbox import API_KEY
 from worker import metrics
 from worker.devtools.sandbox.process import SandboxProcess
-from worker.dispatch import DispatchConfig, Dispatcher
+from worker.dispatch import DispatchConfig, Dispatcher, guarded
 from worker.dispatch.classify import Item
 from worker.dispatch.jobs import parse_job
 from worker.outbox import Outbox, OutboxConfig
@@ -193,6 +193,25 @@ def test_suppressed_numbers_are_rejected_on_bulk_by_default_and_sent_on_otp(make
     rig.dispatcher.run("otp")
     assert rig.accepted() == {fine.message_id, on_otp.message_id}
     assert rig.rejected() == {on_bulk.message_id: ("suppressed", "suppression")}
+
+
+def test_an_empty_suppression_list_costs_no_normalising_and_a_new_entry_applies_to_the_next_batch(
+        make_rig: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bulk checks the list by default; with nothing on it a batch normalises no number (one SCARD
+    instead), and the first number added is refused from the next batch on."""
+    rig = make_rig(_bulk())
+    normalised: list[str] = []
+    real = guarded.numbers.normal_or_raw
+    monkeypatch.setattr(guarded.numbers, "normal_or_raw", lambda raw: normalised.append(raw) or real(raw))
+    first = rig.outbox.enqueue_many([{"to": SWISS.format(i), "text": "sale"} for i in range(5)], "bulk")
+    rig.dispatcher.run("bulk")
+    assert rig.accepted() == {q.message_id for q in first} and normalised == []
+    rig.store.suppress([SWISS.format(7)])
+    later = rig.outbox.enqueue_many([{"to": SWISS.format(i), "text": "sale"} for i in range(6, 9)], "bulk")
+    rig.dispatcher.run("bulk")
+    assert rig.rejected() == {later[1].message_id: ("suppressed", "suppression")}
+    assert rig.accepted() == {q.message_id for q in first} | {later[0].message_id, later[2].message_id}
+    assert len(normalised) == 3
 
 
 def test_parts_and_ucs2_limits(make_rig: Any) -> None:

@@ -27,7 +27,7 @@ from worker.policy import (
 )
 from worker.settings import LaneConfig, settings_from_env
 from worker.store import Entry
-from worker.store.policy import Budget, GuardAnswer, GuardResult
+from worker.store.policy import Budget, GuardAnswer, GuardResult, Spend
 
 SWISS_MOBILE = "41791234567"
 GERMAN_MOBILE = "4915112345678"
@@ -62,6 +62,29 @@ def test_counted_only_with_velocity_or_caps() -> None:
     assert _policy(velocity={"per_number": {"limit": 5, "window_s": 3600}}).counted
     assert _policy(daily_cap={"parts": 10}).counted
     assert _policy(campaign_daily_cap=3).counted
+
+
+def test_a_lane_of_a_capped_account_is_counted_and_reads_parts() -> None:
+    """The account's cap comes from the settings (resolved onto each lane of the account); a lane
+    without rules of its own then runs policy.lua, and the bulk lane leaves its suppression-only path."""
+    lanes = {"bulk": {}, "alerts": {}, "other": {"account": "m"}}
+    settings = settings_from_env({"SMS_LANES": orjson.dumps(lanes).decode(), "SMS_DEFAULT_LANE": "bulk",
+                                  "SMS_ACCOUNT_DAILY_CAP": '{"parts": 30}', "SMS_ACCOUNTS": orjson.dumps(
+                                      {"m": {"base_url": "https://x.example", "api_key_env": "M_KEY"}}).decode()})
+    bulk, alerts, other = (LanePolicy.of(lane, settings.sms_lanes[lane]) for lane in lanes)
+    assert alerts.active and alerts.counted and alerts.needs_text and alerts.account_capped
+    assert bulk.counted and not bulk.suppression_only
+    assert not other.active and other.limits().account == ""  # its account has no cap: nothing counted for it
+    limits = alerts.limits()
+    assert (limits.account, limits.account_cap_messages, limits.account_cap_parts) == ("default", 0, 30)
+    assert examine(alerts, _job(text="x" * 400)).parts == 3  # parts counted for the account's cap
+
+
+def test_a_spend_is_at_a_cap_as_policy_lua_decides() -> None:
+    assert not Spend(1, 9, 20, 0).at_cap(10, 0)
+    assert Spend(1, 10, 20, 0).at_cap(10, 0)
+    assert not Spend(1, 10, 20, 5).at_cap(10, 0)  # resume --extra 5
+    assert Spend(1, 1, 20, 0).at_cap(0, 20) and not Spend(1, 50, 50, 0).at_cap(0, 0)
 
 
 # --- static rules ---------------------------------------------------------------------------------

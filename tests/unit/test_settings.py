@@ -124,6 +124,7 @@ BAD_VALUES: dict[str, str] = {
     "SMS_WEBHOOK_PATH": "webhooks",
     "SMS_WEBHOOK_SECRET": "short",
     "SMS_ACCOUNTS": '{"marketing": {"api_key_env": "MARKETING_ICOMM_API_KEY"}}',
+    "SMS_ACCOUNT_DAILY_CAP": '{"messages": 0}',
     "SMS_WEBHOOK_AUTH": "carrier-pigeon",
     "SMS_WEBHOOK_MAX_BODY_BYTES": "10",
     "SMS_SHUTDOWN_TIMEOUT_S": "0",

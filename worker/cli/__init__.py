@@ -184,11 +184,15 @@ def _add_operations(sub: Any) -> None:
     p = _command(sub, "resume", "lift a lane's pause (auth, provider_unavailable, budget) now",
                  "examples:\n  sms-worker resume --lane bulk\n  sms-worker resume --lane otp --lane bulk\n"
                  "  sms-worker resume --all\n  sms-worker resume --lane bulk --extra 5000   (a budget pause: "
-                 "raise today's caps by 5000, after a y/N question)")
+                 "raise today's caps by 5000, after a y/N question)\n"
+                 "  sms-worker resume --account marketing --extra 5000   (an account at its daily cap: raise "
+                 "its caps for today and lift its lanes' budget pauses)")
     p.add_argument("--lane", action="append", help="a lane to resume (repeat for several)")
     p.add_argument("--all", action="store_true", help="every configured lane")
-    p.add_argument("--extra", type=int, help="for a lane paused for budget: raise today's (UTC) daily caps by N "
-                   "(messages, and parts) and resume it; the counters keep counting")
+    p.add_argument("--account", help="an account at its daily cap (SMS_ACCOUNTS' daily_cap, SMS_ACCOUNT_DAILY_CAP): "
+                   "with --extra N raise its caps for today and lift the budget pauses of its lanes")
+    p.add_argument("--extra", type=int, help="for a lane (or --account) paused for budget: raise today's (UTC) "
+                   "daily caps by N (messages, and parts) and resume it; the counters keep counting")
     p.add_argument("--yes", action="store_true", help="confirm raising a budget without being asked")
     p.set_defaults(func=cmd_resume)
 

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 from worker.cli import common
 from worker.cli.errors import UsageError
 from worker.errors import SmsWorkerError, StoreError
-from worker.settings import Settings
+from worker.settings import DEFAULT_ACCOUNT, Settings
 
 if TYPE_CHECKING:
     from worker.store import Store
+    from worker.store.policy import Spend
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -30,20 +31,25 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    """Lift lanes' pauses now (after fixing an API key, or once the provider is back)."""
+    """Lift lanes' pauses now (after fixing an API key, or once the provider is back); with --account,
+    raise an account's daily caps for today and lift its lanes' budget pauses."""
     settings = common.settings()
     store = common.store(settings)
+    if args.account is not None:
+        if args.lane or args.all:
+            raise UsageError("resume: give --account, or --lane / --all, not both")
+        _check_extra(args)
+        return _resume_account(settings, store, args)
     lanes = _lanes_to_resume(settings, store, args)
     triggers = common.triggers(settings, store)
-    if args.extra is not None and args.extra < 1:
-        raise UsageError(f"--extra {args.extra}: give how many more messages (and parts) to allow today, at least 1")
+    _check_extra(args)
     lifted, refused = [], 0
     for lane in lanes:
         reason = store.paused(lane)
         if reason is None:
             print(f"{lane}: not paused")
             continue
-        if reason == "budget" and not _raise_budget(store, lane, args):
+        if reason == "budget" and not _raise_budget(settings, store, lane, args):
             refused += 1
             continue
         store.resume(lane)
@@ -58,28 +64,109 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 1 if refused else 0
 
 
-def _raise_budget(store: Store, lane: str, args: argparse.Namespace) -> bool:
+def _check_extra(args: argparse.Namespace) -> None:
+    if args.extra is not None and args.extra < 1:
+        raise UsageError(f"--extra {args.extra}: give how many more messages (and parts) to allow today, at least 1")
+
+
+def _used(spend: Spend) -> str:
+    return f"{spend.messages:,} messages, {spend.parts:,} parts today (UTC)"
+
+
+def _confirmed(who: str, question: str, args: argparse.Namespace) -> bool:
+    """--yes, or a y/N answer on a terminal; without a terminal a budget is never raised unasked."""
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        print(f"sms-worker: {who}: not resumed: raising a budget needs a confirmation; run with --yes "
+              "(no terminal to ask on)", file=sys.stderr)
+        return False
+    if input(f"{question} [y/N] ").strip().lower() not in ("y", "yes"):
+        print(f"{who}: not resumed")
+        return False
+    return True
+
+
+def _raise_budget(settings: Settings, store: Store, lane: str, args: argparse.Namespace) -> bool:
     """A lane paused at its daily cap resumes only with more allowance (`--extra N`), confirmed by
-    --yes or a y/N answer on a terminal: resuming without it would pause again at the next batch."""
+    --yes or a y/N answer on a terminal: resuming without it would pause again at the next batch.
+    A lane paused because its account is at the account's cap is pointed to `--account`: raising the
+    lane's own caps would not let it send."""
+    from worker.policy import LanePolicy
+
     spend = store.spend_today([lane])[lane]
-    used = f"{spend.messages:,} messages, {spend.parts:,} parts today (UTC)"
+    used = _used(spend)
+    policy = LanePolicy.of(lane, settings.sms_lanes[lane]) if lane in settings.sms_lanes else None
+    account_note = ""
+    if policy is not None and policy.account_capped:
+        account = store.account_spend_today([policy.account])[policy.account]
+        if account.at_cap(policy.account_cap_messages, policy.account_cap_parts):
+            hint = f"sms-worker resume --account {policy.account} --extra N"
+            if not spend.at_cap(policy.cap_messages, policy.cap_parts):
+                print(f"sms-worker: {lane}: paused for budget because its account {policy.account} is at the "
+                      f"account's daily cap ({_used(account)}); give `{hint}` to raise the account's caps, or "
+                      "wait: the pause lifts by itself at midnight UTC", file=sys.stderr)
+                return False
+            account_note = f"; its account {policy.account} is at its daily cap too: {hint}"
     if args.extra is None:
         print(f"sms-worker: {lane}: paused for budget, its daily cap is reached ({used}); give --extra N to raise "
               "today's caps by N and resume it, or wait: the pause lifts by itself at midnight UTC", file=sys.stderr)
         return False
-    question = f"{lane}: raise today's caps by {args.extra:,} ({used}) and resume sending?"
-    if not args.yes:
-        if not sys.stdin.isatty():
-            print(f"sms-worker: {lane}: not resumed: raising a budget needs a confirmation; run with --yes "
-                  "(no terminal to ask on)", file=sys.stderr)
-            return False
-        if input(f"{question} [y/N] ").strip().lower() not in ("y", "yes"):
-            print(f"{lane}: not resumed")
-            return False
+    if not _confirmed(lane, f"{lane}: raise today's caps by {args.extra:,} ({used}) and resume sending?", args):
+        return False
     after = store.raise_budget(lane, args.extra)
     print(f"{lane}: today's caps raised by {after.extra:,} in all; the counters stay ({used}), so the lane pauses "
-          "again once it has sent the extra; tomorrow the configured caps apply")
+          f"again once it has sent the extra; tomorrow the configured caps apply{account_note}")
     return True
+
+
+def _resume_account(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    """`resume --account A --extra N`: raise the account's caps for today by N (confirmed like the lane
+    form), then lift the budget pauses of its lanes, except a lane still at its own lane cap."""
+    from worker.policy import LanePolicy
+
+    account = args.account
+    known = [DEFAULT_ACCOUNT, *settings.sms_accounts]
+    if account not in known:
+        raise UsageError(f"--account {account}: unknown account {account!r} (the accounts: {', '.join(known)})")
+    cap = settings.account_daily_cap(account)
+    if cap is None:
+        where = "SMS_ACCOUNT_DAILY_CAP" if account == DEFAULT_ACCOUNT else "its daily_cap in SMS_ACCOUNTS"
+        raise UsageError(f"--account {account}: the account has no daily cap ({where}), so there is none to raise; "
+                         "lift a lane's pause with --lane")
+    spend = store.account_spend_today([account])[account]
+    used = _used(spend)
+    who = f"account {account}"
+    if args.extra is None:
+        print(f"sms-worker: {who}: give --extra N to raise the account's caps for today by N and resume its lanes "
+              f"({used}), or wait: its lanes' budget pauses lift by themselves at midnight UTC", file=sys.stderr)
+        return 1
+    if not _confirmed(who, f"{who}: raise today's caps by {args.extra:,} ({used}) and resume its lanes?", args):
+        return 1
+    after = store.raise_account_budget(account, args.extra)
+    print(f"{who}: today's caps raised by {after.extra:,} in all; the counters stay ({used}), so its lanes pause "
+          "again once they have sent the extra; tomorrow the configured caps apply")
+    lanes = [lane for lane, cfg in settings.sms_lanes.items() if cfg.account == account]
+    own = store.spend_today(lanes)
+    triggers = common.triggers(settings, store)
+    for lane in lanes:
+        reason = store.paused(lane)
+        if reason is None:
+            print(f"{lane}: not paused")
+            continue
+        if reason != "budget":
+            print(f"{lane}: paused ({reason}), not for budget: left as it is (sms-worker resume --lane {lane})")
+            continue
+        policy = LanePolicy.of(lane, settings.sms_lanes[lane])
+        if own[lane].at_cap(policy.cap_messages, policy.cap_parts):
+            print(f"{lane}: still at its own daily cap ({_used(own[lane])}): left paused "
+                  f"(sms-worker resume --lane {lane} --extra N)")
+            continue
+        store.resume(lane)
+        print(f"{lane}: lifted the pause (budget); its dispatcher is woken now")
+        with contextlib.suppress(StoreError):  # the clock's tick wakes the lane anyway
+            triggers.dispatch(lane)
+    return 0
 
 
 def _lanes_to_resume(settings: Settings, store: Store, args: argparse.Namespace) -> list[str]:
@@ -87,7 +174,7 @@ def _lanes_to_resume(settings: Settings, store: Store, args: argparse.Namespace)
     if args.all and args.lane:
         raise UsageError("resume: give --lane or --all, not both")
     if not args.all and not args.lane:
-        raise UsageError("resume: give --lane LANE (repeat it for several) or --all")
+        raise UsageError("resume: give --lane LANE (repeat it for several), --all, or --account ACCOUNT --extra N")
     lanes = list(settings.sms_lanes) if args.all else list(dict.fromkeys(args.lane))
     for lane in lanes:
         if lane not in settings.sms_lanes and store.paused(lane) is None:

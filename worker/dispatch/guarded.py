@@ -96,8 +96,12 @@ class Guard:
     def _suppressed_only(self, lane: str, items: list[Item]) -> tuple[list[Item], list[Outcome]] | None:
         """A lane whose only guard is the suppression list (bulk's default): one SMISMEMBER of the
         batch's numbers and nothing built per job unless one is on the list; None when the list
-        cannot be read (the general path then applies the lane's on_guard_error)."""
+        cannot be read (the general path then applies the lane's on_guard_error). An empty list (a
+        deployment that keeps none) costs one SCARD per batch and no number is normalised: a number
+        added after it is as one added after the SMISMEMBER would be, too late for this batch."""
         try:
+            if self.store.suppression_size() == 0:
+                return items, []
             flags = self.store.suppressed([numbers.normal_or_raw(str(item.job.get("to") or "")) for item in items])
         except StoreError:
             return None
@@ -111,14 +115,24 @@ class Guard:
         return send, rejected
 
     def _note_budget(self, lane: str, policy: LanePolicy, result: GuardResult) -> None:
-        """The one loud line when a batch finds (or brings) its lane at a daily cap."""
+        """The one loud line when a batch finds (or brings) its lane, or its account, at a daily cap."""
         if result.budget == Budget.UNDER:
             return
+        resume = []
+        account: dict[str, object] = {}
+        if result.lane_at_cap or not result.account_at_cap:
+            resume.append(f"sms-worker resume --lane {lane} --extra N")
+        if result.account_at_cap:
+            resume.append(f"sms-worker resume --account {policy.account} --extra N")
+            account = {"account": policy.account, "account_messages_today": result.account_messages,
+                       "account_parts_today": result.account_parts,
+                       "account_cap_messages": policy.account_cap_messages or None,
+                       "account_cap_parts": policy.account_cap_parts or None}
         getattr(log, "error" if result.newly_paused else "info")(
             "lane_budget_paused", lane=lane, messages_today=result.messages, parts_today=result.parts,
             cap_messages=policy.cap_messages or None, cap_parts=policy.cap_parts or None,
             paused_for_s=round(result.pause_ms / 1000), batch_sent=result.budget == Budget.REACHED,
-            resume=f"sms-worker resume --lane {lane} --extra N")
+            **account, resume=" and ".join(resume))
 
     def _hold(self, lane: str, why: HoldReason, items: list[Item]) -> None:
         """Keep jobs pending and bring them back later, like a paused lane's (nothing dropped, no event)."""

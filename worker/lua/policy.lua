@@ -1,7 +1,8 @@
 -- policy.lua: a lane's counted guards for one batch, decided and counted in one atomic step before
 -- its POST (worker.policy says what the answers mean): the daily spend caps, velocity per number and
--- per number prefix, and the per-campaign daily cap. Redis runs one call at a time, so however many
--- processes and hosts dispatch, the counts are exact and a cap is overshot by at most one batch.
+-- per number prefix, the per-campaign daily cap, and the daily cap of the lane's account (counted over
+-- all the account's lanes in the same call). Redis runs one call at a time, so however many processes
+-- and hosts dispatch, the counts are exact and a cap is overshot by at most one batch.
 -- KEYS[i]  the message hash of the i-th message (read only: is it fresh?)
 -- ARGV[1]  the lane's counter prefix ("{p}:policy:{lane}:"; the names below are derived from it)
 -- ARGV[2]  the lane's pause key
@@ -9,7 +10,9 @@
 -- ARGV[5]  per-prefix limit (0: off)   ARGV[6]  its window in ms
 -- ARGV[7]  daily messages cap (0: off) ARGV[8]  daily parts cap (0: off)
 -- ARGV[9]  per-campaign daily messages cap (0: off)
--- Then per message: number, prefix ("" when the prefix rule is off), parts, campaign ("" none).
+-- ARGV[10] the account's counter prefix ("{p}:policy:acct:{account}:"), "" when its account has no cap
+-- ARGV[11] the account's daily messages cap (0: off)  ARGV[12] its daily parts cap (0: off)
+-- Then per message, from ARGV[13]: number, prefix ("" when the prefix rule is off), parts, campaign ("" none).
 -- Time is the server's (TIME): a UTC day is day = floor(ms / 86400000) on Redis's clock, windows are
 -- fixed (window index = floor(ms / window)), so a number may get up to twice its limit across the
 -- boundary of two windows (documented in worker/policy.py).
@@ -25,11 +28,16 @@
 -- two commands per message (about three times the Redis CPU).
 -- Every read comes before any write: a key of the wrong type fails the call before it counted
 -- anything (the dispatcher then applies the lane's on_guard_error).
--- Returns {budget, day, messages today, parts today, pause ms, answers, newly paused (1/0)}:
---   budget 1: the lane was at or over a cap already: nothing was counted, the lane is now paused
---             with reason `budget` until the next UTC midnight, answers is empty (hold the batch);
---   budget 2: this batch was counted and brought the lane to a cap: paused likewise after it;
+-- Returns {budget, day, messages today, parts today, pause ms, answers, newly paused (1/0),
+--          account messages today, account parts today, which caps (1: the lane's, 2: the account's, 3: both)}:
+--   budget 1: the lane (or its account) was at or over a cap already: nothing was counted, the lane
+--             is now paused with reason `budget` until the next UTC midnight, answers is empty (hold
+--             the batch);
+--   budget 2: this batch was counted and brought the lane (or its account) to a cap: paused likewise
+--             after it;
 --   budget 0: under every cap.
+--   Only the calling lane is paused: the account's other lanes pause when their own next batch
+--   finds the account at its cap here (worker/policy.py says why).
 --   answers, per message: OK (allowed and counted), SEEN (not fresh: allowed, not counted),
 --   NUMBER / PREFIX (over that velocity rule: not counted), CAMPAIGN (its campaign is at its cap
 --   today: not counted, hold it).
@@ -37,6 +45,8 @@ local prefix, pause = ARGV[1], ARGV[2]
 local nlimit, nwin = tonumber(ARGV[3]), tonumber(ARGV[4])
 local plimit, pwin = tonumber(ARGV[5]), tonumber(ARGV[6])
 local mcap, pcap, ccap = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local aprefix, amcap, apcap = ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12])
+local first = 13  -- the first message's arguments
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local day = math.floor(now / 86400000)
@@ -44,9 +54,19 @@ local midnight = (day + 1) * 86400000
 local daykey = prefix .. 'day:' .. day
 local d = redis.call('HMGET', daykey, 'messages', 'parts', 'extra')
 local used_m, used_p, extra = tonumber(d[1] or '0'), tonumber(d[2] or '0'), tonumber(d[3] or '0')
+local acctkey = aprefix ~= '' and (aprefix .. 'day:' .. day) or nil
+local acct_m, acct_p, acct_extra = 0, 0, 0
+if acctkey then
+  local a = redis.call('HMGET', acctkey, 'messages', 'parts', 'extra')
+  acct_m, acct_p, acct_extra = tonumber(a[1] or '0'), tonumber(a[2] or '0'), tonumber(a[3] or '0')
+end
 
+-- Which caps are reached: 1 the lane's, 2 the account's, 3 both, 0 none.
 local function over()
-  return (mcap > 0 and used_m >= mcap + extra) or (pcap > 0 and used_p >= pcap + extra)
+  local lane = (mcap > 0 and used_m >= mcap + extra) or (pcap > 0 and used_p >= pcap + extra)
+  local acct = acctkey ~= nil and ((amcap > 0 and acct_m >= amcap + acct_extra)
+                                   or (apcap > 0 and acct_p >= apcap + acct_extra))
+  return (lane and 1 or 0) + (acct and 2 or 0)
 end
 
 -- Pause the lane until midnight; 1 if this call paused it (the one loud log line), 0 if it was already.
@@ -54,8 +74,9 @@ local function pause_lane()
   return redis.call('SET', pause, 'budget', 'PX', midnight - now, 'GET') == 'budget' and 0 or 1
 end
 
-if over() then
-  return {1, day, used_m, used_p, midnight - now, {}, pause_lane()}
+local reached = over()
+if reached > 0 then
+  return {1, day, used_m, used_p, midnight - now, {}, pause_lane(), acct_m, acct_p, reached}
 end
 
 -- One counter hash per rule: its key, its expiry, and (per field) the count read and the count now.
@@ -85,7 +106,7 @@ end
 
 -- Which messages are fresh, and the fields each rule needs for them.
 local fresh, fields = {}, {}
-local at = 10
+local at = first
 for i = 1, #KEYS do
   local h = redis.call('HMGET', KEYS[i], 'state', 'attempts')
   fresh[i] = not counted[i] and ((not h[1]) or (h[1] == 'QUEUED' and (not h[2] or h[2] == '0')))
@@ -120,7 +141,7 @@ end
 
 -- The decisions, in the batch's order: a refused message moves no count.
 local out, added_m, added_p = {}, 0, 0
-at = 10
+at = first
 for i = 1, #KEYS do
   if not fresh[i] then
     out[i] = 'SEEN'
@@ -176,8 +197,15 @@ if added_m > 0 then
   redis.call('HINCRBY', daykey, 'parts', added_p)
   redis.call('EXPIRE', daykey, 2 * 86400)
   used_m, used_p = used_m + added_m, used_p + added_p
+  if acctkey then
+    redis.call('HINCRBY', acctkey, 'messages', added_m)
+    redis.call('HINCRBY', acctkey, 'parts', added_p)
+    redis.call('EXPIRE', acctkey, 2 * 86400)
+    acct_m, acct_p = acct_m + added_m, acct_p + added_p
+  end
 end
-if over() then
-  return {2, day, used_m, used_p, midnight - now, out, pause_lane()}
+reached = over()
+if reached > 0 then
+  return {2, day, used_m, used_p, midnight - now, out, pause_lane(), acct_m, acct_p, reached}
 end
-return {0, day, used_m, used_p, 0, out, 0}
+return {0, day, used_m, used_p, 0, out, 0, acct_m, acct_p, 0}

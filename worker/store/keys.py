@@ -31,6 +31,9 @@
     {p}:policy:{lane}:c:{d}       hash, campaign id -> messages counted on UTC day d (TTL: past the day's end)
     {p}:policy:{lane}:day:{d}     hash, UTC day d's spend: messages, parts, extra (resume --extra) (TTL 2 d)
     {p}:policy:{lane}:m:{d}       hash, message hash key -> 1: the messages counted on UTC day d (TTL 2 d)
+    {p}:policy:acct:{account}:day:{d}  hash, an account's spend on UTC day d over all its lanes: messages,
+                                  parts, extra (resume --account --extra); only for an account with a daily_cap
+                                  (TTL 2 d). Lane names hold no `:`, so it never meets a lane's key.
     {p}:suppressed                set, opted-out numbers in normal form (worker.numbers.normalise), no TTL
     {p}:instance                  the Redis instance marker (a restart that lost data changes it)
 Redis Cluster is not supported: scripts touch keys of several slots in one call.
@@ -87,6 +90,14 @@ class Keys:
     def budget_key(self, lane: str, day: int) -> str:
         """A lane's spend on UTC day `day` (days since the epoch, on the Redis server's clock)."""
         return f"{self.policy_prefix(lane)}day:{day}"
+
+    def account_policy_prefix(self, account: str) -> str:
+        """The prefix of an account's traffic-policy counters (policy.lua derives `day:<d>` from it)."""
+        return f"{self.p}:policy:acct:{account}:"
+
+    def account_budget_key(self, account: str, day: int) -> str:
+        """An account's spend on UTC day `day`, over all its lanes."""
+        return f"{self.account_policy_prefix(account)}day:{day}"
 
     def lane_prefix(self, lane: str) -> str:
         """The message id prefix of a lane's jobs (`sw-otp-...`)."""

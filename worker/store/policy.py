@@ -1,9 +1,10 @@
-"""A lane's counted traffic-policy guards: velocity, daily spend caps and campaign caps (policy.lua),
-one call per batch; and the reads and the one write (`resume --extra`) of the day's spend."""
+"""A lane's counted traffic-policy guards: velocity, daily spend caps (the lane's and its account's)
+and campaign caps (policy.lua), one call per batch; and the reads and the one write (`resume --extra`)
+of the day's spend, per lane and per account."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -23,7 +24,7 @@ class GuardAnswer(StrEnum):
 
 class Budget(StrEnum):
     UNDER = "under"  # under every cap: the batch was counted
-    REFUSED = "refused"  # at or over a cap already: nothing counted, the lane is paused (budget)
+    REFUSED = "refused"  # at or over a cap (the lane's or its account's) already: nothing counted, the lane is paused
     REACHED = "reached"  # this batch was counted and reached a cap: the lane is paused after it
 
 
@@ -52,6 +53,9 @@ class GuardLimits:
     cap_messages: int = 0
     cap_parts: int = 0
     campaign_cap: int = 0
+    account: str = ""  # the lane's account when that account has a daily cap ("": none, nothing counted for it)
+    account_cap_messages: int = 0
+    account_cap_parts: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,10 @@ class GuardResult:
     pause_ms: int  # for a budget pause: until the next UTC midnight
     answers: list[GuardAnswer] = field(default_factory=list)  # empty when REFUSED
     newly_paused: bool = False  # this call paused the lane (its budget pause's one loud log line)
+    account_messages: int = 0  # the account's messages counted today over all its lanes (0: no account cap)
+    account_parts: int = 0
+    lane_at_cap: bool = False  # which caps are reached (REFUSED, REACHED): the lane's own,
+    account_at_cap: bool = False  # its account's, or both
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +82,11 @@ class Spend:
     parts: int
     extra: int  # added to each cap by `sms-worker resume --extra N`
 
+    def at_cap(self, cap_messages: int, cap_parts: int) -> bool:
+        """Whether this spend has reached caps of `cap_messages` / `cap_parts` (0: no cap), as policy.lua decides."""
+        return bool((cap_messages and self.messages >= cap_messages + self.extra)
+                    or (cap_parts and self.parts >= cap_parts + self.extra))
+
 
 class PolicyOps(StoreBase):
     def guard(self, lane: str, checks: Sequence[GuardCheck], limits: GuardLimits) -> GuardResult:
@@ -81,30 +94,48 @@ class PolicyOps(StoreBase):
         args: list[object] = [
             self.policy_prefix(lane), self.pause_key(lane), limits.number_limit, limits.number_window_ms,
             limits.prefix_limit, limits.prefix_window_ms, limits.cap_messages, limits.cap_parts, limits.campaign_cap,
+            self.account_policy_prefix(limits.account) if limits.account else "",
+            limits.account_cap_messages, limits.account_cap_parts,
         ]
         for c in checks:
             args += [c.number, c.prefix, c.parts, c.campaign]
-        budget, day, messages, parts, pause_ms, answers, newly = self.run(
+        budget, day, messages, parts, pause_ms, answers, newly, acct_messages, acct_parts, reached = self.run(
             "policy", [self.msg(c.message_id) for c in checks], args)
         return GuardResult(_BUDGET[int(budget)], int(day), int(messages), int(parts), int(pause_ms),
-                           [GuardAnswer(a.decode()) for a in answers], bool(newly))
+                           [GuardAnswer(a.decode()) for a in answers], bool(newly), int(acct_messages),
+                           int(acct_parts), lane_at_cap=bool(int(reached) & 1), account_at_cap=bool(int(reached) & 2))
 
     def spend_today(self, lanes: Sequence[str]) -> dict[str, Spend]:
         """Each lane's spend on the server's current UTC day (for status and the metrics)."""
-        if not lanes:
+        return self._spend(lanes, self.budget_key)
+
+    def account_spend_today(self, accounts: Sequence[str]) -> dict[str, Spend]:
+        """Each account's spend over all its lanes on the server's current UTC day (capped accounts only
+        are counted: another one reads as nothing spent)."""
+        return self._spend(accounts, self.account_budget_key)
+
+    def _spend(self, names: Sequence[str], key: Callable[[str, int], str]) -> dict[str, Spend]:
+        if not names:
             return {}
         day = self._server_day()
         with resp.redis_errors():
             pipe = self.r.pipeline(transaction=False)
-            for lane in lanes:
-                pipe.hmget(self.budget_key(lane, day), "messages", "parts", "extra")
+            for name in names:
+                pipe.hmget(key(name, day), "messages", "parts", "extra")
             replies = pipe.execute()
-        return {lane: Spend(day, *(int(v or 0) for v in reply)) for lane, reply in zip(lanes, replies, strict=True)}
+        return {name: Spend(day, *(int(v or 0) for v in reply)) for name, reply in zip(names, replies, strict=True)}
 
     def raise_budget(self, lane: str, extra: int) -> Spend:
         """Raise today's caps of `lane` by `extra` (each: messages and parts); the day's spend after it."""
+        return self._raise(lane, extra, self.budget_key)
+
+    def raise_account_budget(self, account: str, extra: int) -> Spend:
+        """Raise today's caps of `account` (over all its lanes) by `extra` each; the day's spend after it."""
+        return self._raise(account, extra, self.account_budget_key)
+
+    def _raise(self, name: str, extra: int, key_of: Callable[[str, int], str]) -> Spend:
         day = self._server_day()
-        key = self.budget_key(lane, day)
+        key = key_of(name, day)
         with resp.redis_errors():
             pipe = self.r.pipeline(transaction=True)
             pipe.hincrby(key, "extra", extra)
