@@ -40,7 +40,7 @@ local ALLOWED = {
 }
 local outbox, events, awaiting, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, now, maxlen, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local acks, out = {}, {}
+local acks, out, awaits, emitted = {}, {}, {}, false
 local t = redis.call('TIME')
 local server_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)  -- leases are on this clock
 local now_s = ledger_ms_text(server_now)
@@ -69,11 +69,18 @@ for i = 5, #KEYS do
     ack = '0'
   elseif state ~= '' and ALLOWED[state] and ALLOWED[state][current] then
     applied = 1
-    local line, note = now_s .. ' state to=' .. state, nil
+    local line, note
+    -- One concatenation per line (each makes a new Lua string): the trail's whole cost here.
     if event ~= '' then
-      line = line .. ' event=' .. redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'event', event)
+      line = now_s .. ' state to=' .. state .. ' event=' .. redis.call('XADD', events, '*', 'event', event)
+      emitted = true
+    else
+      line = now_s .. ' state to=' .. state
     end
-    if deadline ~= '' then redis.call('ZADD', awaiting, deadline, mid) end
+    if deadline ~= '' then
+      awaits[#awaits + 1] = deadline
+      awaits[#awaits + 1] = mid
+    end
     if dead ~= '' then line = line .. ' dlq=' .. redis.call('XADD', dlq, '*', 'message_id', mid, 'entry', dead) end
     for j = at + 10, at + 9 + 2 * n, 2 do
       local name = ARGV[j]
@@ -106,7 +113,13 @@ for i = 5, #KEYS do
   at = at + 10 + 2 * n
 end
 
--- XACK/XDEL take many ids; chunks keep unpack() under Lua's stack limit.
+-- The batch's variadic commands, each once per call instead of once per message (the command
+-- itself, not its arguments, is most of a small call's cost); chunks keep unpack() under Lua's
+-- stack limit.
+for i = 1, #awaits, 1000 do
+  redis.call('ZADD', awaiting, unpack(awaits, i, math.min(i + 999, #awaits)))
+end
+if emitted then redis.call('XTRIM', events, 'MAXLEN', '~', maxlen) end
 for i = 1, #acks, 1000 do
   local chunk = {unpack(acks, i, math.min(i + 999, #acks))}
   redis.call('XACK', outbox, group, unpack(chunk))

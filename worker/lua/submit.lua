@@ -35,17 +35,26 @@ local out, fenced = {}, false
 for i = 2, #KEYS do
   local key = KEYS[i]
   local base = 6 + (i - 2) * 4
-  local current = redis.call('HMGET', key, 'state', 'attempts', 'send_by', 'updated_ms', 'trail', 'campaign')
-  local state, attempts, trail = current[1], tonumber(current[2] or '0'), current[5]
+  local current = redis.call('HMGET', key, 'state', 'attempts', 'send_by', 'updated_ms')
+  local state, attempts, trail = current[1], tonumber(current[2] or '0'), nil
   local entry = ARGV[base + 2]
+  if state then
+    -- Only a message seen before has a trail or a campaign to read: the first submit (nearly every
+    -- message) reads four fields, not six.
+    local more = redis.call('HMGET', key, 'trail', 'campaign')
+    trail, current[6] = more[1], more[2]
+  end
   if not state then
-    local campaign, counted = ledger_spec(ARGV[base + 4])
     redis.call('HSET', key, 'state', 'SUBMITTING', 'lane', ARGV[base + 1], 'entry', entry,
       'job', ARGV[base + 3], 'attempts', 1, 'first_ms', now, 'updated_ms', now,
       'fence', token, 'send_by', now + window, 'first_by', me)
-    if campaign then redis.call('HSET', key, 'campaign', campaign) end
     redis.call('EXPIRE', key, ttl)
-    ledger_move(key, campaign, nil, 'SUBMITTING', counted, ttl)
+    local spec = ARGV[base + 4]
+    if spec ~= '' then
+      local campaign, counted = ledger_spec(spec)
+      redis.call('HSET', key, 'campaign', campaign)
+      ledger_move(key, campaign, nil, 'SUBMITTING', counted, ttl)
+    end
     out[i - 1] = {'NEW', 1, 0}
     fenced = true
   elseif state == 'QUEUED' then
