@@ -517,6 +517,41 @@ def test_a_long_backlog_is_drained_in_bounded_runs_that_hand_over(
     assert wake.sent == ["process_reports", "process_reports", "drain_reports", "process_reports"]
 
 
+class SiblingWake(RecordingWake):
+    """Dramatiq handing the follow-up drain message at once to another thread of the same process:
+    that thread runs the same Drainer, and the sending drain waits for it (as it may, or not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drainer: Drainer | None = None
+        self.results: list[Any] = []
+
+    def send(self, actor: str, *args: Any, delay_ms: int = 0) -> None:
+        super().send(actor, *args, delay_ms=delay_ms)
+        assert self.drainer is not None
+        sibling = threading.Thread(target=lambda: self.results.append(self.drainer.drain()))  # type: ignore[union-attr]
+        sibling.start()
+        sibling.join(timeout=30)
+
+
+def test_a_follow_up_taken_at_once_by_a_sibling_thread_carries_the_drain_on(
+    settings: Settings, store: Store, sbx: SandboxProcess
+) -> None:
+    """The hand-over is sent after the drain let go of its process's lock: a follow-up that a thread
+    of the same process takes at once is not refused as busy (which left the rest undrained until
+    the clock's next interval)."""
+    settings = _sandbox_settings(settings, sbx)
+    _send_direct(sbx, store, 2500)
+    _generated(sbx, 2500)
+    wake = SiblingWake()
+    with Provider(ProviderConfig.from_settings(settings)) as provider:
+        wake.drainer = Drainer(DrainConfig.from_settings(settings), store, provider, wake, max_pages=1)
+        first = wake.drainer.drain()
+    assert (first.outcome, first.pages) == ("page_limit", 1)
+    assert [(r.outcome, r.pages) for r in wake.results] == [("drained", 1), ("page_limit", 1)]  # innermost first
+    assert sbx.stats()["reports"]["fetched"] == 2500
+
+
 def test_an_idle_drain_stores_nothing(settings: Settings, store: Store, sbx: SandboxProcess) -> None:
     """With no report waiting, a drain makes one GET and writes no raw entry."""
     settings = _sandbox_settings(settings, sbx)

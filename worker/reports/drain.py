@@ -176,6 +176,7 @@ class Drainer:
         self.filters = config.filters()
         self._held: _Held | None = None
         self._draining = threading.Lock()
+        self._more = False  # the drain in progress stopped at its page budget: hand over when it ends
         _DRAINERS.add(self)
 
     def append(self, page: bytes, token: int) -> bool:
@@ -242,10 +243,16 @@ class Drainer:
         # One drain at a time in a process: a held page is this process's alone to store first.
         if not self._draining.acquire(blocking=False):
             return DrainResult("busy")
+        self._more = False
         try:
             return self._drain()
         finally:
             self._draining.release()
+            # Handed over only now: a follow-up taken at once by a sibling thread of this process
+            # while this drain still held the lock would find it busy and end there, and nothing
+            # would drain until the clock's next interval (seen in bench scenario 5 as a stall).
+            if self._more and self.wake is not None:
+                self.wake.send(DRAIN_REPORTS, *([] if self._account_arg() is None else [self.config.account]))
 
     def _drain(self) -> DrainResult:
         started = time.perf_counter()
@@ -329,8 +336,8 @@ class Drainer:
             # (With a page still held the lease is kept until it expires: nobody fetches meanwhile.)
             with contextlib.suppress(StoreError):
                 self.store.release_lease(self.config.lease, run.holder)
-        if self.wake is not None and run.outcome == "page_limit":
-            # More may be waiting: a fresh message carries on (the default account's takes no argument).
-            self.wake.send(DRAIN_REPORTS, *([] if self._account_arg() is None else [self.config.account]))
+        # More may be waiting: a fresh message carries on (the default account's takes no argument),
+        # sent by drain() once this one has let go of the process's drain lock.
+        self._more = run.outcome == "page_limit"
         log.info("reports_drained", account=self.config.account, pages=run.pages, reports=run.reports,
                  outcome=run.outcome, duration_ms=round((time.perf_counter() - started) * 1000, 1))
