@@ -20,8 +20,8 @@
 -- scheduled job), and not counted by an earlier call. A message attempted before was counted when it
 -- was first allowed, so a retry after an outage is neither counted twice nor refused (answer SEEN);
 -- and so is one whose worker died between this call and its submit (taken over after the lease, it
--- still has no record): every message this call allows is remembered in the day's `m:<day>` hash
--- (message hash key -> 1, kept two days; today's and yesterday's are read).
+-- still has no record): every message this call allows is remembered in the hour's `m:<hour>` hash
+-- (message hash key -> 1, kept three hours; this hour's and the last are read).
 -- The counts of one window (or day) are one hash, number -> count (`{p}:policy:{lane}:n:<window>`,
 -- `p:<window>` for prefixes, `c:<day>` for campaigns), expiring a second after its window ends: a
 -- batch reads each hash with one HMGET and writes it with one HSET, where a key per number cost
@@ -79,10 +79,11 @@ if reached > 0 then
   return {1, day, used_m, used_p, midnight - now, {}, pause_lane(), acct_m, acct_p, reached}
 end
 
--- One counter hash per rule: its key, its expiry, and (per field) the count read and the count now.
+-- One counter hash per rule: its key, its expiry, and (per field) the count read and the count now
+-- (`now[field]` is also the set of the fields the batch needs, `order` their order).
 local function counter(on, key, ends)
   if not on then return nil end
-  return {key = key, ends = ends + 1000, fields = {}, order = {}, base = {}, now = {}}
+  return {key = key, ends = ends + 1000, order = {}, base = {}, now = {}}
 end
 local nw, pw = 0, 0
 if nlimit > 0 then nw = math.floor(now / nwin) end
@@ -94,9 +95,19 @@ local rules = {
 }
 local limits = {nlimit, plimit, ccap}
 local refusal = {'NUMBER', 'PREFIX', 'CAMPAIGN'}
+local offset = {0, 1, 3}  -- where each rule's field is among a message's arguments
+-- A count as the text Redis stores: Redis formats a Lua number it is given with snprintf, which per
+-- field written was a tenth of this script's time; the small counts a window holds are made once.
+local TEXT = {}
+for k = 1, 64 do TEXT[k] = string.format('%d', k) end
+local function text(n) return TEXT[n] or string.format('%d', n) end
 
--- Which messages were counted by an earlier call (allowed, then their worker died before submit).
-local seen_today, seen_before = prefix .. 'm:' .. day, prefix .. 'm:' .. (day - 1)
+-- Which messages were counted by an earlier call (allowed, then their worker died before submit):
+-- kept per hour for three hours, long enough for a lease (at most an hour) to run out and the
+-- message to be taken over; a takeover later than that (every worker down for hours) counts it once
+-- more, which at worst holds back one message early (never lets one more through).
+local hour = math.floor(now / 3600000)
+local seen_today, seen_before = prefix .. 'm:' .. hour, prefix .. 'm:' .. (hour - 1)
 local counted = {}
 for c = 1, #KEYS, 1000 do
   local chunk = {unpack(KEYS, c, math.min(c + 999, #KEYS))}
@@ -104,20 +115,23 @@ for c = 1, #KEYS, 1000 do
   for j = 1, #chunk do counted[c + j - 1] = today[j] or before[j] end
 end
 
--- Which messages are fresh, and the fields each rule needs for them.
-local fresh, fields = {}, {}
+-- Which messages are fresh, and the fields each rule needs for them (no table per message: at a
+-- thousand messages per call the allocations were a good part of the script's time).
+local fresh = {}
 local at = first
 for i = 1, #KEYS do
   local h = redis.call('HMGET', KEYS[i], 'state', 'attempts')
-  fresh[i] = not counted[i] and ((not h[1]) or (h[1] == 'QUEUED' and (not h[2] or h[2] == '0')))
-  local f = {ARGV[at], ARGV[at + 1], ARGV[at + 3]}  -- number, prefix, campaign
-  fields[i] = f
-  if fresh[i] then
+  local ok = not counted[i] and ((not h[1]) or (h[1] == 'QUEUED' and (not h[2] or h[2] == '0')))
+  fresh[i] = ok
+  if ok then
     for r = 1, 3 do
       local rule = rules[r]
-      if rule and f[r] ~= '' and not rule.fields[f[r]] then
-        rule.fields[f[r]] = true
-        rule.order[#rule.order + 1] = f[r]
+      if rule then
+        local f = ARGV[at + offset[r]]
+        if f ~= '' and not rule.now[f] then
+          rule.now[f] = 0
+          rule.order[#rule.order + 1] = f
+        end
       end
     end
   end
@@ -147,15 +161,20 @@ for i = 1, #KEYS do
     out[i] = 'SEEN'
   else
     local answer = 'OK'
-    local f = fields[i]
     for r = 1, 3 do
       local rule = rules[r]
-      if answer == 'OK' and rule and f[r] ~= '' and rule.now[f[r]] >= limits[r] then answer = refusal[r] end
+      if answer == 'OK' and rule then
+        local f = ARGV[at + offset[r]]
+        if f ~= '' and rule.now[f] >= limits[r] then answer = refusal[r] end
+      end
     end
     if answer == 'OK' then
       for r = 1, 3 do
         local rule = rules[r]
-        if rule and f[r] ~= '' then rule.now[f[r]] = rule.now[f[r]] + 1 end
+        if rule then
+          local f = ARGV[at + offset[r]]
+          if f ~= '' then rule.now[f] = rule.now[f] + 1 end
+        end
       end
       added_m, added_p = added_m + 1, added_p + tonumber(ARGV[at + 2])
     end
@@ -170,9 +189,10 @@ for r = 1, 3 do
   if rule then
     local moved = {}
     for _, field in ipairs(rule.order) do
-      if rule.now[field] > rule.base[field] then
+      local count = rule.now[field]
+      if count > rule.base[field] then
         moved[#moved + 1] = field
-        moved[#moved + 1] = rule.now[field]
+        moved[#moved + 1] = text(count)
       end
     end
     for c = 1, #moved, 1000 do
@@ -185,13 +205,13 @@ local allowed = {}
 for i = 1, #KEYS do
   if out[i] == 'OK' then
     allowed[#allowed + 1] = KEYS[i]
-    allowed[#allowed + 1] = 1
+    allowed[#allowed + 1] = '1'
   end
 end
 for c = 1, #allowed, 1000 do
   redis.call('HSET', seen_today, unpack(allowed, c, math.min(c + 999, #allowed)))
 end
-if #allowed > 0 then redis.call('EXPIRE', seen_today, 2 * 86400) end
+if #allowed > 0 then redis.call('PEXPIREAT', seen_today, (hour + 3) * 3600000) end
 if added_m > 0 then
   redis.call('HINCRBY', daykey, 'messages', added_m)
   redis.call('HINCRBY', daykey, 'parts', added_p)

@@ -30,7 +30,9 @@ local ttl, me, lease, token = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARG
 local window, margin = tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local now_s = ledger_ms_text(now)
+-- Numbers every message writes, turned into text once per call: Redis formats a Lua number it is
+-- given with snprintf, and per message that was a tenth of this script's time.
+local now_s, send_by_s, ttl_s = ledger_ms_text(now), ledger_ms_text(now + window), ARGV[1]
 local out, fenced = {}, false
 for i = 2, #KEYS do
   local key = KEYS[i]
@@ -46,9 +48,9 @@ for i = 2, #KEYS do
   end
   if not state then
     redis.call('HSET', key, 'state', 'SUBMITTING', 'lane', ARGV[base + 1], 'entry', entry,
-      'job', ARGV[base + 3], 'attempts', 1, 'first_ms', now, 'updated_ms', now,
-      'fence', token, 'send_by', now + window, 'first_by', me)
-    redis.call('EXPIRE', key, ttl)
+      'job', ARGV[base + 3], 'attempts', '1', 'first_ms', now_s, 'updated_ms', now_s,
+      'fence', token, 'send_by', send_by_s, 'first_by', me)
+    redis.call('EXPIRE', key, ttl_s)
     local spec = ARGV[base + 4]
     if spec ~= '' then
       local campaign, counted = ledger_spec(spec)
@@ -60,11 +62,11 @@ for i = 2, #KEYS do
   elseif state == 'QUEUED' then
     attempts = attempts + 1
     redis.call('HSET', key, 'state', 'SUBMITTING', 'entry', entry, 'attempts', attempts,
-      'updated_ms', now, 'fence', token, 'send_by', now + window,
+      'updated_ms', now_s, 'fence', token, 'send_by', send_by_s,
       'trail', ledger_trail(trail, now_s .. ' submit attempt=' .. attempts .. ' by=' .. me .. ' fence=' .. token
         .. ' entry=' .. entry))
     redis.call('HDEL', key, 'checker', 'check_until', 'absent_checks', 'absent_first')
-    redis.call('EXPIRE', key, ttl)
+    redis.call('EXPIRE', key, ttl_s)
     ledger_move(key, current[6], 'QUEUED', 'SUBMITTING', false, ttl)
     out[i - 1] = {'QUEUED', attempts, 0}
     fenced = true
