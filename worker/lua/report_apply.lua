@@ -88,8 +88,10 @@ for i = 8, #KEYS do
         -- it waits to be resent): the provider did accept it, so it counts as sent now. settle.lua
         -- counts it when it moves it to ACCEPTED, which it no longer does from a final state.
         if current ~= 'ACCEPTED' and current ~= 'EXPIRED' then ledger_count(key, campaign, 'sent', 1, ttl) end
-        local micro, currency = string.match(price, '^(-?%d+) (%S+)$')
-        if micro then ledger_count(key, campaign, 'price:' .. currency, tonumber(micro), ttl) end
+        if campaign and price ~= '' then  -- a price is summed per campaign only
+          local micro, currency = string.match(price, '^(-?%d+) (%S+)$')
+          if micro then ledger_count(key, campaign, 'price:' .. currency, tonumber(micro), ttl) end
+        end
         emitted = emitted + 1
         done[#done + 1] = mid
         result = 1
