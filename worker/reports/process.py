@@ -349,8 +349,8 @@ class Processor:
                 continue
             else:
                 closed.add(mid)
-                op = Op(OpCode.APPLY, mid, f.group, f.status_name, _final_event(f, row, at), price_spec(f.item),
-                        f.source)
+                op = Op(OpCode.APPLY, mid, f.group, f.status_name, _final_event(f, row, at),
+                        price_spec(f.item) if row.campaign else "", f.source)
             ops.append(op)
             sources.append(f)
         return ops, sources, duplicates

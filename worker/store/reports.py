@@ -57,6 +57,8 @@ class ReportRow(NamedTuple):
     job: bytes | None
     lane: str | None
     bulk_id: str | None
+    # Set with the message's first record, never changed after: a report's price is summed only for one.
+    campaign: str | None = None
 
 
 def _text(value: bytes | None) -> str | None:
@@ -145,8 +147,8 @@ class ReportOps(StoreBase):
         if not message_ids:
             return []
         reply = self.run("report_fetch", [self.msg(m) for m in message_ids], [])
-        return [ReportRow(_text(state), _text(reason), job, _text(lane), _text(bulk_id))
-                for state, reason, job, lane, bulk_id in reply]
+        return [ReportRow(_text(state), _text(reason), job, _text(lane), _text(bulk_id), _text(campaign))
+                for state, reason, job, lane, bulk_id, campaign in reply]
 
     def apply_reports(
         self, ops: Sequence[Sequence[Any]], *, group: str, now_ms: int, events_maxlen: int,
