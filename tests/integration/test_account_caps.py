@@ -11,7 +11,6 @@ before and no account key.
 from __future__ import annotations
 
 import io
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -67,7 +66,7 @@ def cli(redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
     monkeypatch.setenv("SMS_DEFAULT_LANE", "a")
     monkeypatch.setenv("SMS_ACCOUNTS", orjson.dumps(OTHER).decode())
     monkeypatch.setenv("SMS_ACCOUNT_DAILY_CAP", '{"messages": 50}')
-    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no terminal
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no terminal (a test may make it one)
 
     def run(*args: str) -> tuple[int, str, str]:
         code = main(list(args))
@@ -202,15 +201,7 @@ def test_two_dispatchers_on_the_two_lanes_at_once_overshoot_the_account_cap_by_l
     rig = _rig(make_rig, {"messages": 50})
     rig.outbox.enqueue_many(_jobs(150), "a")
     rig.outbox.enqueue_many(_jobs(150, start=1000), "b")
-    dispatchers = [rig.twin("w0"), rig.twin("w1")]
-    threads = [threading.Thread(target=d.run, args=(lane,)) for d, lane in zip(dispatchers, "ab", strict=True)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=20)
-    for d in dispatchers:
-        d.provider.close()
-        d.store.close()
+    rig.race("a", "b")
     sent = sbx.stats()["messages_accepted"]
     assert 50 <= sent < 57, sent
     assert _account_spend(rig).messages == sent

@@ -63,10 +63,11 @@ class PolicyRig:
         limiter = RateLimiter(RateLimiterConfig.from_settings(self.settings), store)
         return Dispatcher(self.config, store, provider, limiter, Wake(), consumer)
 
-    def race(self, lane: str, twins: int = 2) -> None:
-        """Run `twins` dispatchers of the lane at once, each with its own Store, as that many processes."""
-        dispatchers = [self.twin(f"w{i}") for i in range(twins)]
-        threads = [threading.Thread(target=d.run, args=(lane,)) for d in dispatchers]
+    def race(self, *lanes: str) -> None:
+        """Run one dispatcher per lane named (a lane named twice: two of it) at once, each with its own
+        Store, as that many processes."""
+        dispatchers = [self.twin(f"w{i}") for i in range(len(lanes))]
+        threads = [threading.Thread(target=d.run, args=(lane,)) for d, lane in zip(dispatchers, lanes, strict=True)]
         for t in threads:
             t.start()
         for t in threads:
@@ -242,7 +243,7 @@ def test_two_dispatchers_together_never_exceed_a_velocity_rule(make_rig: Any, sb
     at once in small batches: exactly 5 per number get through."""
     rig = make_rig(_otp(batch_size=4, concurrency=4, velocity={"per_number": {"limit": 5, "window_s": 3600}}))
     rig.outbox.enqueue_many([{"to": SWISS.format(i % 3), "text": f"code {i}"} for i in range(60)], "otp")
-    rig.race("otp")
+    rig.race("otp", "otp")
     rig.dispatcher.run("otp")  # whatever the two left
     assert sbx.stats()["messages_accepted"] == 15
     sent = Counter(e["to"] for e in rig.events() if e["type"] == "accepted")

@@ -84,7 +84,7 @@ def test_two_dispatchers_together_overshoot_a_cap_by_less_than_one_batch(make_ri
     batches of 7: at least 50 and fewer than 57 are sent, and the rest wait."""
     rig = make_rig(_bulk(batch_size=7, concurrency=4, daily_cap={"messages": 50}))
     rig.outbox.enqueue_many(_jobs(300), "bulk")
-    rig.race("bulk")
+    rig.race("bulk", "bulk")
     sent = sbx.stats()["messages_accepted"]
     assert 50 <= sent < 57, sent
     assert rig.store.spend_today(["bulk"])["bulk"].messages == sent
@@ -96,7 +96,7 @@ def test_two_dispatchers_together_overshoot_a_cap_by_less_than_one_batch(make_ri
 def cli(redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("SMS_LANES", orjson.dumps(_bulk(batch_size=5, daily_cap={"messages": 5})).decode())
-    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no terminal
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no terminal (a test may make it one)
 
     def run(*args: str) -> tuple[int, str, str]:
         code = main(list(args))
