@@ -50,9 +50,9 @@ def _day(rig: PolicyRig) -> int:
     return int(rig.store.r.time()[0]) // 86400
 
 
-def _hour(rig: PolicyRig) -> int:
-    """The hour policy.lua files the messages it counted under (hours since the epoch, Redis's clock)."""
-    return int(rig.store.r.time()[0]) // 3600
+def _slot(rig: PolicyRig) -> int:
+    """The two-hour slot policy.lua files the messages it counted under (since the epoch, Redis's clock)."""
+    return int(rig.store.r.time()[0]) // 7200
 
 
 def _account_spend(rig: PolicyRig) -> Any:
@@ -227,10 +227,10 @@ def test_a_lane_only_configuration_writes_the_same_keys_as_before_and_no_account
     rig.dispatcher.run("c")
     rig.dispatcher.run("a")
     assert sbx.stats()["messages_accepted"] == 10
-    day, marks = _day(rig), f"{rig.store.policy_prefix('c')}m:{_hour(rig)}"
+    day, marks = _day(rig), f"{rig.store.policy_prefix('c')}m:{_slot(rig)}"
     assert _policy_keys(rig) == {rig.store.budget_key("c", day), marks}
-    # The counted messages are kept three hours (a takeover comes within a lease), not for days.
-    assert 2 * 3600 < rig.store.r.ttl(marks) <= 3 * 3600
+    # The counted messages are kept hours (a takeover comes within a lease), not days.
+    assert 4 * 3600 < rig.store.r.ttl(marks) <= 6 * 3600
     assert rig.store.account_spend_today(["default"])["default"].messages == 0
 
 
@@ -243,7 +243,7 @@ def test_with_an_account_cap_its_lanes_also_count_in_the_account_s_key(make_rig:
     rig.dispatcher.run("a")
     rig.dispatcher.run("c")
     day = _day(rig)
-    assert _policy_keys(rig) == {rig.store.budget_key("a", day), f"{rig.store.policy_prefix('a')}m:{_hour(rig)}",
+    assert _policy_keys(rig) == {rig.store.budget_key("a", day), f"{rig.store.policy_prefix('a')}m:{_slot(rig)}",
                                  rig.store.account_budget_key("default", day)}
     assert _account_spend(rig).messages == 5
 

@@ -20,8 +20,8 @@
 -- scheduled job), and not counted by an earlier call. A message attempted before was counted when it
 -- was first allowed, so a retry after an outage is neither counted twice nor refused (answer SEEN);
 -- and so is one whose worker died between this call and its submit (taken over after the lease, it
--- still has no record): every message this call allows is remembered in the hour's `m:<hour>` hash
--- (message hash key -> 1, kept three hours; this hour's and the last are read).
+-- still has no record): every message this call allows is remembered in its two-hour slot's
+-- `m:<slot>` hash (message hash key -> 1, kept six hours; this slot's and the last are read).
 -- The counts of one window (or day) are one hash, number -> count (`{p}:policy:{lane}:n:<window>`,
 -- `p:<window>` for prefixes, `c:<day>` for campaigns), expiring a second after its window ends: a
 -- batch reads each hash with one HMGET and writes it with one HSET, where a key per number cost
@@ -103,11 +103,13 @@ for k = 1, 64 do TEXT[k] = string.format('%d', k) end
 local function text(n) return TEXT[n] or string.format('%d', n) end
 
 -- Which messages were counted by an earlier call (allowed, then their worker died before submit):
--- kept per hour for three hours, long enough for a lease (at most an hour) to run out and the
--- message to be taken over; a takeover later than that (every worker down for hours) counts it once
--- more, which at worst holds back one message early (never lets one more through).
-local hour = math.floor(now / 3600000)
-local seen_today, seen_before = prefix .. 'm:' .. hour, prefix .. 'm:' .. (hour - 1)
+-- filed per two-hour slot and read for this slot and the last, so a mark is seen for at least two
+-- hours: longer than a lease (SMS_LEASE_S is at most an hour) and the recovery that takes the message
+-- over after it. A takeover later than that (every worker down for hours) counts it once more, which
+-- at worst holds back one message early (never lets one more through). Memory: hours of traffic,
+-- where a day's file kept two days of it.
+local slot = math.floor(now / 7200000)  -- two hours
+local seen_today, seen_before = prefix .. 'm:' .. slot, prefix .. 'm:' .. (slot - 1)
 local counted = {}
 for c = 1, #KEYS, 1000 do
   local chunk = {unpack(KEYS, c, math.min(c + 999, #KEYS))}
@@ -211,7 +213,7 @@ end
 for c = 1, #allowed, 1000 do
   redis.call('HSET', seen_today, unpack(allowed, c, math.min(c + 999, #allowed)))
 end
-if #allowed > 0 then redis.call('PEXPIREAT', seen_today, (hour + 3) * 3600000) end
+if #allowed > 0 then redis.call('PEXPIREAT', seen_today, (slot + 3) * 7200000) end
 if added_m > 0 then
   redis.call('HINCRBY', daykey, 'messages', added_m)
   redis.call('HINCRBY', daykey, 'parts', added_p)
