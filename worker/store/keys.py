@@ -30,7 +30,7 @@
     {p}:policy:{lane}:p:{w}       hash, number prefix -> messages counted in window w (likewise)
     {p}:policy:{lane}:c:{d}       hash, campaign id -> messages counted on UTC day d (TTL: past the day's end)
     {p}:policy:{lane}:day:{d}     hash, UTC day d's spend: messages, parts, extra (resume --extra) (TTL 2 d)
-    {p}:policy:{lane}:m:{s}       hash, message hash key -> 1: the messages counted in two-hour slot s since the epoch (to its end + 4 h)
+    {p}:policy:{lane}:m:{s}       hash, message hash key -> 1: counted in two-hour slot s (kept to its end + 4 h)
     {p}:policy:acct:{account}:day:{d}  hash, an account's spend on UTC day d over all its lanes: messages,
                                   parts, extra (resume --account --extra); only for an account with a daily_cap
                                   (TTL 2 d). Lane names hold no `:`, so it never meets a lane's key.
