@@ -10,7 +10,6 @@ before and no account key.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -20,8 +19,8 @@ import pytest
 import structlog
 
 from tests.integration.test_guards import SWISS, PolicyRig, rig_factory
+from tests.support.cli import cli_runner
 from worker import metrics
-from worker.cli import main
 from worker.status import StatusConfig, collect, render
 
 Cli = Callable[..., tuple[int, str, str]]
@@ -61,19 +60,8 @@ def _account_spend(rig: PolicyRig) -> Any:
 
 @pytest.fixture
 def cli(redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    monkeypatch.setenv("SMS_LANES", orjson.dumps(_lanes()).decode())
-    monkeypatch.setenv("SMS_DEFAULT_LANE", "a")
-    monkeypatch.setenv("SMS_ACCOUNTS", orjson.dumps(OTHER).decode())
-    monkeypatch.setenv("SMS_ACCOUNT_DAILY_CAP", '{"messages": 50}')
-    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no terminal (a test may make it one)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        code = main(list(args))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+    return cli_runner(monkeypatch, capsys, redis_url, SMS_LANES=orjson.dumps(_lanes()).decode(), SMS_DEFAULT_LANE="a",
+                      SMS_ACCOUNTS=orjson.dumps(OTHER).decode(), SMS_ACCOUNT_DAILY_CAP='{"messages": 50}')
 
 
 def test_two_lanes_of_an_account_stop_together_at_its_cap_and_resume_together(

@@ -3,12 +3,11 @@ cause, say what was lifted, and wake the lane's dispatcher (against a real Redis
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 
 import pytest
 
-from worker.cli import main
+from tests.support.cli import cli_runner
 from worker.store import Store
 from worker.triggers import lane_queue
 
@@ -17,15 +16,7 @@ Cli = Callable[..., tuple[int, str, str]]
 
 @pytest.fixture
 def cli(redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    monkeypatch.setattr("sys.stdin", io.StringIO(""))
-
-    def run(*args: str) -> tuple[int, str, str]:
-        code = main(list(args))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+    return cli_runner(monkeypatch, capsys, redis_url)
 
 
 def test_resume_lifts_one_lane_and_wakes_it(cli: Cli, store: Store) -> None:

@@ -5,7 +5,6 @@ resume --extra N` lifts it only when confirmed; a campaign over its cap waits wi
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -14,8 +13,8 @@ import orjson
 import pytest
 
 from tests.integration.test_guards import SWISS, PolicyRig, rig_factory
+from tests.support.cli import cli_runner
 from worker import metrics
-from worker.cli import main
 from worker.status import StatusConfig, collect, render
 
 Cli = Callable[..., tuple[int, str, str]]
@@ -94,16 +93,8 @@ def test_two_dispatchers_together_overshoot_a_cap_by_less_than_one_batch(make_ri
 
 @pytest.fixture
 def cli(redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    monkeypatch.setenv("SMS_LANES", orjson.dumps(_bulk(batch_size=5, daily_cap={"messages": 5})).decode())
-    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no terminal (a test may make it one)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        code = main(list(args))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+    return cli_runner(monkeypatch, capsys, redis_url,
+                      SMS_LANES=orjson.dumps(_bulk(batch_size=5, daily_cap={"messages": 5})).decode())
 
 
 def test_a_budget_pause_is_resumed_only_with_more_allowance_and_a_confirmation(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import pytest
 
@@ -24,3 +25,21 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
         code = int(exit_.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def cli_runner(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], redis_url: str,
+               **env: str) -> Callable[..., tuple[int, str, str]]:
+    """`run(*args)` -> (exit status, stdout, stderr) of `sms-worker ARGS` against `redis_url` with the
+    variables `env`. Standard input is set once to no terminal, so a test may make it one (patching
+    isatty and input) for the commands that ask a question."""
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

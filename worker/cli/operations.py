@@ -16,6 +16,7 @@ from worker.settings import DEFAULT_ACCOUNT, Settings
 if TYPE_CHECKING:
     from worker.store import Store
     from worker.store.policy import Spend
+    from worker.triggers import Triggers
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -52,12 +53,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
         if reason == "budget" and not _raise_budget(settings, store, lane, args):
             refused += 1
             continue
-        store.resume(lane)
+        _lift(store, triggers, lane, reason, wake=lane in settings.sms_lanes)
         lifted.append(reason)
-        print(f"{lane}: lifted the pause ({reason}); its dispatcher is woken now")
-        if lane in settings.sms_lanes:
-            with contextlib.suppress(StoreError):  # the clock's tick wakes the lane anyway
-                triggers.dispatch(lane)
     if "auth" in lifted:
         print("if the API key is still refused, the next batch pauses the lane again (`sms-worker check` "
               "verifies the key the workers would use, from the same settings)")
@@ -162,11 +159,17 @@ def _resume_account(settings: Settings, store: Store, args: argparse.Namespace) 
             print(f"{lane}: still at its own daily cap ({_used(own[lane])}): left paused "
                   f"(sms-worker resume --lane {lane} --extra N)")
             continue
-        store.resume(lane)
-        print(f"{lane}: lifted the pause (budget); its dispatcher is woken now")
+        _lift(store, triggers, lane, reason, wake=True)
+    return 0
+
+
+def _lift(store: Store, triggers: Triggers, lane: str, reason: str, *, wake: bool) -> None:
+    """Lift `lane`'s pause and wake its dispatcher (`wake`: it is a configured lane)."""
+    store.resume(lane)
+    print(f"{lane}: lifted the pause ({reason}); its dispatcher is woken now")
+    if wake:
         with contextlib.suppress(StoreError):  # the clock's tick wakes the lane anyway
             triggers.dispatch(lane)
-    return 0
 
 
 def _lanes_to_resume(settings: Settings, store: Store, args: argparse.Namespace) -> list[str]:

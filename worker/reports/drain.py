@@ -247,11 +247,12 @@ class Drainer:
         try:
             return self._drain()
         finally:
+            more = self._more  # read while the lock is ours: the next drain resets it
             self._draining.release()
             # Handed over only now: a follow-up taken at once by a sibling thread of this process
             # while this drain still held the lock would find it busy and end there, and nothing
             # would drain until the clock's next interval (seen in bench scenario 5 as a stall).
-            if self._more and self.wake is not None:
+            if more and self.wake is not None:
                 self.wake.send(DRAIN_REPORTS, *([] if self._account_arg() is None else [self.config.account]))
 
     def _drain(self) -> DrainResult:
