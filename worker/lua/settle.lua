@@ -70,7 +70,7 @@ for i = 5, #KEYS do
   elseif state ~= '' and ALLOWED[state] and ALLOWED[state][current] then
     applied = 1
     local line, note
-    -- One concatenation per line (each makes a new Lua string): the trail's whole cost here.
+    -- The common line (state and event) in one concatenation: each makes a new Lua string.
     if event ~= '' then
       line = now_s .. ' state to=' .. state .. ' event=' .. redis.call('XADD', events, '*', 'event', event)
       emitted = true
