@@ -137,7 +137,7 @@ def rows_guards(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Ro
     return [
         _row("7", f"guards off: {size}", runs, ("off", "rate"), "SMS/s", note=check),
         _row("7", f"every guard on (velocity, countries, number types, parts, caps, suppression list of "
-                  f"{med['suppressed']:,})", runs, ("on", "rate"), "SMS/s"),
+                  f"{args.suppressed:,})", runs, ("on", "rate"), "SMS/s"),
         _row("7", "ratio on / off (within each run)", runs, ("ratio",), "x", "guards_ratio"),
         _row("7", f"CPU per SMS, guards off ({_cpu_text(med['off']['cpu_us_per_msg'])})", runs,
              ("off", "cpu_us_per_msg_total"), "us"),

@@ -8,6 +8,7 @@ tree of live descendants; a process that has exited is not counted (none exits m
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -87,3 +88,20 @@ class CpuMeter:
         after = self._read()
         self.used_s = {name: max(0.0, after[name] - self._before[name]) for name in after}
         return self.used_s
+
+
+def wait_quiet(pids: Iterable[int], *, busy_below: float = 0.05, window_s: float = 0.25,
+               timeout_s: float = 20.0) -> float:
+    """Until the process trees of `pids` together use less than `busy_below` of a core over one
+    `window_s` (booted and idle: imports, forks and first connections are not a run's cost);
+    the seconds waited. Past `timeout_s` it returns anyway: a stack that never goes quiet is
+    measured as it is."""
+    roots = list(pids)
+    start = last_t = time.monotonic()
+    last = sum(tree_cpu_seconds(p) for p in roots)
+    while True:
+        time.sleep(window_s)
+        now, used = time.monotonic(), sum(tree_cpu_seconds(p) for p in roots)
+        if (used - last) / (now - last_t) < busy_below or now - start > timeout_s:
+            return now - start
+        last, last_t = used, now

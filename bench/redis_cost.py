@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.redis_cost                  # 50,000 messages, 3 repetitions
     .venv/bin/python -m bench.redis_cost -n 20000 -r 5
     .venv/bin/python -m bench.redis_cost --campaign spring   # every job in one campaign
+    .venv/bin/python -m bench.redis_cost --guards            # + scenario 7's guards (1,000,000 suppressed)
 
 One Redis process runs every step of every message (append, claim, SUBMITTING before the POST,
 the settle that records the outcome, publishes the event and acknowledges the entry), so
@@ -11,6 +12,11 @@ whole core to itself. Here nothing else runs: a private redis-server, the produc
 Dispatcher code driving it from this process, in 1000-message batches like the bulk lane, with the
 same outcome (accepted, an event, a report deadline) the dispatcher writes. Redis's CPU comes from
 /proc, so the numbers do not depend on how busy the rest of the machine is.
+
+`--guards`: the traffic policy's Redis steps too, between the claim and the submit, with scenario 7's
+guards on the bulk lane (velocity per number and prefix, caps, a suppression list of `--suppressed`
+numbers, none of them a job's, loaded before the clock starts): the SMISMEMBER of each batch's
+numbers and policy.lua, as worker.dispatch.guarded runs them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from bench.scenarios import jobs
 from bench.system import BenchStack
 from worker import events
 from worker.dispatch.classify import accepted
+from worker.policy import LanePolicy, examine_all, guard_batch, plan_static, suppression_numbers
+from worker.settings import LaneConfig
 from worker.store import Entry
 
 BATCH = 1000
@@ -33,10 +41,13 @@ STATUS = {"groupId": 1, "groupName": "PENDING", "id": 26, "name": "PENDING_ACCEP
           "description": "Message sent to next instance"}
 
 
-def measure(stack: BenchStack, n: int) -> dict[str, float]:
-    """Redis CPU us per message for each step, over `n` messages."""
+def measure(stack: BenchStack, n: int, suppressed: int | None = None) -> dict[str, float]:
+    """Redis CPU us per message for each step, over `n` messages (`suppressed`: with the guards' steps
+    and a suppression list of that many numbers)."""
     store, settings = stack.store, stack.settings
     store.r.flushall()
+    if suppressed is not None:
+        scenarios.suppress(stack, suppressed)
     encoded = [(orjson.dumps(job), None) for job in jobs(n)]
     cost: dict[str, float] = {}
 
@@ -55,6 +66,8 @@ def measure(stack: BenchStack, n: int) -> dict[str, float]:
         return batches
 
     batches = step("claim.lua", claim_all)
+    if suppressed is not None:
+        guards(store, batches, step)
 
     def submit_all() -> None:
         for batch in batches:
@@ -75,17 +88,34 @@ def measure(stack: BenchStack, n: int) -> dict[str, float]:
     return cost
 
 
+def guards(store: Any, batches: list[list[Entry]], step: Any) -> None:
+    """The guards' two Redis steps for every batch (each must let every job through, as in scenario 7)."""
+    policy = LanePolicy.of("bulk", LaneConfig.model_validate(scenarios.GUARDS_ON["bulk"]))
+    examined = [examine_all(policy, [orjson.loads(e.job) for e in batch]) for batch in batches]
+    flags = step("SMISMEMBER", lambda: [store.suppressed(suppression_numbers(ex)) for ex in examined])
+
+    def policy_all() -> None:
+        for batch, seen, suppressed in zip(batches, examined, flags, strict=True):
+            plan, rest = plan_static(policy, batch, seen, suppressed)
+            result = store.guard("bulk", guard_batch(rest, [e.message_id for e, _ in rest]), policy.limits())
+            assert not plan.rejected and set(result.answers) == {"OK"}, (plan.rejected[:1], set(result.answers))
+
+    step("policy.lua", policy_all)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.redis_cost", description=__doc__.split("\n")[0])
     parser.add_argument("-n", "--messages", type=int, default=50_000)
     parser.add_argument("-r", "--repeat", type=int, default=3)
     parser.add_argument("--campaign", metavar="NAME", help="every job carries this campaign_reference_id")
+    parser.add_argument("--guards", action="store_true", help="with scenario 7's guards on (their Redis steps too)")
+    parser.add_argument("--suppressed", type=int, default=1_000_000, help="with --guards: numbers suppressed")
     args = parser.parse_args(argv)
     scenarios.CAMPAIGN = args.campaign
     runs = []
     with BenchStack(sandbox_flags=None) as stack:
         for _ in range(args.repeat):
-            runs.append(measure(stack, args.messages))
+            runs.append(measure(stack, args.messages, args.suppressed if args.guards else None))
     print(f"Redis CPU per message, {args.messages:,} messages in batches of {BATCH}, median of {args.repeat}:")
     total = 0.0
     for name in runs[0]:

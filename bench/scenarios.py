@@ -424,7 +424,7 @@ GUARDS_ON: dict[str, Any] = {
 SUPPRESS_CHUNK = 10_000
 
 
-def _suppress(stack: BenchStack, n: int) -> float:
+def suppress(stack: BenchStack, n: int) -> float:
     """Put `n` numbers on the suppression list (none of them a `jobs()` number); seconds taken."""
     t0 = time.time()
     for start in range(0, n, SUPPRESS_CHUNK):
@@ -438,7 +438,7 @@ def guards(n: int, workers: int = 2, env: dict[str, str] | None = None, suppress
     (its suppression list of `suppressed` numbers loaded for both) and sandbox; the ratio is within
     this run."""
     with BenchStack(env=env) as stack:
-        load_s = _suppress(stack, suppressed)
+        load_s = suppress(stack, suppressed)
         runs: dict[str, Any] = {"suppressed": suppressed, "suppress_load_s": round(load_s, 2)}
         for name in ("on", "off") if on_first else ("off", "on"):
             stack.dev.env["SMS_LANES"] = orjson.dumps(GUARDS_ON if name == "on" else GUARDS_OFF).decode()

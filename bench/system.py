@@ -128,6 +128,18 @@ class BenchStack:
         if clock:
             self.clock = self.dev.start_clock()
         self.wait_for_workers()
+        self.wait_quiet()
+
+    def wait_quiet(self) -> None:
+        """Until the workers, the clock and Redis are booted and idle. A run measured while the clock
+        still imported, or a worker still warmed up, paid for it: the second of two runs on one stack
+        came out ~20 % slower than the first, with the same configuration (bench/procs.py)."""
+        if self.clock is not None:
+            clock = self.clock
+            wait_until(lambda: "clock_started" in clock.log_path.read_text(errors="replace"), 60,
+                       "the clock to boot", interval_s=0.05)
+        roots = [w.pid for w in self.workers] + ([self.clock.pid] if self.clock else []) + [self.redis_pid]
+        procs.wait_quiet(roots)
 
     def outbox(self) -> Outbox:
         """The producer's Outbox, waking the lanes it writes to."""
@@ -150,6 +162,7 @@ class BenchStack:
                     "--threads", str(threads)]
             self.workers.append(self.dev.spawn(f"baseline-{i + 1}", argv, env))
         self.wait_for_workers()
+        self.wait_quiet()
 
     def stop_workers(self) -> None:
         """Stop the workers and the clock (the stack's Redis and sandbox keep running)."""

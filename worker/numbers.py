@@ -344,22 +344,41 @@ def _in_range(national: str, found: _Range | None) -> bool:
     return (not lengths or len(national) in lengths) and pattern.fullmatch(national) is not None
 
 
-@lru_cache(maxsize=1024)
-def _blockable(
-    code: int, region: str, blocked: frozenset[str]
-) -> tuple[_Range | None, tuple[tuple[str, _Range | None], ...]] | None:
-    """The country's general range and its special ranges in number_type's order up to the last type
-    in `blocked`; None when `blocked` names a type that is not a special range (fixed line, mobile,
-    unknown: only number_type itself answers those)."""
+def _alternative(name: str, found: _Range | None) -> str | None:
+    """One special range as a named alternative matching what `_in_range` matches: its possible
+    lengths as a lookahead, then its pattern."""
+    if found is None:
+        return None
+    lengths, pattern = found
+    length = "(?=(?:" + "|".join(f".{{{n}}}" for n in sorted(lengths)) + r")\Z)" if lengths else ""
+    return f"(?P<{name}>{length}(?:{pattern.pattern}))"
+
+
+# (country code, blocked types) -> the screen of `_screen`, built on first use (a few hundred
+# country codes and the lanes' few sets of types: bounded, and a dict is cheaper than lru_cache).
+_Screen = tuple[_Range | None, re.Pattern[str] | None]
+_SCREENS: dict[tuple[int, frozenset[str]], _Screen | None] = {}
+
+
+def _screen(code: int, region: str, blocked: frozenset[str]) -> _Screen | None:
+    """The country's general range, and its special ranges in number_type's order up to the last
+    type in `blocked` as one alternation (None: the country has none of them): a regex tries the
+    alternatives in order and takes the first that matches the whole number, as number_type takes
+    the first range. None when `blocked` names a type that is not a special range (fixed line,
+    mobile, unknown: only number_type itself answers those)."""
+    key = (code, blocked)
+    if key in _SCREENS:
+        return _SCREENS[key]
     names = [name for name, _ in _SPECIAL_RANGES]
-    if not blocked or not blocked <= set(names):
-        return None
     meta = PhoneMetadata.metadata_for_region_or_calling_code(code, region)
-    if meta is None:
-        return None
-    last = max(names.index(name) for name in blocked)
-    return _range(meta.general_desc), tuple((name, _range(getattr(meta, attr)))
-                                            for name, attr in _SPECIAL_RANGES[: last + 1])
+    found = None
+    if blocked and blocked <= set(names) and meta is not None:
+        last = max(names.index(name) for name in blocked)
+        alternatives = [alt for name, attr in _SPECIAL_RANGES[: last + 1]
+                        if (alt := _alternative(name, _range(getattr(meta, attr)))) is not None]
+        found = (_range(meta.general_desc), re.compile("|".join(alternatives)) if alternatives else None)
+    _SCREENS[key] = found
+    return found
 
 
 def blocked_type(number: str, blocked: frozenset[str]) -> str | None:
@@ -367,22 +386,59 @@ def blocked_type(number: str, blocked: frozenset[str]) -> str | None:
 
     A number in normal form of a country code with one region, and no national prefix or leading
     zero a parse would treat specially, is matched against its country's special ranges directly,
-    in number_type's order and only as far as the last blocked type (a few regex matches where a
-    parse and number_type cost ~23 us); any other number asks `facts`. tests/unit/test_numbers.py
-    holds the two equal on random numbers of every country code."""
+    in number_type's order and only as far as the last blocked type: one regex match (`_screen`)
+    where a parse and number_type cost ~23 us and a match per range ~4 us; any other number asks
+    `facts`. tests/unit/test_numbers.py holds the two equal on random numbers of every country code."""
     found = _country_code(number) if number.isdigit() and number[:1] != "0" else None
     if found is not None:
         code, digits = found
         region, prefix, _ = _country(code)
         national = number[digits:]
-        ranges = _blockable(code, region, blocked) if region is not None else None
+        ranges = _screen(code, region, blocked) if region is not None else None
         if ranges is not None and national[:1] != "0" and (prefix is None or prefix.match(national) is None):
-            general, specials = ranges
-            if not _in_range(national, general):
-                return None  # UNKNOWN: not a special range (and UNKNOWN is never in `blocked` here)
-            for name, special in specials:
-                if _in_range(national, special):
-                    return name if name in blocked else None
-            return None
+            return _screened(national, ranges, blocked)
+    return _blocked_by_facts(number, blocked)
+
+
+def _screened(national: str, ranges: _Screen, blocked: frozenset[str]) -> str | None:
+    """blocked_type of a national number, from its country's `_screen`."""
+    general, specials = ranges
+    special = specials.fullmatch(national) if specials is not None else None
+    if special is None:
+        return None  # in no special range: not a blocked type
+    # The first special range it falls in is its type, if it is a number at all (else UNKNOWN,
+    # never in `blocked` here). The general range, the longest pattern, is matched only now: most
+    # numbers fall in no special range.
+    name = special.lastgroup
+    return name if name in blocked and _in_range(national, general) else None
+
+
+def _blocked_by_facts(number: str, blocked: frozenset[str]) -> str | None:
+    if not blocked:
+        return None
     kind = facts(number).number_type
     return kind if kind in blocked else None
+
+
+def screen(raw: str, blocked: frozenset[str]) -> tuple[str, str | None, str | None]:
+    """(normal_or_raw(raw), region_of it, blocked_type of it: None when `blocked` is empty), for a
+    job's `to`: the traffic policy's three questions with the country code looked up once (they
+    are asked of every message a guarded lane sends). tests/unit/test_numbers.py holds it equal to
+    the three functions on numbers of every region and type."""
+    if raw.isdigit() and raw[:1] != "0":
+        found = _country_code(raw)
+        if found is None:
+            return raw, facts(raw).region, _blocked_by_facts(raw, blocked)
+        code, digits = found
+        single, prefix, lengths = _country(code)
+        if prefix is None or prefix.match(raw, digits) is None:  # `raw` is its own normal form
+            national = raw[digits:]
+            region = single if single is not None and len(national) in lengths else facts(raw).region
+            if not blocked:
+                return raw, region, None
+            ranges = _screen(code, single, blocked) if single is not None else None
+            if ranges is not None and national[:1] != "0":
+                return raw, region, _screened(national, ranges, blocked)
+            return raw, region, _blocked_by_facts(raw, blocked)
+    number = normal_or_raw(raw)
+    return number, region_of(number), blocked_type(number, blocked) if blocked else None

@@ -457,6 +457,19 @@ class Settings(BaseSettings):
                 resolved = cfg.model_copy()
                 resolved._account_cap = cap
                 self.sms_lanes[lane] = resolved
+        # A cap on an account no lane sends through caps nothing: whoever set it believes spend is
+        # bounded, so it is refused at start-up rather than accepted in silence.
+        used = {cfg.account for cfg in self.sms_lanes.values()}
+        for account in known:
+            if self.account_daily_cap(account) is not None and account not in used:
+                where = ("SMS_ACCOUNT_DAILY_CAP" if account == DEFAULT_ACCOUNT
+                         else f"SMS_ACCOUNTS: account {account!r} has a daily_cap, but it")
+                lanes = ", ".join(f"{lane} -> {cfg.account}" for lane, cfg in self.sms_lanes.items())
+                raise ValueError(f"{where} caps account {account!r}, which no lane of SMS_LANES sends through "
+                                 f"(lanes: {lanes}): put the cap on the account the lanes use, or remove it"
+                                 if account == DEFAULT_ACCOUNT else
+                                 f"{where} caps nothing: no lane of SMS_LANES sends through it (lanes: {lanes}); "
+                                 "name it in a lane's \"account\" or remove the cap")
 
     def _timeouts_coherent(self) -> None:
         # A claimed batch must not be recovered by another worker while its POST may still run.

@@ -55,3 +55,13 @@ def test_redis_cost_measures_every_step_of_the_send_path(capsys: pytest.CaptureF
         cost[step] = float(line.split()[-2])
     assert cost["submit.lua"] > 0 and cost["settle.lua"] > 0 and min(cost.values()) >= 0, cost
     assert "one Redis core at 100% sends at most" in out
+
+
+def test_redis_cost_with_the_guards_runs_their_steps_and_lets_every_job_through(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--guards` adds the suppression lookup and policy.lua between the claim and the submit, with
+    scenario 7's guards, which refuse none of its jobs (the step asserts it)."""
+    assert redis_cost.main(["-n", "3000", "-r", "1", "--guards", "--suppressed", "20000"]) == 0
+    out = capsys.readouterr().out
+    steps = [line.split()[0] for line in out.splitlines()[1:] if line.startswith("  ")]
+    assert steps == ["enqueue", "claim.lua", "SMISMEMBER", "policy.lua", "submit.lua", "settle.lua", "total"], out

@@ -223,3 +223,15 @@ def test_blocked_type_answers_as_number_type_does(blocked: frozenset[str]) -> No
     assert all(numbers.blocked_type(n, frozenset({"PREMIUM_RATE"})) is None for n in swiss)
     assert numbers.facts.cache_info().currsize == 0  # answered from the ranges, no parse
     assert numbers.blocked_type("41900123456", frozenset({"PREMIUM_RATE"})) == "PREMIUM_RATE"
+
+
+@pytest.mark.parametrize("blocked", [frozenset({"PREMIUM_RATE", "SHARED_COST"}), frozenset({"VOIP"}), frozenset()])
+def test_screen_answers_as_its_three_questions_do(blocked: frozenset[str]) -> None:
+    """screen() (the policy's one call per job) equals normal_or_raw, region_of and blocked_type on
+    numbers of every region and type, in job form and written other ways."""
+    sample = _typed_examples(random.Random(7))
+    written = [f"+{n}" for n in sample[:500]] + [f"{n[:2]}0{n[2:]}" for n in sample[:500]] + ["0791234567", "12"]
+    for raw in sample + written:
+        number = numbers.normal_or_raw(raw)
+        expected = (number, numbers.region_of(number), numbers.blocked_type(number, blocked) if blocked else None)
+        assert numbers.screen(raw, blocked) == expected, raw

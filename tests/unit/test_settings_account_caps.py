@@ -111,3 +111,14 @@ def test_an_unknown_account_key_lists_daily_cap_among_the_keys() -> None:
     spec = {"base_url": "https://x.example", "api_key_env": "K", "dailycap": {"messages": 5}}
     line = _one_line({"SMS_ACCOUNTS": json.dumps({"m": spec})})
     assert "did you mean daily_cap?" in line
+
+
+def test_a_cap_on_an_account_no_lane_sends_through_is_refused_at_start_up() -> None:
+    """A cap that caps nothing is a mistake whoever set it would not see: named on one line."""
+    lanes = json.dumps({"otp": {"account": "marketing"}, "bulk": {"account": "marketing"}})
+    line = _one_line({"SMS_ACCOUNT_DAILY_CAP": '{"messages": 50}', "SMS_ACCOUNTS": _accounts(),
+                      "SMS_LANES": lanes, "MARKETING_KEY": "k"})
+    assert "SMS_ACCOUNT_DAILY_CAP caps account 'default', which no lane of SMS_LANES sends through" in line, line
+    assert "otp -> marketing, bulk -> marketing" in line
+    line = _one_line({"SMS_ACCOUNTS": _accounts({"messages": 10}), "MARKETING_KEY": "k"})
+    assert "account 'marketing' has a daily_cap, but it caps nothing" in line, line

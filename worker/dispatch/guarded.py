@@ -24,8 +24,8 @@ from worker.policy import (
     HoldReason,
     LanePolicy,
     Reason,
-    examine,
-    guard_checks,
+    examine_all,
+    guard_batch,
     plan_counted,
     plan_static,
     plan_unguarded,
@@ -57,7 +57,7 @@ class Guard:
             if checked is not None:
                 return checked
         error: StoreError | None = None
-        examined = [examine(policy, item.job) for item in items]
+        examined = examine_all(policy, [item.job for item in items])
         suppressed = None
         if policy.suppression:
             try:
@@ -67,7 +67,7 @@ class Guard:
         plan, rest = plan_static(policy, items, examined, suppressed)
         if error is None and policy.counted and rest:
             try:
-                result = self.store.guard(lane, guard_checks(rest, [item.message_id for item, _ in rest]),
+                result = self.store.guard(lane, guard_batch(rest, [item.message_id for item, _ in rest]),
                                           policy.limits())
             except StoreError as failed:
                 error = failed

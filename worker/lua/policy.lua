@@ -38,9 +38,10 @@
 --   budget 0: under every cap.
 --   Only the calling lane is paused: the account's other lanes pause when their own next batch
 --   finds the account at its cap here (worker/policy.py says why).
---   answers, per message: OK (allowed and counted), SEEN (not fresh: allowed, not counted),
---   NUMBER / PREFIX (over that velocity rule: not counted), CAMPAIGN (its campaign is at its cap
---   today: not counted, hold it).
+--   answers: one letter per message, in one string (a thousand replies of their own cost Redis and
+--   the caller more than the decisions): O (allowed and counted), S (seen: not fresh, allowed, not
+--   counted), N / P (over the per-number / per-prefix velocity rule: not counted), C (its campaign
+--   is at its cap today: not counted, hold it).
 local prefix, pause = ARGV[1], ARGV[2]
 local nlimit, nwin = tonumber(ARGV[3]), tonumber(ARGV[4])
 local plimit, pwin = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -76,7 +77,7 @@ end
 
 local reached = over()
 if reached > 0 then
-  return {1, day, used_m, used_p, midnight - now, {}, pause_lane(), acct_m, acct_p, reached}
+  return {1, day, used_m, used_p, midnight - now, '', pause_lane(), acct_m, acct_p, reached}
 end
 
 -- One counter hash per rule: its key, its expiry, and (per field) the count read and the count now
@@ -93,9 +94,6 @@ local rules = {
   counter(plimit > 0, prefix .. 'p:' .. pw, (pw + 1) * pwin),
   counter(ccap > 0, prefix .. 'c:' .. day, midnight + 3600000),
 }
-local limits = {nlimit, plimit, ccap}
-local refusal = {'NUMBER', 'PREFIX', 'CAMPAIGN'}
-local offset = {0, 1, 3}  -- where each rule's field is among a message's arguments
 -- A count as the text Redis stores: Redis formats a Lua number it is given with snprintf, which per
 -- field written was a tenth of this script's time; the small counts a window holds are made once.
 local TEXT = {}
@@ -110,78 +108,90 @@ local function text(n) return TEXT[n] or string.format('%d', n) end
 -- where a day's file kept two days of it.
 local slot = math.floor(now / 7200000)  -- two hours
 local seen_today, seen_before = prefix .. 'm:' .. slot, prefix .. 'm:' .. (slot - 1)
-local counted = {}
-for c = 1, #KEYS, 1000 do
-  local chunk = {unpack(KEYS, c, math.min(c + 999, #KEYS))}
-  local today, before = redis.call('HMGET', seen_today, unpack(chunk)), redis.call('HMGET', seen_before, unpack(chunk))
-  for j = 1, #chunk do counted[c + j - 1] = today[j] or before[j] end
-end
+-- Each rule's counts (nil: the rule is off): the code below names them one by one, where a loop
+-- over the three rules per message cost more Lua than the decisions themselves.
+local nrule, prule, crule = rules[1], rules[2], rules[3]
+local nnow, pnow, cnow = nrule and nrule.now, prule and prule.now, crule and crule.now
+local norder, porder, corder = nrule and nrule.order, prule and prule.order, crule and crule.order
 
--- Which messages are fresh, and the fields each rule needs for them (no table per message: at a
--- thousand messages per call the allocations were a good part of the script's time).
+-- Which messages are fresh (not marked, then: no record, or QUEUED and never attempted), and the
+-- fields each rule needs for them, a chunk of the marks read at a time (unpack() has a stack limit).
+-- No table per message: at a thousand messages per call the allocations were a good part of the
+-- script's time.
 local fresh = {}
-local at = first
-for i = 1, #KEYS do
-  local h = redis.call('HMGET', KEYS[i], 'state', 'attempts')
-  local ok = not counted[i] and ((not h[1]) or (h[1] == 'QUEUED' and (not h[2] or h[2] == '0')))
-  fresh[i] = ok
-  if ok then
-    for r = 1, 3 do
-      local rule = rules[r]
-      if rule then
-        local f = ARGV[at + offset[r]]
-        if f ~= '' and not rule.now[f] then
-          rule.now[f] = 0
-          rule.order[#rule.order + 1] = f
-        end
+for c = 1, #KEYS, 1000 do
+  local last = math.min(c + 999, #KEYS)
+  local today = redis.call('HMGET', seen_today, unpack(KEYS, c, last))
+  local before = redis.call('HMGET', seen_before, unpack(KEYS, c, last))
+  local at = first + 4 * (c - 1)
+  for i = c, last do
+    local ok = false
+    if not (today[i - c + 1] or before[i - c + 1]) then
+      -- HGET, not HMGET: a table per message is what the reply into Lua costs most.
+      local state = redis.call('HGET', KEYS[i], 'state')
+      if not state then
+        ok = true
+      elseif state == 'QUEUED' then
+        local attempts = redis.call('HGET', KEYS[i], 'attempts')
+        ok = not attempts or attempts == '0'
       end
     end
+    fresh[i] = ok
+    if ok then
+      local f = ARGV[at]
+      if nnow and f ~= '' and not nnow[f] then nnow[f] = 0; norder[#norder + 1] = f end
+      f = ARGV[at + 1]
+      if pnow and f ~= '' and not pnow[f] then pnow[f] = 0; porder[#porder + 1] = f end
+      f = ARGV[at + 3]
+      if cnow and f ~= '' and not cnow[f] then cnow[f] = 0; corder[#corder + 1] = f end
+    end
+    at = at + 4
   end
-  at = at + 4
 end
 
 -- The reads: one HMGET per rule (in chunks: unpack() has a stack limit).
 for r = 1, 3 do
   local rule = rules[r]
   if rule then
-    for c = 1, #rule.order, 1000 do
-      local chunk = {unpack(rule.order, c, math.min(c + 999, #rule.order))}
-      local got = redis.call('HMGET', rule.key, unpack(chunk))
-      for j, field in ipairs(chunk) do
-        local n = tonumber(got[j] or '0')
-        rule.base[field], rule.now[field] = n, n
+    local order, base, counts = rule.order, rule.base, rule.now
+    for c = 1, #order, 1000 do
+      local last = math.min(c + 999, #order)
+      local got = redis.call('HMGET', rule.key, unpack(order, c, last))
+      for j = c, last do
+        local v = got[j - c + 1]
+        local n = v and tonumber(v) or 0  -- most fields are new in their window: no conversion
+        base[order[j]], counts[order[j]] = n, n
       end
     end
   end
 end
 
--- The decisions, in the batch's order: a refused message moves no count.
-local out, added_m, added_p = {}, 0, 0
-at = first
+-- The decisions, in the batch's order, the rules in the order number, prefix, campaign (the first
+-- over its limit answers): a refused message moves no count. The allowed ones are marked below.
+local out, allowed, added_m, added_p = {}, {}, 0, 0
+local at = first
 for i = 1, #KEYS do
-  if not fresh[i] then
-    out[i] = 'SEEN'
-  else
-    local answer = 'OK'
-    for r = 1, 3 do
-      local rule = rules[r]
-      if answer == 'OK' and rule then
-        local f = ARGV[at + offset[r]]
-        if f ~= '' and rule.now[f] >= limits[r] then answer = refusal[r] end
-      end
+  local answer = 'S'
+  if fresh[i] then
+    local fn, fp, fc = ARGV[at], ARGV[at + 1], ARGV[at + 3]
+    if nnow and fn ~= '' and nnow[fn] >= nlimit then
+      answer = 'N'
+    elseif pnow and fp ~= '' and pnow[fp] >= plimit then
+      answer = 'P'
+    elseif cnow and fc ~= '' and cnow[fc] >= ccap then
+      answer = 'C'
+    else
+      answer = 'O'
+      if nnow and fn ~= '' then nnow[fn] = nnow[fn] + 1 end
+      if pnow and fp ~= '' then pnow[fp] = pnow[fp] + 1 end
+      if cnow and fc ~= '' then cnow[fc] = cnow[fc] + 1 end
+      local parts = ARGV[at + 2]
+      added_m, added_p = added_m + 1, added_p + (parts == '1' and 1 or tonumber(parts))
+      allowed[#allowed + 1] = KEYS[i]
+      allowed[#allowed + 1] = '1'
     end
-    if answer == 'OK' then
-      for r = 1, 3 do
-        local rule = rules[r]
-        if rule then
-          local f = ARGV[at + offset[r]]
-          if f ~= '' then rule.now[f] = rule.now[f] + 1 end
-        end
-      end
-      added_m, added_p = added_m + 1, added_p + tonumber(ARGV[at + 2])
-    end
-    out[i] = answer
   end
+  out[i] = answer
   at = at + 4
 end
 
@@ -203,13 +213,6 @@ for r = 1, 3 do
     if #moved > 0 then redis.call('PEXPIREAT', rule.key, rule.ends) end
   end
 end
-local allowed = {}
-for i = 1, #KEYS do
-  if out[i] == 'OK' then
-    allowed[#allowed + 1] = KEYS[i]
-    allowed[#allowed + 1] = '1'
-  end
-end
 for c = 1, #allowed, 1000 do
   redis.call('HSET', seen_today, unpack(allowed, c, math.min(c + 999, #allowed)))
 end
@@ -228,6 +231,6 @@ if added_m > 0 then
 end
 reached = over()
 if reached > 0 then
-  return {2, day, used_m, used_p, midnight - now, out, pause_lane(), acct_m, acct_p, reached}
+  return {2, day, used_m, used_p, midnight - now, table.concat(out), pause_lane(), acct_m, acct_p, reached}
 end
-return {0, day, used_m, used_p, 0, out, 0, acct_m, acct_p, 0}
+return {0, day, used_m, used_p, 0, table.concat(out), 0, acct_m, acct_p, 0}

@@ -4,6 +4,7 @@ of the day's spend, per lane and per account."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -13,7 +14,7 @@ from worker.store.base import StoreBase
 
 
 class GuardAnswer(StrEnum):
-    """policy.lua's answer for one message (see its header)."""
+    """policy.lua's answer for one message (see its header: each comes as its first letter)."""
 
     OK = "OK"  # allowed, and counted
     SEEN = "SEEN"  # attempted before (counted then): allowed, not counted again
@@ -29,17 +30,20 @@ class Budget(StrEnum):
 
 
 _BUDGET = {0: Budget.UNDER, 1: Budget.REFUSED, 2: Budget.REACHED}
+# policy.lua answers a letter per message, all in one string: the first letter of each answer's name.
+_ANSWERS = {ord(answer.value[0]): answer for answer in GuardAnswer}
 
 
 @dataclass(frozen=True, slots=True)
-class GuardCheck:
-    """One message as policy.lua counts it."""
+class GuardBatch:
+    """A batch's messages as policy.lua counts them: a list per field, in the batch's order (one
+    object per batch, not one per message)."""
 
-    message_id: str
-    number: str  # normalised
-    prefix: str  # "" when the lane has no prefix rule
-    parts: int
-    campaign: str  # "" for none
+    message_ids: list[str]
+    numbers: list[str]  # normalised
+    prefixes: list[str]  # "" each when the lane has no prefix rule
+    parts: list[int]
+    campaigns: list[str]  # "" for none
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +93,7 @@ class Spend:
 
 
 class PolicyOps(StoreBase):
-    def guard(self, lane: str, checks: Sequence[GuardCheck], limits: GuardLimits) -> GuardResult:
+    def guard(self, lane: str, batch: GuardBatch, limits: GuardLimits) -> GuardResult:
         """Decide and count a batch's counted guards in one policy.lua call (one round trip)."""
         args: list[object] = [
             self.policy_prefix(lane), self.pause_key(lane), limits.number_limit, limits.number_window_ms,
@@ -97,12 +101,12 @@ class PolicyOps(StoreBase):
             self.account_policy_prefix(limits.account) if limits.account else "",
             limits.account_cap_messages, limits.account_cap_parts,
         ]
-        for c in checks:
-            args += [c.number, c.prefix, c.parts, c.campaign]
+        args += itertools.chain.from_iterable(zip(batch.numbers, batch.prefixes, batch.parts, batch.campaigns,
+                                                  strict=True))
         budget, day, messages, parts, pause_ms, answers, newly, acct_messages, acct_parts, reached = self.run(
-            "policy", [self.msg(c.message_id) for c in checks], args)
+            "policy", [self.msg(mid) for mid in batch.message_ids], args)
         return GuardResult(_BUDGET[int(budget)], int(day), int(messages), int(parts), int(pause_ms),
-                           [GuardAnswer(a.decode()) for a in answers], bool(newly), int(acct_messages),
+                           [_ANSWERS[a] for a in answers], bool(newly), int(acct_messages),
                            int(acct_parts), lane_at_cap=bool(int(reached) & 1), account_at_cap=bool(int(reached) & 2))
 
     def spend_today(self, lanes: Sequence[str]) -> dict[str, Spend]:
