@@ -460,16 +460,15 @@ class Settings(BaseSettings):
         # A cap on an account no lane sends through caps nothing: whoever set it believes spend is
         # bounded, so it is refused at start-up rather than accepted in silence.
         used = {cfg.account for cfg in self.sms_lanes.values()}
-        for account in known:
-            if self.account_daily_cap(account) is not None and account not in used:
-                where = ("SMS_ACCOUNT_DAILY_CAP" if account == DEFAULT_ACCOUNT
-                         else f"SMS_ACCOUNTS: account {account!r} has a daily_cap, but it")
-                lanes = ", ".join(f"{lane} -> {cfg.account}" for lane, cfg in self.sms_lanes.items())
-                raise ValueError(f"{where} caps account {account!r}, which no lane of SMS_LANES sends through "
-                                 f"(lanes: {lanes}): put the cap on the account the lanes use, or remove it"
-                                 if account == DEFAULT_ACCOUNT else
-                                 f"{where} caps nothing: no lane of SMS_LANES sends through it (lanes: {lanes}); "
-                                 "name it in a lane's \"account\" or remove the cap")
+        lanes = ", ".join(f"{lane} -> {cfg.account}" for lane, cfg in self.sms_lanes.items())
+        if self.sms_account_daily_cap is not None and DEFAULT_ACCOUNT not in used:
+            raise ValueError(f"SMS_ACCOUNT_DAILY_CAP caps account {DEFAULT_ACCOUNT!r}, which no lane of SMS_LANES "
+                             f"sends through (lanes: {lanes}): put the cap on the account the lanes use, or remove it")
+        for account, spec in self.sms_accounts.items():
+            if spec.daily_cap is not None and account not in used:
+                raise ValueError(f"SMS_ACCOUNTS: account {account!r} has a daily_cap, but it caps nothing: no lane "
+                                 f"of SMS_LANES sends through it (lanes: {lanes}); name it in a lane's \"account\" "
+                                 "or remove the cap")
 
     def _timeouts_coherent(self) -> None:
         # A claimed batch must not be recovered by another worker while its POST may still run.
