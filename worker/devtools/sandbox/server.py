@@ -73,6 +73,10 @@ def run(
         log_level="warning",
         # The timeout fault holds responses for up to timeout_delay_ms; do not wait for them on exit.
         timeout_graceful_shutdown=1,
+        # Longer than httpx's 5 s keepalive_expiry, so a client always drops an idle connection before
+        # the sandbox does: with both at 5 s, a request written on a connection the server is closing
+        # that instant is reset (seen in CI as ECONNRESET on an admin GET; on a POST it is ambiguous).
+        timeout_keep_alive=30,
     )
     logging.getLogger("uvicorn.error").addFilter(_HideDeliberateDrops())
     uvicorn.Server(server_config).run()
