@@ -1,15 +1,17 @@
 """The traffic policy: a lane's options -> its rules (`LanePolicy`), and the per-batch decision from
 the jobs and the store's answers (pure: no Redis, no clock, no logs).
 
-The dispatcher (worker.dispatch.dispatcher, `_guarded`) runs it for every claimed batch before
-anything is submitted, in this order, each step only for the jobs the one before let through:
+The dispatcher (worker.dispatch.dispatcher, through worker.dispatch.guarded) runs it for every
+claimed batch before anything is sent, in this order, each step only for the jobs the one before let
+through:
 
 1. static rules, from the job alone: `countries` (the region of the number itself, by
    `phonenumbers`), `block_number_types` (premium-rate, shared-cost... by default on the lane named
    otp), `max_parts` and `allow_ucs2` (worker.sms_text) -> reasons `country_blocked`,
    `number_type_blocked`, `too_many_parts`, `ucs2_refused`;
 2. `suppression` (default on for the lane named bulk): one SMISMEMBER per batch -> `suppressed`;
-3. the counted rules, one policy.lua call per batch (worker.store.policy): the daily spend caps
+3. the counted rules, decided and counted inside submit.lua, in the call that records the messages
+   as SUBMITTING (worker/lua/lib/guards.lua, one call per SCRIPT_CHUNK messages): the daily spend caps
    (`daily_cap`: messages and parts per UTC day; at a cap the lane pauses with reason `budget`
    until midnight and the batch waits, nothing is dropped), velocity per number and per prefix
    (fixed windows keyed by the window's start, so up to twice a limit can pass across one window
@@ -17,10 +19,10 @@ anything is submitted, in this order, each step only for the jobs the one before
    and `campaign_daily_cap` (a campaign's jobs over it wait, held for a lease and looked at again;
    the lane is not paused) -> reason `velocity` with the rule that fired.
    An account may carry a `daily_cap` too (SMS_ACCOUNTS' `daily_cap`, SMS_ACCOUNT_DAILY_CAP for
-   `default`): counted in the same policy.lua call over every lane of the account (each of them then
-   runs policy.lua), so it holds across lanes, processes and hosts with the same one-batch overshoot.
+   `default`): counted in the same call over every lane of the account (each of them is then
+   counted), so it holds across lanes, processes and hosts with the same one-call overshoot.
    At the account's cap the lane whose batch found or reached it pauses `budget`; each other lane of
-   the account pauses when its own next batch reaches policy.lua (it is refused there at once, its
+   the account pauses when its own next batch reaches submit.lua (it is refused there at once, its
    jobs held). Pausing only the caller keeps the atomic call to the keys of one lane and one account,
    never pauses a lane that has nothing to send, never replaces another lane's pause of another
    reason (auth, outage), and holds even while hosts briefly disagree about which lanes an account
@@ -28,14 +30,15 @@ anything is submitted, in this order, each step only for the jobs the one before
    --extra N` raises the account's caps for today and lifts the budget pauses of its lanes.
 
 A rejection is final: REJECTED, a `rejected` event with `reason` and `rule`, the entry acknowledged.
-When the guards' own state cannot be read (Redis refused the SMISMEMBER or policy.lua), the lane's
+When the guards' own state cannot be read (Redis refused the SMISMEMBER or a counter's read), the lane's
 `on_guard_error` decides: "open" sends as if allowed (default on otp: a lost login code costs more
 than one unchecked SMS), "closed" keeps the batch and pauses the lane briefly with reason
 `guard_unavailable` (the default elsewhere). Either way a loud log line and
 `sms_policy_guard_errors_total{lane,mode}`.
 
-Only fresh messages are counted (no record yet, or QUEUED and never attempted): a retry after an
-outage was counted when it was first allowed (policy.lua answers SEEN).
+Only fresh messages are counted (no record yet, or QUEUED and never attempted), in the call that
+records them: a retry after an outage, or a takeover of a worker that died before its POST, was
+counted when it was first submitted and is neither counted nor refused again.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from worker import numbers, sms_text
 from worker.settings import DEFAULT_ACCOUNT, LaneConfig
-from worker.store.policy import Budget, GuardAnswer, GuardBatch, GuardLimits, GuardResult
+from worker.store.messages import SubmitAnswer
+from worker.store.policy import GuardBatch, GuardLimits
 
 # The lanes whose name gives them defaults (the shipped configuration's two lanes).
 OTP_LANE, BULK_LANE = "otp", "bulk"
@@ -150,7 +154,7 @@ class LanePolicy:
 
     @property
     def counted(self) -> bool:
-        """Whether a batch needs policy.lua (velocity or caps, the lane's or its account's)."""
+        """Whether submit.lua counts the lane's batches (velocity or caps, the lane's or its account's)."""
         return bool(self.number_limit or self.prefix_limit or self.cap_messages or self.cap_parts
                     or self.campaign_cap or self.account_capped)
 
@@ -285,9 +289,10 @@ class GuardPlan(Generic[T]):
 
     send: list[T] = field(default_factory=list)
     rejected: list[tuple[T, Rejection]] = field(default_factory=list)
-    held: list[T] = field(default_factory=list)  # kept for later: see `hold`
-    hold: HoldReason | None = None
-    budget: GuardResult | None = None  # policy.lua's answer, for the budget log line and status
+    held: dict[HoldReason, list[T]] = field(default_factory=dict)  # kept for later, by why
+
+    def hold(self, why: HoldReason, item: T) -> None:
+        self.held.setdefault(why, []).append(item)
 
 
 def plan_static(policy: LanePolicy, items: Sequence[T], examined: Sequence[Examined],
@@ -314,39 +319,36 @@ def suppression_numbers(examined: Sequence[Examined]) -> list[str]:
     return [seen.number for seen in examined if seen.rejection is None]
 
 
-def guard_batch(rest: Sequence[tuple[Any, Examined]], message_ids: list[str]) -> GuardBatch:
-    """The messages left for the counted rules, as policy.lua takes them."""
-    return GuardBatch(message_ids, [seen.number for _, seen in rest], [seen.prefix for _, seen in rest],
+def guard_batch(args: list[object], rest: Sequence[tuple[Any, Examined]]) -> GuardBatch:
+    """The messages left for the counted rules, as submit.lua takes them (`args`: the lane's)."""
+    return GuardBatch(args, [seen.number for _, seen in rest], [seen.prefix for _, seen in rest],
                       [seen.parts for _, seen in rest], [seen.campaign for _, seen in rest])
 
 
-def plan_counted(policy: LanePolicy, plan: GuardPlan[T], rest: Sequence[tuple[T, Examined]],
-                 result: GuardResult) -> GuardPlan[T]:
-    """Add policy.lua's answers to the plan: at a cap the whole rest waits (budget); else velocity
-    rejections, campaign holds, and the others are sent."""
-    plan.budget = result
-    if result.budget == Budget.REFUSED:
-        plan.held = [item for item, _ in rest]
-        plan.hold = HoldReason.BUDGET
-        return plan
-    for (item, _), answer in zip(rest, result.answers, strict=True):
-        if answer in (GuardAnswer.OK, GuardAnswer.SEEN):
-            plan.send.append(item)
-        elif answer == GuardAnswer.NUMBER:
+# submit.lua's answers for the messages its guards stopped (worker/lua/lib/guards.lua).
+_HOLDS = {SubmitAnswer.CAMPAIGN: HoldReason.CAMPAIGN_CAP, SubmitAnswer.BUDGET: HoldReason.BUDGET,
+          SubmitAnswer.GUARD_ERROR: HoldReason.GUARD_UNAVAILABLE}
+
+
+def plan_counted(policy: LanePolicy, stopped: Iterable[tuple[T, SubmitAnswer]]) -> GuardPlan[T]:
+    """The messages submit.lua's guards did not record, as a plan: velocity rejections, and the jobs
+    kept for later (a daily cap, a campaign at its cap, guards unreadable on a lane that fails closed)."""
+    plan: GuardPlan[T] = GuardPlan()
+    for item, answer in stopped:
+        if answer == SubmitAnswer.NUMBER:
             plan.rejected.append((item, Rejection(Reason.VELOCITY, policy.number_rule())))
-        elif answer == GuardAnswer.PREFIX:
+        elif answer == SubmitAnswer.PREFIX:
             plan.rejected.append((item, Rejection(Reason.VELOCITY, policy.prefix_rule())))
         else:
-            plan.held.append(item)
-            plan.hold = HoldReason.CAMPAIGN_CAP
+            plan.hold(_HOLDS[answer], item)
     return plan
 
 
 def plan_unguarded(plan: GuardPlan[T], rest: Sequence[tuple[T, Examined]], *, fail_open: bool) -> GuardPlan[T]:
-    """The counted rules could not be read: send the rest (open) or keep it (closed)."""
-    if fail_open:
-        plan.send += [item for item, _ in rest]
-    else:
-        plan.held += [item for item, _ in rest]
-        plan.hold = HoldReason.GUARD_UNAVAILABLE
+    """The guards could not be read: send the rest (open) or keep it (closed)."""
+    for item, _ in rest:
+        if fail_open:
+            plan.send.append(item)
+        else:
+            plan.hold(HoldReason.GUARD_UNAVAILABLE, item)
     return plan

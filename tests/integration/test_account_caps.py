@@ -1,4 +1,4 @@
-"""Per-account daily spend caps (worker.policy, policy.lua) against real Redis and the real sandbox.
+"""Per-account daily spend caps (worker.policy, worker/lua/lib/guards.lua) against real Redis and the real sandbox.
 
 Lanes a and b send through `default`, whose cap (SMS_ACCOUNT_DAILY_CAP) they share; lane c sends
 through `other`, with no cap. Together a and b stop at the account's cap (overshoot below one batch,
@@ -47,11 +47,6 @@ def _jobs(n: int, start: int = 0, text: str = "sale") -> list[dict[str, Any]]:
 
 def _day(rig: PolicyRig) -> int:
     return int(rig.store.r.time()[0]) // 86400
-
-
-def _slot(rig: PolicyRig) -> int:
-    """The two-hour slot policy.lua files the messages it counted under (since the epoch, Redis's clock)."""
-    return int(rig.store.r.time()[0]) // 7200
 
 
 def _account_spend(rig: PolicyRig) -> Any:
@@ -206,33 +201,28 @@ def _policy_keys(rig: PolicyRig) -> set[str]:
 def test_a_lane_only_configuration_writes_the_same_keys_as_before_and_no_account_key(
     make_rig: Any, sbx: Any
 ) -> None:
-    """Without an account cap a lane with its own cap counts in its own two keys only (the day's spend,
-    the day's counted messages), as before accounts had caps; a lane without any counted rule runs no
-    policy.lua at all."""
+    """Without an account cap a lane with its own cap counts in its own key only (the day's spend), as
+    before accounts had caps; a lane without any counted rule writes no policy key at all."""
     rig = make_rig(_lanes() | {"c": {"max_wait_ms": 0, "daily_cap": {"messages": 100}}}, sms_default_lane="a")
     rig.outbox.enqueue_many(_jobs(5), "c")
     rig.outbox.enqueue_many(_jobs(5, start=100), "a")
     rig.dispatcher.run("c")
     rig.dispatcher.run("a")
     assert sbx.stats()["messages_accepted"] == 10
-    day, marks = _day(rig), f"{rig.store.policy_prefix('c')}m:{_slot(rig)}"
-    assert _policy_keys(rig) == {rig.store.budget_key("c", day), marks}
-    # The counted messages are kept hours (a takeover comes within a lease), not days.
-    assert 4 * 3600 < rig.store.r.ttl(marks) <= 6 * 3600
+    assert _policy_keys(rig) == {rig.store.budget_key("c", _day(rig))}
     assert rig.store.account_spend_today(["default"])["default"].messages == 0
 
 
 def test_with_an_account_cap_its_lanes_also_count_in_the_account_s_key(make_rig: Any, sbx: Any) -> None:
-    """A lane with no rule of its own runs policy.lua once its account has a cap: its own two keys
-    and the account's day key; the lane of the other account writes nothing."""
+    """A lane with no rule of its own is counted once its account has a cap: in its own day key and
+    the account's; the lane of the other account writes nothing."""
     rig = _rig(make_rig, {"messages": 100})
     rig.outbox.enqueue_many(_jobs(5), "a")
     rig.outbox.enqueue_many(_jobs(5, start=100), "c")
     rig.dispatcher.run("a")
     rig.dispatcher.run("c")
     day = _day(rig)
-    assert _policy_keys(rig) == {rig.store.budget_key("a", day), f"{rig.store.policy_prefix('a')}m:{_slot(rig)}",
-                                 rig.store.account_budget_key("default", day)}
+    assert _policy_keys(rig) == {rig.store.budget_key("a", day), rig.store.account_budget_key("default", day)}
     assert _account_spend(rig).messages == 5
 
 

@@ -59,9 +59,13 @@ def test_redis_cost_measures_every_step_of_the_send_path(capsys: pytest.CaptureF
 
 def test_redis_cost_with_the_guards_runs_their_steps_and_lets_every_job_through(
         capsys: pytest.CaptureFixture[str]) -> None:
-    """`--guards` adds the suppression lookup and policy.lua between the claim and the submit, with
-    scenario 7's guards, which refuse none of its jobs (the step asserts it)."""
+    """`--guards` measures each step with the guards off and on: the suppression lookup between the
+    claim and the submit, and submit.lua with scenario 7's counted rules, which refuse none of its
+    jobs (the step asserts it); the difference is the guards' cost."""
     assert redis_cost.main(["-n", "3000", "-r", "1", "--guards", "--suppressed", "20000"]) == 0
     out = capsys.readouterr().out
-    steps = [line.split()[0] for line in out.splitlines()[1:] if line.startswith("  ")]
-    assert steps == ["enqueue", "claim.lua", "SMISMEMBER", "policy.lua", "submit.lua", "settle.lua", "total"], out
+    rows = [line.split() for line in out.splitlines()[2:] if line.startswith("  ")]
+    assert [row[0] for row in rows] == ["enqueue", "claim.lua", "SMISMEMBER", "submit.lua", "settle.lua", "total"], out
+    smismember = next(row for row in rows if row[0] == "SMISMEMBER")
+    assert float(smismember[1]) == 0.0, out  # off: no such step
+    assert "(the guards:" in out

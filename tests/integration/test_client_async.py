@@ -164,8 +164,9 @@ async def test_the_loop_is_never_blocked_for_long(client: AsyncClient, redis_cli
     await ticker
     assert len(sent) == 50_000 and _r(redis_client).xlen("sms:outbox:bulk") == 50_000
     # A blocking implementation shows one gap as long as the call. (Relative to the call, so a
-    # busy machine that slows both does not fail it; ~25 ms of ~400 ms when measured.)
-    assert max(gaps) < took / 4, (max(gaps), took)
+    # busy machine that slows both does not fail it; ~25 ms of ~400 ms when measured, and 100 ms of
+    # 356 ms once in CI with a second test run on the machine: a quarter was too close.)
+    assert max(gaps) < took / 2, (max(gaps), took)
     assert len(gaps) > 20
 
 

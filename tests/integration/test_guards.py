@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.sandbox import API_KEY
 from worker import metrics
+from worker.devtools.devstack import wait_until
 from worker.devtools.sandbox.process import SandboxProcess
 from worker.dispatch import DispatchConfig, Dispatcher, guarded
 from worker.dispatch.classify import Item
@@ -32,11 +33,14 @@ SWISS_PREMIUM = "41900123456"
 
 
 class Wake:
+    def __init__(self) -> None:
+        self.reconciles: list[tuple[str, list[str]]] = []
+
     def dispatch(self, lane: str, delay_ms: int = 0) -> bool:
         return True
 
     def reconcile(self, lane: str, entry_ids: Any, delay_ms: int) -> None:
-        pass
+        self.reconciles.append((lane, list(entry_ids)))
 
 
 class PolicyRig:
@@ -252,7 +256,7 @@ def test_two_dispatchers_together_never_exceed_a_velocity_rule(make_rig: Any, sb
 
 
 def _plant_wrong_type(rig: PolicyRig, lane: str) -> None:
-    """A key of the wrong type where policy.lua keeps the lane's day counters: Redis refuses the call."""
+    """A key of the wrong type where the guards keep the lane's day counters: Redis refuses their read."""
     day = int(rig.store.r.time()[0]) // 86400
     rig.store.r.set(rig.store.budget_key(lane, day), "not a hash")
 
@@ -312,22 +316,41 @@ def test_a_retry_after_an_outage_is_not_counted_twice(make_rig: Any, sbx: Sandbo
     assert rig.accepted() == {code.message_id} and rig.rejected() == {}
 
 
-def test_a_job_whose_worker_died_after_the_guards_is_not_counted_again(make_rig: Any, sbx: SandboxProcess) -> None:
-    """A worker that dies after policy.lua allowed (and counted) a batch but before submit.lua leaves
-    its jobs without a record; the worker that takes them over after the lease must not count them a
-    second time, nor refuse them for it."""
-    rig = make_rig(_otp(velocity={"per_number": {"limit": 1, "window_s": 3600}}))
+def test_a_job_whose_worker_died_after_its_submit_is_counted_once(make_rig: Any, sbx: SandboxProcess) -> None:
+    """The guards count a message in the submit.lua call that records it SUBMITTING: a worker that dies
+    right after it (before its POST) leaves the message counted and SUBMITTING; the worker that takes
+    it over reconciles and resends it without counting it again or refusing it for the count, and the
+    number's next code is refused (counted exactly once: not twice, not zero times)."""
+    rig = make_rig(_otp(velocity={"per_number": {"limit": 1, "window_s": 3600}}),
+                   sms_reconcile_window_s=0.6, sms_reconcile_checks=2)
     code = rig.outbox.enqueue({"to": SWISS.format(1), "text": "your only code"}, "otp")
-    claim = rig.store.claim("otp", "doomed", 10, lease_ms=10_000, max_wait_ms=0, recover=False)
+    claim = rig.store.claim("otp", "doomed", 10, lease_ms=0, max_wait_ms=0, recover=False)
     items = [Item(e, parse_job(e.job, max_text_parts=10, metadata_max_bytes=4096)[0]) for e in claim.entries]
-    send, rejected = rig.dispatcher._guard.check("otp", items)  # the doomed worker's guards: allowed, counted
-    assert [item.message_id for item in send] == [code.message_id] and not rejected
-    assert "state" not in rig.store.message(code.message_id)  # ... and it dies before submit.lua
-    rig.dispatcher.config = replace(rig.config, lease_ms=0)  # the takeover, once the lease is over
-    rig.dispatcher.run("otp")
+    checked = rig.dispatcher._guard.check("otp", items)
+    answers, _ = rig.store.submit_guarded("otp", [i.entry for i in checked.send], checked.counted, consumer="doomed",
+                                          lease_ms=0, state_ttl_s=3600, fence="doomed", send_window_ms=200)
+    assert [a.state for a in answers] == ["NEW"]  # recorded and counted; the doomed worker dies here
+    number = SWISS.format(1)  # its normal form
+    window = int(rig.store.r.time()[0]) // 3600
+    counts = f"{rig.store.policy_prefix('otp')}n:{window}"
+    assert rig.store.r.hget(counts, number) == b"1"
+    rig.dispatcher.config = replace(rig.config, lease_ms=100, fence_margin_ms=0)  # the takeover, 100 ms on
+
+    def sent() -> bool:
+        reconciles = rig.dispatcher.wake.reconciles
+        if reconciles:
+            rig.dispatcher.reconcile(*reconciles[-1])
+        else:
+            rig.dispatcher.run("otp")
+        return bool(rig.accepted())
+
+    wait_until(sent, 10, "the taken-over code to be reconciled and resent", interval_s=0.1)
     assert rig.accepted() == {code.message_id} and rig.rejected() == {}
     assert sbx.stats()["messages_accepted"] == 1
-
+    assert rig.store.r.hget(counts, number) == b"1"
+    again = rig.outbox.enqueue({"to": SWISS.format(1), "text": "another code"}, "otp")
+    rig.dispatcher.run("otp")
+    assert set(rig.rejected()) == {again.message_id}
 
 def test_two_worker_processes_together_never_exceed_a_velocity_rule() -> None:
     """The real thing: two `sms-worker worker` processes and a clock, a pumping burst of 40 codes to

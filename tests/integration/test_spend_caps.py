@@ -1,6 +1,7 @@
-"""Spend caps (worker.policy, policy.lua) against real Redis and the real sandbox: at a lane's daily cap
-the lane pauses with reason `budget`, its jobs wait (nothing dropped, no event), status and metrics
-say so; the cap is overshot by at most one batch also with two dispatchers at once; `sms-worker
+"""Spend caps (worker.policy, worker/lua/lib/guards.lua) against real Redis and the real sandbox: at a
+lane's daily cap the lane pauses with reason `budget`, its jobs wait (nothing dropped, no event),
+status and metrics say so; the cap is overshot by at most one submit call (a batch, or SCRIPT_CHUNK
+messages of a bigger one), also with two dispatchers at once; `sms-worker
 resume --extra N` lifts it only when confirmed; a campaign over its cap waits without pausing."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from tests.integration.test_guards import SWISS, PolicyRig, rig_factory
 from tests.support.cli import cli_runner
 from worker import metrics
 from worker.status import StatusConfig, collect, render
+from worker.store import SCRIPT_CHUNK
 
 Cli = Callable[..., tuple[int, str, str]]
 
@@ -58,6 +60,20 @@ def test_at_the_daily_cap_the_lane_pauses_for_budget_and_its_jobs_wait(make_rig:
     exposed = b"".join(metrics.render([_registry(rig)])[0].splitlines(keepends=True))
     assert b'sms_lane_paused{lane="bulk",reason="budget"} 1.0' in exposed
     assert b'sms_lane_spend_today{lane="bulk",unit="messages"} 12.0' in exposed
+
+
+def test_a_big_batch_stops_at_the_cap_within_one_submit_call_not_one_batch(make_rig: Any, sbx: Any) -> None:
+    """Batches of 1,000 against a cap of 250: the guards decide in each submit.lua call of
+    SCRIPT_CHUNK (100) messages, so the batch stops after the call that reached the cap (300 sent,
+    not the whole batch) and the rest of the same batch waits, nothing dropped."""
+    rig = make_rig(_bulk(batch_size=1000, daily_cap={"messages": 250}))
+    rig.outbox.enqueue_many(_jobs(1000), "bulk")
+    rig.dispatcher.run("bulk")
+    assert SCRIPT_CHUNK == 100
+    assert sbx.stats()["messages_accepted"] == 300
+    assert rig.store.spend_today(["bulk"])["bulk"].messages == 300
+    assert rig.store.paused("bulk") == "budget"
+    assert rig.store.r.xlen(rig.store.outbox("bulk")) == 700 and {e["type"] for e in rig.events()} == {"accepted"}
 
 
 def _registry(rig: PolicyRig) -> Any:

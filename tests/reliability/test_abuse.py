@@ -294,7 +294,7 @@ def _provider_destinations(system: System, message_ids: list[str]) -> dict[str, 
 
 
 def _counted(system: System, window: int) -> tuple[dict[str, int], dict[str, int]]:
-    """The velocity counts policy.lua keeps for the otp lane in `window`: (per number, per prefix)."""
+    """The velocity counts the guards keep for the otp lane in `window`: (per number, per prefix)."""
     prefix = system.store.policy_prefix("otp")
 
     def read(kind: str) -> dict[str, int]:

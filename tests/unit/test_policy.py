@@ -26,8 +26,8 @@ from worker.policy import (
     suppression_numbers,
 )
 from worker.settings import LaneConfig, settings_from_env
-from worker.store import Entry
-from worker.store.policy import Budget, GuardAnswer, GuardResult, Spend
+from worker.store import GUARD_ANSWERS, Entry, SubmitAnswer
+from worker.store.policy import Spend
 
 SWISS_MOBILE = "41791234567"
 GERMAN_MOBILE = "4915112345678"
@@ -66,7 +66,7 @@ def test_counted_only_with_velocity_or_caps() -> None:
 
 def test_a_lane_of_a_capped_account_is_counted_and_reads_parts() -> None:
     """The account's cap comes from the settings (resolved onto each lane of the account); a lane
-    without rules of its own then runs policy.lua, and the bulk lane leaves its suppression-only path."""
+    without rules of its own is then counted, and the bulk lane leaves its suppression-only path."""
     lanes = {"bulk": {}, "alerts": {}, "other": {"account": "m"}}
     settings = settings_from_env({"SMS_LANES": orjson.dumps(lanes).decode(), "SMS_DEFAULT_LANE": "bulk",
                                   "SMS_ACCOUNT_DAILY_CAP": '{"parts": 30}', "SMS_ACCOUNTS": orjson.dumps(
@@ -80,7 +80,7 @@ def test_a_lane_of_a_capped_account_is_counted_and_reads_parts() -> None:
     assert examine(alerts, _job(text="x" * 400)).parts == 3  # parts counted for the account's cap
 
 
-def test_a_spend_is_at_a_cap_as_policy_lua_decides() -> None:
+def test_a_spend_is_at_a_cap_as_the_guards_decide() -> None:
     assert not Spend(1, 9, 20, 0).at_cap(10, 0)
     assert Spend(1, 10, 20, 0).at_cap(10, 0)
     assert not Spend(1, 10, 20, 5).at_cap(10, 0)  # resume --extra 5
@@ -136,37 +136,35 @@ def test_suppressed_jobs_are_rejected_and_only_statically_allowed_numbers_are_lo
     assert [item for item, _ in rest] == ["c"]
 
 
-def _result(budget: Budget, answers: list[GuardAnswer]) -> GuardResult:
-    return GuardResult(budget, 20000, 1, 1, 5000 if budget != Budget.UNDER else 0, answers)
-
-
-def test_velocity_answers_become_rejections_naming_the_rule_and_campaigns_over_their_cap_wait() -> None:
+def test_what_submit_s_guards_stopped_becomes_rejections_naming_the_rule_or_holds_by_why() -> None:
     p = _policy(velocity={"per_number": {"limit": 5, "window_s": 3600},
                           "per_prefix": {"digits_dropped": 2, "limit": 20, "window_s": 60}})
-    examined = [examine(p, _job()) for _ in range(5)]
-    plan, rest = plan_static(p, list("abcde"), examined, None)
-    plan_counted(p, plan, rest, _result(Budget.UNDER, [GuardAnswer.OK, GuardAnswer.NUMBER, GuardAnswer.PREFIX,
-                                                       GuardAnswer.CAMPAIGN, GuardAnswer.SEEN]))
-    assert plan.send == ["a", "e"]
+    plan = plan_counted(p, [("b", SubmitAnswer.NUMBER), ("c", SubmitAnswer.PREFIX), ("d", SubmitAnswer.CAMPAIGN),
+                            ("e", SubmitAnswer.BUDGET), ("f", SubmitAnswer.GUARD_ERROR), ("g", SubmitAnswer.BUDGET)])
+    assert plan.send == []
     assert plan.rejected == [("b", Rejection(Reason.VELOCITY, "velocity.per_number:5/3600s")),
                              ("c", Rejection(Reason.VELOCITY, "velocity.per_prefix:20/60s:-2"))]
-    assert plan.held == ["d"] and plan.hold == HoldReason.CAMPAIGN_CAP
+    assert plan.held == {HoldReason.CAMPAIGN_CAP: ["d"], HoldReason.BUDGET: ["e", "g"],
+                         HoldReason.GUARD_UNAVAILABLE: ["f"]}
 
 
-def test_at_a_cap_the_whole_batch_waits_and_nothing_is_rejected() -> None:
-    p = _policy(daily_cap={"messages": 10})
-    plan, rest = plan_static(p, ["a", "b"], [examine(p, _job()), examine(p, _job())], None)
-    plan_counted(p, plan, rest, _result(Budget.REFUSED, []))
-    assert (plan.send, plan.rejected, plan.held, plan.hold) == ([], [], ["a", "b"], HoldReason.BUDGET)
+def test_every_answer_submit_s_guards_give_is_one_the_dispatcher_hands_to_the_policy() -> None:
+    """A new guard answer in SubmitAnswer that plan_submitted did not route would leave its message
+    neither sent nor settled."""
+    stopped = {SubmitAnswer.NUMBER, SubmitAnswer.PREFIX, SubmitAnswer.CAMPAIGN, SubmitAnswer.BUDGET,
+               SubmitAnswer.GUARD_ERROR}
+    assert stopped == GUARD_ANSWERS
+    plan_counted(_policy(), [("x", answer) for answer in stopped])  # each one planned, none a KeyError
 
 
-@pytest.mark.parametrize(("fail_open", "sent", "held"), [(True, ["a"], []), (False, [], ["a"])])
-def test_unreadable_guards_fail_in_the_lanes_direction(fail_open: bool, sent: list[str], held: list[str]) -> None:
+@pytest.mark.parametrize(("fail_open", "sent", "held"), [(True, ["a"], {}),
+                                                         (False, [], {HoldReason.GUARD_UNAVAILABLE: ["a"]})])
+def test_unreadable_guards_fail_in_the_lanes_direction(fail_open: bool, sent: list[str],
+                                                       held: dict[HoldReason, list[str]]) -> None:
     p = _policy(velocity={"per_number": {"limit": 1, "window_s": 60}})
     plan, rest = plan_static(p, ["a"], [examine(p, _job())], None)
     plan_unguarded(plan, rest, fail_open=fail_open)
     assert (plan.send, plan.held) == (sent, held)
-    assert plan.hold == (None if fail_open else HoldReason.GUARD_UNAVAILABLE)
 
 
 # --- configuration --------------------------------------------------------------------------------

@@ -30,7 +30,16 @@ from worker.errors import (
 from worker.models import MAX_VALIDITY_S, State, validity_seconds
 from worker.provider import SendResponse, SendResult
 from worker.statuses import ACCEPTED_GROUPS, DUPLICATE_MESSAGE_ID, KNOWN_GROUPS
-from worker.store import AbsentVerdict, Entry, Outcome, SubmitAnswer, Submitted, Verdict, campaign_spec
+from worker.store import (
+    GUARD_ANSWERS,
+    AbsentVerdict,
+    Entry,
+    Outcome,
+    SubmitAnswer,
+    Submitted,
+    Verdict,
+    campaign_spec,
+)
 
 # Outcomes that are our own decisions (not the provider's facts): applied only while we own the
 # message (settle.lua's guards).
@@ -42,7 +51,7 @@ class PauseReason(StrEnum):
 
     AUTH = "auth"  # 401/403: the key was refused
     PROVIDER_UNAVAILABLE = "provider_unavailable"  # connect errors, 429, 503 after every retry
-    # The traffic policy's (worker.policy): a daily cap reached (set by policy.lua, until midnight
+    # The traffic policy's (worker.policy): a daily cap reached (set by submit.lua's guards, until midnight
     # UTC), and guards whose state Redis could not give on a lane that fails closed.
     BUDGET = "budget"
     GUARD_UNAVAILABLE = "guard_unavailable"
@@ -302,6 +311,7 @@ class SubmitPlan:
     check: list[Item] = field(default_factory=list)  # may have been sent: reconcile first
     waiting: list[tuple[str, int]] = field(default_factory=list)  # (entry id, ms): look again later
     acknowledge: list[Item] = field(default_factory=list)  # settled already: only the ack is left
+    stopped: list[tuple[Item, SubmitAnswer]] = field(default_factory=list)  # by the lane's counted guards
 
 
 def plan_submitted(items: Sequence[Item], answers: Sequence[Submitted]) -> SubmitPlan:
@@ -319,6 +329,8 @@ def plan_submitted(items: Sequence[Item], answers: Sequence[Submitted]) -> Submi
         elif answer.state == SubmitAnswer.SETTLED:
             # Already settled (a report may have raced ahead): the entry only needs its ack.
             plan.acknowledge.append(item)
+        elif answer.state in GUARD_ANSWERS:
+            plan.stopped.append((item, answer.state))
     return plan
 
 

@@ -246,21 +246,27 @@ class Dispatcher:
 
     # --- one batch -----------------------------------------------------------------------------
     def process(self, lane: str, entries: Sequence[Entry]) -> int:
-        """Send one claimed batch: validate, record SUBMITTING under a fence, POST, settle.
+        """Send one claimed batch: validate, apply the lane's guards (worker/dispatch/guarded.py; the
+        counted ones inside submit.lua), record SUBMITTING under a fence, POST, settle.
 
         Messages a previous attempt may have sent (found SUBMITTING/AMBIGUOUS) are reconciled
         against the provider's logs first, and resent in a POST of their own only on the verdict
         of absent.lua."""
         started = time.perf_counter()
         batch = _Batch(lane)
-        items = self._guarded(batch, self._held(batch, self._first_owners(batch, self._readable(batch, entries))))
+        checked = self._guard.check(lane, self._held(batch, self._first_owners(batch, self._readable(batch, entries))))
+        batch.outcomes += checked.rejected
+        items = checked.send
         fence, opened = secrets.token_hex(8), time.monotonic()
-        answers = self.store.submit(
-            lane, [item.entry for item in items], consumer=self._checker(), lease_ms=self.config.lease_ms,
-            state_ttl_s=self.config.state_ttl_s, fence=fence, send_window_ms=self.config.send_window_ms,
-            margin_ms=self.config.fence_margin_ms,
-        ) if items else []
+        answers, guarded = self.store.submit_guarded(
+            lane, [item.entry for item in items], checked.counted, consumer=self._checker(),
+            lease_ms=self.config.lease_ms, state_ttl_s=self.config.state_ttl_s, fence=fence,
+            send_window_ms=self.config.send_window_ms, margin_ms=self.config.fence_margin_ms,
+        ) if items else ([], [])
         plan = plan_submitted(items, answers)
+        if checked.counted is not None:
+            # The lane's counted guards ran in submit.lua: what they stopped is rejected or held.
+            batch.outcomes += self._guard.counted(lane, plan.stopped, guarded)
         batch.waiting += plan.waiting
         batch.outcomes += [Outcome.acknowledge(item.message_id, item.entry_id) for item in plan.acknowledge]
         if plan.send:
@@ -330,13 +336,6 @@ class Dispatcher:
                      if answer in ("SCHEDULED", "DUPLICATE")}
             log.info("scheduled_from_outbox", lane=batch.lane, entries=len(later))
         return [item for item in items if item.message_id not in held] if held else items
-
-    def _guarded(self, batch: _Batch, items: list[Item]) -> list[Item]:
-        """The lane's traffic policy (worker/dispatch/guarded.py) before anything is submitted: its
-        rejections are settled with the batch; the jobs it keeps for later stay pending."""
-        send, rejected = self._guard.check(batch.lane, items)
-        batch.outcomes += rejected
-        return send
 
     def _checker(self) -> str:
         """Who holds a slot or a reconciliation lease: this thread of this process (threads share a consumer)."""

@@ -12,7 +12,7 @@
     deadletters.py the dead-letter stream
     schedule.py    the lanes' schedules (send_at), moving due jobs, the atomic cancel
     ops.py         status snapshots, heartbeats, the instance marker
-    policy.py      the lanes' counted traffic guards: velocity, spend caps, campaign caps (policy.lua)
+    policy.py      the lanes' counted traffic guards as submit.lua takes them; the day's spend
     lookup.py      where one message is (its hash, or its outbox entry): the clients' `status`
     trace.py       the reads of `sms-worker trace`: a record, the entries its trail names, the --to scans
     suppression.py the suppression list (opt-outs): one set of numbers in normal form
@@ -33,6 +33,7 @@ from worker.store.lanes import LaneOps
 from worker.store.limiter import LimiterOps
 from worker.store.messages import (
     FENCE_MARGIN_MS,
+    GUARD_ANSWERS,
     AbsentVerdict,
     MessageOps,
     Outcome,
@@ -51,9 +52,9 @@ from worker.store.suppression import SuppressionOps
 from worker.store.trace import TraceOps
 
 __all__ = [
-    "DISPATCH_GROUP", "ENQUEUE_CHUNK", "FENCE_MARGIN_MS", "SCRIPT_CHUNK", "AbsentVerdict", "CancelAnswer",
-    "CancelOutcome", "Claim", "ClaimKind", "Entry", "Outcome", "ScheduleOps", "Store", "SubmitAnswer", "Submitted",
-    "Verdict", "campaign_spec", "cancel_steps", "connect", "consumer_name", "redis_errors",
+    "DISPATCH_GROUP", "ENQUEUE_CHUNK", "FENCE_MARGIN_MS", "GUARD_ANSWERS", "SCRIPT_CHUNK", "AbsentVerdict",
+    "CancelAnswer", "CancelOutcome", "Claim", "ClaimKind", "Entry", "Outcome", "ScheduleOps", "Store", "SubmitAnswer",
+    "Submitted", "Verdict", "campaign_spec", "cancel_steps", "connect", "consumer_name", "redis_errors",
 ]
 
 

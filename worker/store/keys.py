@@ -84,7 +84,7 @@ class Keys:
         return f"{self.p}:lease:{name}"
 
     def policy_prefix(self, lane: str) -> str:
-        """The prefix of a lane's traffic-policy counters (policy.lua derives each name from it)."""
+        """The prefix of a lane's traffic-policy counters (worker/lua/lib/guards.lua derives each name from it)."""
         return f"{self.p}:policy:{lane}:"
 
     def budget_key(self, lane: str, day: int) -> str:
@@ -92,7 +92,7 @@ class Keys:
         return f"{self.policy_prefix(lane)}day:{day}"
 
     def account_policy_prefix(self, account: str) -> str:
-        """The prefix of an account's traffic-policy counters (policy.lua derives `day:<d>` from it)."""
+        """The prefix of an account's traffic-policy counters (guards.lua derives `day:<d>` from it)."""
         return f"{self.p}:policy:acct:{account}:"
 
     def account_budget_key(self, account: str, day: int) -> str:

@@ -12,6 +12,7 @@ from worker.models import State
 from worker.store import resp
 from worker.store.base import SCRIPT_CHUNK, StoreBase
 from worker.store.outbox import DISPATCH_GROUP, Entry, campaign_spec
+from worker.store.policy import GuardBatch, GuardResult
 
 # A takeover waits this long past a SUBMITTING message's send_by before reconciling it: a request
 # written just before the deadline is on its way, and a batch's submit calls (one per SCRIPT_CHUNK)
@@ -29,6 +30,17 @@ class SubmitAnswer(StrEnum):
     SUBMITTING = "SUBMITTING"  # a previous attempt may have been sent: we hold the lease; reconcile it
     AMBIGUOUS = "AMBIGUOUS"  # likewise
     SETTLED = "SETTLED"  # in any other state (settled already): only its outbox entry is acknowledged
+    # A lane's counted guards (worker/lua/lib/guards.lua); the message is not recorded:
+    NUMBER = "NUMBER"  # fresh and over the per-number velocity rule: rejected
+    PREFIX = "PREFIX"  # fresh and over the per-prefix velocity rule: rejected
+    CAMPAIGN = "CAMPAIGN"  # fresh and its campaign is at its daily cap: held
+    BUDGET = "BUDGET"  # its call found the lane (or its account) at a daily cap: held, the lane is paused
+    GUARD_ERROR = "GUARD_ERROR"  # the guards' state could not be read, on a lane that fails closed: held
+
+
+# The answers of the messages a lane's counted guards stopped (the dispatcher hands them to the policy).
+GUARD_ANSWERS = frozenset({SubmitAnswer.NUMBER, SubmitAnswer.PREFIX, SubmitAnswer.CAMPAIGN, SubmitAnswer.BUDGET,
+                           SubmitAnswer.GUARD_ERROR})
 
 
 class AbsentVerdict(StrEnum):
@@ -117,15 +129,36 @@ class MessageOps(StoreBase):
         send_window_ms: int, margin_ms: int = FENCE_MARGIN_MS,
     ) -> list[Submitted]:
         """Mark messages SUBMITTING under the batch's fence before their POST (submit.lua)."""
+        answers, _ = self.submit_guarded(lane, items, None, consumer=consumer, lease_ms=lease_ms,
+                                         state_ttl_s=state_ttl_s, fence=fence, send_window_ms=send_window_ms,
+                                         margin_ms=margin_ms)
+        return answers
+
+    def submit_guarded(
+        self, lane: str, items: Sequence[Entry], guards: GuardBatch | None, *, consumer: str, lease_ms: int,
+        state_ttl_s: int, fence: str, send_window_ms: int, margin_ms: int = FENCE_MARGIN_MS,
+    ) -> tuple[list[Submitted], list[GuardResult]]:
+        """`submit`, with the lane's counted guards decided and counted in the same calls (None: the
+        lane has none): the answers, and the guards' result of each call (one per SCRIPT_CHUNK)."""
+        if guards is not None and len(guards.numbers) != len(items):
+            raise ValueError(f"the guards count {len(guards.numbers)} messages of a batch of {len(items)}")
         calls = []
+        head = guards.args if guards is not None else []
         for start in range(0, len(items), SCRIPT_CHUNK):
             chunk = items[start : start + SCRIPT_CHUNK]
-            args: list[Any] = [state_ttl_s, consumer, lease_ms, fence, send_window_ms, margin_ms]
-            for e in chunk:
-                args += [lane, e.entry_id, e.job, campaign_spec(e.job, e.counted)]
+            args: list[Any] = [state_ttl_s, consumer, lease_ms, fence, send_window_ms, margin_ms, len(head), *head]
+            if guards is None:
+                for e in chunk:
+                    args += [lane, e.entry_id, e.job, campaign_spec(e.job, e.counted)]
+            else:
+                for k, e in enumerate(chunk, start):
+                    args += [lane, e.entry_id, e.job, campaign_spec(e.job, e.counted),
+                             guards.numbers[k], guards.prefixes[k], guards.parts[k], guards.campaigns[k]]
             calls.append(([self.fence_key(fence), *(self.msg(e.message_id) for e in chunk)], args))
-        return [Submitted(SubmitAnswer(state.decode()), int(n), int(wait)) for reply in self.run_many("submit", calls)
-                for state, n, wait in reply]
+        replies = self.run_many("submit", calls)
+        answers = [Submitted(SubmitAnswer(state.decode()), int(n), int(wait))
+                   for _, reply in replies for state, n, wait in reply]
+        return answers, [GuardResult.from_head(head) for head, _ in replies if head]
 
     def fences_alive(self, fences: Sequence[str]) -> bool:
         """True while every one of these fences still lives: their batches may still write requests."""

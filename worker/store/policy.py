@@ -1,26 +1,17 @@
 """A lane's counted traffic-policy guards: velocity, daily spend caps (the lane's and its account's)
-and campaign caps (policy.lua), one call per batch; and the reads and the one write (`resume --extra`)
-of the day's spend, per lane and per account."""
+and campaign caps, as submit.lua takes them and answers (worker/lua/lib/guards.lua: decided and
+counted in the call that records the messages as SUBMITTING); and the reads and the one write
+(`resume --extra`) of the day's spend, per lane and per account."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from worker.store import resp
 from worker.store.base import StoreBase
-
-
-class GuardAnswer(StrEnum):
-    """policy.lua's answer for one message (see its header: each comes as its first letter)."""
-
-    OK = "OK"  # allowed, and counted
-    SEEN = "SEEN"  # attempted before (counted then): allowed, not counted again
-    NUMBER = "NUMBER"  # over the per-number velocity rule: not counted
-    PREFIX = "PREFIX"  # over the per-prefix velocity rule: not counted
-    CAMPAIGN = "CAMPAIGN"  # its campaign is at its cap today: not counted, hold it
 
 
 class Budget(StrEnum):
@@ -30,20 +21,6 @@ class Budget(StrEnum):
 
 
 _BUDGET = {0: Budget.UNDER, 1: Budget.REFUSED, 2: Budget.REACHED}
-# policy.lua answers a letter per message, all in one string: the first letter of each answer's name.
-_ANSWERS = {ord(answer.value[0]): answer for answer in GuardAnswer}
-
-
-@dataclass(frozen=True, slots=True)
-class GuardBatch:
-    """A batch's messages as policy.lua counts them: a list per field, in the batch's order (one
-    object per batch, not one per message)."""
-
-    message_ids: list[str]
-    numbers: list[str]  # normalised
-    prefixes: list[str]  # "" each when the lane has no prefix rule
-    parts: list[int]
-    campaigns: list[str]  # "" for none
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,18 +40,42 @@ class GuardLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class GuardBatch:
+    """A batch's counted guards as submit.lua applies them: the lane's rules and on_guard_error
+    (`PolicyOps.guard_args`, the same for every batch of the lane), and per message (in the order
+    the batch is submitted) what the rules count: a list per field, one object per batch."""
+
+    args: list[object]
+    numbers: list[str]  # normalised
+    prefixes: list[str]  # "" each when the lane has no prefix rule
+    parts: list[int]
+    campaigns: list[str]  # "" for none
+
+
+@dataclass(frozen=True, slots=True)
 class GuardResult:
+    """The guards' answer for one submit.lua call (its reply's head, see guards.lua)."""
+
     budget: Budget
     day: int  # UTC days since the epoch, on the Redis server's clock
-    messages: int  # the lane's messages counted today, this batch included
+    messages: int  # the lane's messages counted today, this call included
     parts: int
     pause_ms: int  # for a budget pause: until the next UTC midnight
-    answers: list[GuardAnswer] = field(default_factory=list)  # empty when REFUSED
     newly_paused: bool = False  # this call paused the lane (its budget pause's one loud log line)
     account_messages: int = 0  # the account's messages counted today over all its lanes (0: no account cap)
     account_parts: int = 0
     lane_at_cap: bool = False  # which caps are reached (REFUSED, REACHED): the lane's own,
     account_at_cap: bool = False  # its account's, or both
+    error: str = ""  # Redis refused a read of the guards' state: nothing was counted (on_guard_error decides)
+    decided: int = 0  # the messages of the call
+
+    @classmethod
+    def from_head(cls, head: Sequence[Any]) -> GuardResult:
+        budget, day, messages, parts, pause_ms, newly, acct_messages, acct_parts, reached, error, decided = head
+        return cls(_BUDGET[int(budget)], int(day), int(messages), int(parts), int(pause_ms), bool(newly),
+                   int(acct_messages), int(acct_parts), lane_at_cap=bool(int(reached) & 1),
+                   account_at_cap=bool(int(reached) & 2), error=error.decode(errors="replace"),
+                   decided=int(decided))
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,27 +88,20 @@ class Spend:
     extra: int  # added to each cap by `sms-worker resume --extra N`
 
     def at_cap(self, cap_messages: int, cap_parts: int) -> bool:
-        """Whether this spend has reached caps of `cap_messages` / `cap_parts` (0: no cap), as policy.lua decides."""
+        """Whether this spend has reached caps of `cap_messages` / `cap_parts` (0: no cap), as guards.lua decides."""
         return bool((cap_messages and self.messages >= cap_messages + self.extra)
                     or (cap_parts and self.parts >= cap_parts + self.extra))
 
 
 class PolicyOps(StoreBase):
-    def guard(self, lane: str, batch: GuardBatch, limits: GuardLimits) -> GuardResult:
-        """Decide and count a batch's counted guards in one policy.lua call (one round trip)."""
-        args: list[object] = [
+    def guard_args(self, lane: str, limits: GuardLimits, fail_open: bool) -> list[object]:
+        """The 13 arguments of a lane's counted guards in a submit.lua call (guards.lua's header)."""
+        return [
             self.policy_prefix(lane), self.pause_key(lane), limits.number_limit, limits.number_window_ms,
             limits.prefix_limit, limits.prefix_window_ms, limits.cap_messages, limits.cap_parts, limits.campaign_cap,
             self.account_policy_prefix(limits.account) if limits.account else "",
-            limits.account_cap_messages, limits.account_cap_parts,
+            limits.account_cap_messages, limits.account_cap_parts, "open" if fail_open else "closed",
         ]
-        args += itertools.chain.from_iterable(zip(batch.numbers, batch.prefixes, batch.parts, batch.campaigns,
-                                                  strict=True))
-        budget, day, messages, parts, pause_ms, answers, newly, acct_messages, acct_parts, reached = self.run(
-            "policy", [self.msg(mid) for mid in batch.message_ids], args)
-        return GuardResult(_BUDGET[int(budget)], int(day), int(messages), int(parts), int(pause_ms),
-                           [_ANSWERS[a] for a in answers], bool(newly), int(acct_messages),
-                           int(acct_parts), lane_at_cap=bool(int(reached) & 1), account_at_cap=bool(int(reached) & 2))
 
     def spend_today(self, lanes: Sequence[str]) -> dict[str, Spend]:
         """Each lane's spend on the server's current UTC day (for status and the metrics)."""
@@ -149,7 +143,7 @@ class PolicyOps(StoreBase):
         return Spend(day, *(int(v or 0) for v in reply))
 
     def _server_day(self) -> int:
-        """Today as policy.lua counts it: UTC days since the epoch on the Redis server's clock."""
+        """Today as guards.lua counts it: UTC days since the epoch on the Redis server's clock."""
         with resp.redis_errors():
             seconds, _ = self.r.time()
         return int(seconds) // 86400
