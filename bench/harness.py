@@ -133,12 +133,13 @@ def rows_guards(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Ro
     med = median_run(runs)
     ok = all(r["on"]["ok"] and r["off"]["ok"] for r in runs)
     check = "" if ok else "CORRECTNESS CHECK FAILED (missing events, other types or duplicates)"
-    size = f"{args.guard_messages:,} SMS, bulk lane, {args.workers} workers"
+    size = f"2 x {args.guard_messages:,} SMS, bulk lane, {args.workers} workers"
     return [
         _row("7", f"guards off: {size}", runs, ("off", "rate"), "SMS/s", note=check),
         _row("7", f"every guard on (velocity, countries, number types, parts, caps, suppression list of "
                   f"{args.suppressed:,})", runs, ("on", "rate"), "SMS/s"),
-        _row("7", "ratio on / off (within each run)", runs, ("ratio",), "x", "guards_ratio"),
+        _row("7", "ratio on / off (within each repetition: off, on, on, off)", runs, ("ratio",), "x",
+             "guards_ratio"),
         _row("7", f"CPU per SMS, guards off ({_cpu_text(med['off']['cpu_us_per_msg'])})", runs,
              ("off", "cpu_us_per_msg_total"), "us"),
         _row("7", f"CPU per SMS, guards on ({_cpu_text(med['on']['cpu_us_per_msg'])})", runs,

@@ -15,7 +15,7 @@ from worker.errors import EnqueueIncomplete, StoreError
 from worker.outbox import Outbox, OutboxConfig
 from worker.ratelimit import RateLimiter, RateLimiterConfig
 from worker.settings import Settings
-from worker.store import Outcome, Store, Submitted, connect
+from worker.store import SCRIPT_CHUNK, Outcome, Store, Submitted, connect, resp
 
 
 def _jobs(n: int, start: int = 0) -> list[tuple[bytes, str | None]]:
@@ -93,6 +93,32 @@ def test_stale_pending_entries_are_recovered_by_another_consumer(store: Store) -
             break
     assert again.kind == "recovered"
     assert [e.entry_id for e in again.entries] == [e.entry_id for e in taken.entries]
+
+
+def test_a_script_another_client_loads_between_two_of_our_calls_runs_each_call_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis that forgot its scripts answers NOSCRIPT to our first call, and another process loads
+    the script before our second call arrives: the second ran. Only the refused call is sent again;
+    sending both again ran the second twice, and its messages, found SUBMITTING by their own batch,
+    waited out their send window and the provider's logs (minutes) before they were sent."""
+    store.enqueue("bulk", _jobs(2 * SCRIPT_CHUNK))
+    entries = store.claim("bulk", "c1", 2 * SCRIPT_CHUNK, lease_ms=60_000, max_wait_ms=0, recover=False).entries
+    store.r.script_flush()
+    sent = store.send_calls
+    load = (b"SCRIPT", b"LOAD", store.script("submit").script)
+
+    def another_client_loads_it_in_between(commands: Any) -> list[Any]:
+        if len(commands) < 2:
+            return sent(commands)
+        replies = resp.pipeline(store.r, [commands[0], load, *commands[1:]], checked=False)
+        return [replies[0], *replies[2:]]
+
+    monkeypatch.setattr(store, "send_calls", another_client_loads_it_in_between)
+    answers = store.submit("bulk", entries, consumer="c1", lease_ms=60_000, state_ttl_s=3600, fence="f1",
+                           send_window_ms=60_000)
+    assert [a.state for a in answers] == ["NEW"] * (2 * SCRIPT_CHUNK)
+    assert {store.message(e.message_id)["attempts"] for e in entries} == {"1"}
 
 
 def test_submit_then_settle_moves_state_and_publishes_once(store: Store) -> None:

@@ -86,9 +86,8 @@ class Guard:
                 self._unguarded(lane, policy, len(rest), type(failed).__name__, str(failed))
                 return Checked(plan.send, self._carry_out(lane, plan))
         plan, rest = plan_static(policy, items, examined, suppressed)
-        plan.send = [item for item, _ in rest]
         counted = guard_batch(self._guard_args[lane], rest) if policy.counted and rest else None
-        return Checked(plan.send, self._carry_out(lane, plan), counted)
+        return Checked([item for item, _ in rest], self._carry_out(lane, plan), counted)
 
     def counted(self, lane: str, answered: Sequence[tuple[Item, SubmitAnswer]], results: Sequence[GuardResult]
                 ) -> list[Outcome]:
@@ -96,8 +95,9 @@ class Guard:
         call: the rejections to settle; the held jobs released for later; the loud lines."""
         policy = self.policies[lane]
         failed = [result for result in results if result.error]
-        if failed:
-            self._unguarded(lane, policy, sum(r.decided for r in failed), "ResponseError", failed[0].error)
+        if failed:  # Redis's error names its kind first ("WRONGTYPE Operation against a key ...")
+            error = failed[0].error
+            self._unguarded(lane, policy, sum(r.decided for r in failed), error.split(" ", 1)[0], error)
         noted = next((r for r in results if r.budget != Budget.UNDER), None)
         if noted is not None:
             self._note_budget(lane, policy, noted, newly=any(r.newly_paused for r in results))

@@ -96,13 +96,19 @@ def connection(client: Any) -> Iterator[tuple[Any, hiredis.Reader]]:
             pool.release(conn)
 
 
-def pipeline(client: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+def pipeline(client: Any, commands: Sequence[tuple[Any, ...]], *, checked: bool = True) -> list[Any]:
     """Many commands in one round trip, packed and parsed by hiredis.
 
     An error reply is raised as StoreError (the other replies of the call are then lost:
-    callers send commands that fail only when Redis itself is broken).
+    callers send commands that fail only when Redis itself is broken); `checked=False` returns
+    error replies in their place instead (hiredis.ReplyError).
     """
     with connection(client) as (conn, reader):
         conn.send_packed_command([pack(commands)])
         replies = read_replies(conn, reader, len(commands))
-    return check(replies)
+    return check(replies) if checked else replies
+
+
+def is_noscript(reply: Any) -> bool:
+    """Whether a reply is Redis's answer to EVALSHA of a script it does not have."""
+    return isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT")
