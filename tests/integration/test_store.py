@@ -15,7 +15,8 @@ from worker.errors import EnqueueIncomplete, StoreError
 from worker.outbox import Outbox, OutboxConfig
 from worker.ratelimit import RateLimiter, RateLimiterConfig
 from worker.settings import Settings
-from worker.store import SCRIPT_CHUNK, Outcome, Store, Submitted, connect, resp
+from worker.store import SCRIPT_CHUNK, Entry, Outcome, Store, Submitted, connect, resp
+from worker.store.policy import GuardBatch, GuardLimits
 
 
 def _jobs(n: int, start: int = 0) -> list[tuple[bytes, str | None]]:
@@ -119,6 +120,43 @@ def test_a_script_another_client_loads_between_two_of_our_calls_runs_each_call_o
                            send_window_ms=60_000)
     assert [a.state for a in answers] == ["NEW"] * (2 * SCRIPT_CHUNK)
     assert {store.message(e.message_id)["attempts"] for e in entries} == {"1"}
+
+
+def test_a_message_named_twice_in_one_submit_call_is_recorded_and_sent_once(store: Store) -> None:
+    """Two outbox entries of one message id in one call: the first is recorded (NEW), the second
+    finds it SUBMITTING under its send window (WAIT, looked at later), as two calls would; never
+    two NEWs, which would put the message twice in one POST."""
+    store.enqueue("bulk", _jobs(1))
+    [entry] = store.claim("bulk", "c1", 1, lease_ms=60_000, max_wait_ms=0, recover=False).entries
+    twin = Entry("0-1", entry.message_id, entry.job)
+    answers = store.submit("bulk", [entry, twin], consumer="c1", lease_ms=60_000, state_ttl_s=3600, fence="f1",
+                           send_window_ms=60_000)
+    assert [a.state for a in answers] == ["NEW", "WAIT"]
+    assert store.message(entry.message_id)["attempts"] == "1"
+
+
+def test_a_message_named_twice_in_one_guarded_call_is_counted_once_and_refused_twice(store: Store) -> None:
+    """With a per-number limit of 1: the first message to a number is counted once although named
+    twice (NEW, WAIT); the next message to it is refused in both of its turns, never let through by
+    the second."""
+    limits = GuardLimits(number_limit=1, number_window_ms=3_600_000)
+    args = store.guard_args("bulk", limits, fail_open=False)
+    store.enqueue("bulk", _jobs(1) + _jobs(1))  # two messages to one number
+    first, second = store.claim("bulk", "c1", 2, lease_ms=60_000, max_wait_ms=0, recover=False).entries
+
+    def submit(*entries: Entry) -> list[str]:
+        guards = GuardBatch(args, ["41790000000"] * len(entries), [""] * len(entries), [1] * len(entries),
+                            [""] * len(entries))
+        answers, _ = store.submit_guarded("bulk", list(entries), guards, consumer="c1", lease_ms=60_000,
+                                          state_ttl_s=3600, fence="f1", send_window_ms=60_000)
+        return [a.state for a in answers]
+
+    assert submit(first, Entry("0-1", first.message_id, first.job)) == ["NEW", "WAIT"]
+    assert store.spend_today(["bulk"])["bulk"].messages == 1  # counted once, not twice
+    window = int(store.r.time()[0]) // 3600
+    assert store.r.hget(f"{store.policy_prefix('bulk')}n:{window}", "41790000000") == b"1"
+    assert submit(second, Entry("0-2", second.message_id, second.job)) == ["NUMBER", "NUMBER"]
+    assert "state" not in store.message(second.message_id)
 
 
 def test_submit_then_settle_moves_state_and_publishes_once(store: Store) -> None:

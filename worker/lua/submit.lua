@@ -46,10 +46,19 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- given with snprintf, and per message that was a tenth of this script's time.
 local now_s, send_by_s, ttl_s = ledger_ms_text(now), ledger_ms_text(now + window), ARGV[1]
 -- Every message's record first: the guards need to know which messages are fresh, and every read of
--- their state comes before any write.
-local records = {}
+-- their state comes before any write. A message named twice in one call (two outbox entries of one
+-- message id) is read again when its second turn comes, after its first was recorded, as one call
+-- per message would find it; the guards neither count it twice nor let it past a refusal.
+local records, first_of, again = {}, {}, {}
 for i = 2, #KEYS do
-  records[i] = redis.call('HMGET', KEYS[i], 'state', 'attempts', 'send_by', 'updated_ms')
+  local key = KEYS[i]
+  if first_of[key] then
+    again[i] = first_of[key]
+    records[i] = {'REPEAT'}  -- not fresh: the guards leave it to its first turn
+  else
+    first_of[key] = i
+    records[i] = redis.call('HMGET', key, 'state', 'attempts', 'send_by', 'updated_ms')
+  end
 end
 local out, fenced, refused = {}, false, {}
 local g = guarded and guards_decide(records, now, function(i) return at(i) + 4 end) or nil
@@ -66,6 +75,10 @@ end
 for i = 2, #KEYS do
   local key = KEYS[i]
   local base = at(i)
+  if again[i] then
+    refused[i] = refused[again[i]]
+    records[i] = redis.call('HMGET', key, 'state', 'attempts', 'send_by', 'updated_ms')
+  end
   local current = records[i]
   local state, attempts, trail = current[1], tonumber(current[2] or '0'), nil
   local entry = ARGV[base + 2]
