@@ -67,11 +67,16 @@ def read_replies(conn: Any, reader: hiredis.Reader, count: int) -> list[Any]:
     return replies
 
 
+def is_noscript(reply: Any) -> bool:
+    """Whether a reply is Redis's answer to EVALSHA of a script it does not have."""
+    return isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT")
+
+
 def check(replies: list[Any]) -> list[Any]:
     """Raise an error reply as StoreError (NOSCRIPT keeps its own type as the cause)."""
     for reply in replies:
         if isinstance(reply, hiredis.ReplyError):
-            kind = redis.exceptions.NoScriptError if str(reply).startswith("NOSCRIPT") else redis.ResponseError
+            kind = redis.exceptions.NoScriptError if is_noscript(reply) else redis.ResponseError
             raise StoreError(f"Redis: {reply}") from kind(str(reply))
     return replies
 
@@ -108,7 +113,3 @@ def pipeline(client: Any, commands: Sequence[tuple[Any, ...]], *, checked: bool 
         replies = read_replies(conn, reader, len(commands))
     return check(replies) if checked else replies
 
-
-def is_noscript(reply: Any) -> bool:
-    """Whether a reply is Redis's answer to EVALSHA of a script it does not have."""
-    return isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT")
